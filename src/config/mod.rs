@@ -1,0 +1,726 @@
+//! The one YAML file: its structs, `${ENV}` expansion, and validation with YAML line numbers.
+//!
+//! These are plain data; the runtime objects (`Gateway`, `Upstream`, `ServiceIdentity`) are
+//! built from them in their own modules once the whole file has been validated.
+
+mod locate;
+#[cfg(test)]
+mod tests;
+
+use pingora_core::server::configuration::ServerConf;
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub use locate::line_of;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Pingora's own server settings (threads, grace periods, pid file, upgrade socket...),
+    /// read by `server_conf()`. Pingora ignores keys it does not know; see docs/configuration.md.
+    #[serde(default)]
+    pub pingora: serde_yaml::Value,
+    /// Downstream listeners.
+    pub listen: Vec<ListenConfig>,
+    /// Public path prefix of the FHIR API.
+    #[serde(default = "default_prefix")]
+    pub fhir_prefix: String,
+    /// Public base URL (`https://fhir.example.org/fhir`); when absent it is built per request
+    /// from the scheme and `Host` (or `X-Forwarded-*` from trusted proxies).
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    /// Name sent as `X-MS-AZUREFHIR-AUDIT-PROXY` and shown in diagnostics.
+    #[serde(default = "default_name")]
+    pub gateway_name: String,
+    /// Peers (IP or CIDR) whose `X-Forwarded-For/-Host/-Proto` are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Caller authentication. Required: there is no silent default.
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_prefix() -> String {
+    "/fhir".into()
+}
+fn default_name() -> String {
+    "fhir-gateway".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// `ip:port`.
+    pub addr: String,
+    /// Downstream TLS; absent = plain HTTP (behind a TLS-terminating load balancer).
+    #[serde(default)]
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the FHIR server, with or without trailing slash.
+    pub url: String,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Idle keep-alive connections kept to the FHIR server (per gateway process).
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    #[serde(default)]
+    pub retries: RetryConfig,
+    /// Request headers forwarded in addition to the built-in allow-list.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// How the gateway authenticates itself to the FHIR server.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+fn default_pool() -> usize {
+    128
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM bundle of CAs trusted for the FHIR server; absent = the system store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Certificate and host name verification. Only `insecure_dev` may turn it off.
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// SNI / expected host name; default = the URL's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls {
+            ca_file: None,
+            verify: true,
+            sni: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Upstream timeouts in milliseconds.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// TCP connect.
+    pub connect_ms: u64,
+    /// TCP + TLS handshake.
+    pub tls_handshake_ms: u64,
+    /// Longest wait for any single read (response header or body chunk).
+    pub read_ms: u64,
+    /// Longest wait for any single write of the request.
+    pub write_ms: u64,
+    /// Whole exchange, from the first upstream byte to the last response byte.
+    pub total_ms: u64,
+    /// Idle pooled connection lifetime.
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect_ms: 2_000,
+            tls_handshake_ms: 5_000,
+            read_ms: 30_000,
+            write_ms: 30_000,
+            total_ms: 300_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all (1 = no retry). Only GET/HEAD/PUT/DELETE are ever retried.
+    pub max_attempts: u32,
+    /// Delay before a retry when the server gave no `Retry-After`.
+    pub base_delay_ms: u64,
+    /// A `Retry-After` longer than this is not waited for: the 429/503 goes to the client.
+    pub max_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            base_delay_ms: 100,
+            max_delay_ms: 2_000,
+        }
+    }
+}
+
+/// The gateway's own identity towards the FHIR server.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IdentityConfig {
+    /// No `Authorization` upstream (a FHIR server on a private network).
+    #[default]
+    None,
+    /// A fixed bearer token (usually `${ENV_VAR}`).
+    StaticBearer { token: String },
+    /// OAuth2 client credentials (Entra ID v1 `resource` or v2 `scope`, or any IdP).
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        #[serde(default)]
+        scope: Option<String>,
+        #[serde(default)]
+        resource: Option<String>,
+        /// `basic` (RFC 6749 default) or `post` (credentials in the form body).
+        #[serde(default)]
+        auth_method: ClientAuthMethod,
+        #[serde(default = "default_margin")]
+        refresh_margin_secs: u64,
+    },
+    /// Azure managed identity through the instance metadata service.
+    ManagedIdentity {
+        #[serde(default = "default_imds")]
+        imds_url: String,
+        resource: String,
+        /// User-assigned identity; absent = the system-assigned one.
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default = "default_margin")]
+        refresh_margin_secs: u64,
+    },
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    #[default]
+    Basic,
+    Post,
+}
+
+fn default_margin() -> u64 {
+    300
+}
+fn default_imds() -> String {
+    "http://169.254.169.254/metadata/identity/oauth2/token".into()
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest query string accepted (continuation tokens are long).
+    pub max_query_bytes: usize,
+    /// Largest request body accepted (413 above it).
+    pub max_request_body_bytes: u64,
+    /// Largest response body a module may buffer (502 `too-costly` above it).
+    pub max_buffered_response_bytes: usize,
+    /// Idle keep-alive of downstream connections, seconds.
+    pub downstream_keepalive_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_query_bytes: 16 * 1024,
+            max_request_body_bytes: 32 * 1024 * 1024,
+            max_buffered_response_bytes: 64 * 1024 * 1024,
+            downstream_keepalive_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No caller authentication, for local development only: refuses non-loopback listeners.
+    InsecureDev,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// One line per request at `info`.
+    pub access_log: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often the upstream is probed (TCP connect) for `/readyz`.
+    pub upstream_check_interval_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            upstream_check_interval_ms: 5_000,
+        }
+    }
+}
+
+/// One problem in the configuration, with the YAML line it concerns when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// Every problem found, so `-t` can print them all at once.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads, expands, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })?;
+    parse(&text, &|name| std::env::var(name).ok())
+}
+
+/// Parses configuration text; `env` resolves `${NAME}` references.
+pub fn parse(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<GatewayConfig, ConfigErrors> {
+    let expanded = expand_env(text, env).map_err(ConfigErrors)?;
+    let cfg: GatewayConfig = serde_yaml::from_str(&expanded).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        ConfigErrors(vec![ConfigError {
+            line,
+            message: e.to_string(),
+        }])
+    })?;
+    let errors = validate(&cfg, text);
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Replaces `${NAME}` with the environment's value, line by line so line numbers stay true.
+/// `$${` writes a literal `${`. Comment lines are left alone. A value with a line break is
+/// refused: it would change the YAML structure around it.
+pub fn expand_env(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<ConfigError>> {
+    let mut out = String::with_capacity(text.len());
+    let mut errors = Vec::new();
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let lineno = i + 1;
+        if line.trim_start().starts_with('#') || !line.contains("${") {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(pos) = rest.find("${") {
+            if pos > 0 && rest.as_bytes()[pos - 1] == b'$' {
+                out.push_str(&rest[..pos - 1]);
+                out.push_str("${");
+                rest = &rest[pos + 2..];
+                continue;
+            }
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos + 2..];
+            let Some(end) = after.find('}') else {
+                errors.push(ConfigError {
+                    line: Some(lineno),
+                    message: "unterminated ${...} reference".into(),
+                });
+                rest = "";
+                break;
+            };
+            let name = &after[..end];
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            match (valid, env(name)) {
+                (false, _) => errors.push(ConfigError {
+                    line: Some(lineno),
+                    message: format!("invalid environment variable name {name:?}"),
+                }),
+                (true, None) => errors.push(ConfigError {
+                    line: Some(lineno),
+                    message: format!("environment variable {name} is not set"),
+                }),
+                (true, Some(v)) if v.contains(['\n', '\r']) => errors.push(ConfigError {
+                    line: Some(lineno),
+                    message: format!("environment variable {name} contains a line break"),
+                }),
+                (true, Some(v)) => out.push_str(&v),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks what serde cannot: values, combinations, and the fail-closed rules.
+fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    let mut err = |path: &[&str], message: String| {
+        errs.push(ConfigError {
+            line: line_of(text, path),
+            message,
+        })
+    };
+
+    if cfg.listen.is_empty() {
+        err(
+            &["listen"],
+            "listen: at least one listener is required".into(),
+        );
+    }
+    let mut addrs = Vec::new();
+    for (i, l) in cfg.listen.iter().enumerate() {
+        let idx = i.to_string();
+        match l.addr.parse::<SocketAddr>() {
+            Ok(a) => addrs.push(a),
+            Err(_) => err(
+                &["listen", &idx, "addr"],
+                format!("listen[{i}].addr: {:?} is not an ip:port address", l.addr),
+            ),
+        }
+        if let Some(tls) = &l.tls {
+            for (key, file) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if !Path::new(file).is_file() {
+                    err(
+                        &["listen", &idx, "tls", key],
+                        format!("listen[{i}].tls.{key}: {file} does not exist"),
+                    );
+                }
+            }
+        }
+    }
+
+    if !is_valid_prefix(&cfg.fhir_prefix) {
+        err(
+            &["fhir_prefix"],
+            format!(
+                "fhir_prefix: {:?} must start with '/', not end with '/', and hold only URL path characters",
+                cfg.fhir_prefix
+            ),
+        );
+    }
+    if let Some(p) = &cfg.public_base_url {
+        if let Err(e) = crate::upstream::BaseUrl::parse(p) {
+            err(&["public_base_url"], format!("public_base_url: {e}"));
+        }
+    }
+    for (i, p) in cfg.trusted_proxies.iter().enumerate() {
+        if crate::net::IpNet::parse(p).is_none() {
+            err(
+                &["trusted_proxies", &i.to_string()],
+                format!("trusted_proxies[{i}]: {p:?} is not an IP address or CIDR"),
+            );
+        }
+    }
+    if !crate::headers::is_header_safe(&cfg.gateway_name) || cfg.gateway_name.is_empty() {
+        err(
+            &["gateway_name"],
+            "gateway_name: must be a non-empty printable header value".into(),
+        );
+    }
+
+    let up = &cfg.upstream;
+    match crate::upstream::BaseUrl::parse(&up.url) {
+        Ok(_) => {}
+        Err(e) => err(&["upstream", "url"], format!("upstream.url: {e}")),
+    }
+    if let Some(ca) = &up.tls.ca_file {
+        if !Path::new(ca).is_file() {
+            err(
+                &["upstream", "tls", "ca_file"],
+                format!("upstream.tls.ca_file: {ca} does not exist"),
+            );
+        }
+    }
+    let t = &up.timeouts;
+    for (key, v) in [
+        ("connect_ms", t.connect_ms),
+        ("tls_handshake_ms", t.tls_handshake_ms),
+        ("read_ms", t.read_ms),
+        ("write_ms", t.write_ms),
+        ("total_ms", t.total_ms),
+        ("idle_ms", t.idle_ms),
+    ] {
+        if v == 0 {
+            err(
+                &["upstream", "timeouts", key],
+                format!("upstream.timeouts.{key}: must be > 0 (there is no 'no timeout')"),
+            );
+        }
+    }
+    if up.retries.max_attempts == 0 || up.retries.max_attempts > 10 {
+        err(
+            &["upstream", "retries", "max_attempts"],
+            "upstream.retries.max_attempts: must be 1..=10".into(),
+        );
+    }
+    for (i, h) in up.forward_headers.iter().enumerate() {
+        if let Some(why) = crate::headers::forbidden_forward_header(h) {
+            err(
+                &["upstream", "forward_headers", &i.to_string()],
+                format!("upstream.forward_headers[{i}]: {h:?} {why}"),
+            );
+        }
+    }
+    match &up.identity {
+        IdentityConfig::None => {}
+        IdentityConfig::StaticBearer { token } => {
+            if token.trim().is_empty() || !crate::headers::is_header_safe(token) {
+                err(
+                    &["upstream", "identity", "token"],
+                    "upstream.identity.token: empty or not header-safe".into(),
+                );
+            }
+        }
+        IdentityConfig::ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+            resource,
+            ..
+        } => {
+            if let Err(e) = check_http_url(token_url) {
+                err(
+                    &["upstream", "identity", "token_url"],
+                    format!("upstream.identity.token_url: {e}"),
+                );
+            }
+            if client_id.is_empty() {
+                err(
+                    &["upstream", "identity", "client_id"],
+                    "upstream.identity.client_id: required".into(),
+                );
+            }
+            if client_secret.is_empty() {
+                err(
+                    &["upstream", "identity", "client_secret"],
+                    "upstream.identity.client_secret: required".into(),
+                );
+            }
+            if scope.is_none() == resource.is_none() {
+                err(
+                    &["upstream", "identity"],
+                    "upstream.identity: give exactly one of scope (Entra v2) or resource (Entra v1)"
+                        .into(),
+                );
+            }
+        }
+        IdentityConfig::ManagedIdentity {
+            imds_url, resource, ..
+        } => {
+            if let Err(e) = check_http_url(imds_url) {
+                err(
+                    &["upstream", "identity", "imds_url"],
+                    format!("upstream.identity.imds_url: {e}"),
+                );
+            }
+            if resource.is_empty() {
+                err(
+                    &["upstream", "identity", "resource"],
+                    "upstream.identity.resource: required".into(),
+                );
+            }
+        }
+    }
+
+    let lim = &cfg.limits;
+    if lim.max_query_bytes < 1024 {
+        err(
+            &["limits", "max_query_bytes"],
+            "limits.max_query_bytes: must be at least 1024".into(),
+        );
+    }
+    if lim.max_buffered_response_bytes < 1024 {
+        err(
+            &["limits", "max_buffered_response_bytes"],
+            "limits.max_buffered_response_bytes: must be at least 1024".into(),
+        );
+    }
+
+    match &cfg.auth {
+        None => err(
+            &["auth"],
+            "auth: required (there is no default; insecure_dev is for loopback development only)"
+                .into(),
+        ),
+        Some(a) => {
+            if a.mode == AuthMode::InsecureDev {
+                for a in &addrs {
+                    if !a.ip().is_loopback() {
+                        err(
+                            &["auth", "mode"],
+                            format!(
+                                "auth.mode: insecure_dev refuses to listen on non-loopback address {a}"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if !up.tls.verify && cfg.auth.as_ref().map(|a| a.mode) != Some(AuthMode::InsecureDev) {
+        err(
+            &["upstream", "tls", "verify"],
+            "upstream.tls.verify: false is only allowed with auth.mode insecure_dev".into(),
+        );
+    }
+
+    if log_level(&cfg.logging.level).is_none() {
+        err(
+            &["logging", "level"],
+            format!(
+                "logging.level: {:?} is not error|warn|info|debug|trace",
+                cfg.logging.level
+            ),
+        );
+    }
+    if cfg.health.upstream_check_interval_ms < 100 {
+        err(
+            &["health", "upstream_check_interval_ms"],
+            "health.upstream_check_interval_ms: must be at least 100".into(),
+        );
+    }
+    match cfg.server_conf() {
+        Ok(sc) if sc.threads == 0 => err(
+            &["pingora", "threads"],
+            "pingora.threads: must be > 0".into(),
+        ),
+        Ok(_) => {}
+        Err(e) => err(&["pingora"], format!("pingora: {e}")),
+    }
+    errs
+}
+
+impl GatewayConfig {
+    /// Pingora's `ServerConf` with our defaults where the file says nothing: one worker thread
+    /// per core (Pingora's default is 1) and grace periods that fit systemd's stop timeout
+    /// (Pingora's are 300 s + 5 s).
+    pub fn server_conf(&self) -> Result<ServerConf, String> {
+        let mut v = match &self.pingora {
+            serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+            m @ serde_yaml::Value::Mapping(_) => m.clone(),
+            _ => return Err("must be a mapping".into()),
+        };
+        let m = v.as_mapping_mut().expect("mapping");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for (k, default) in [
+            ("threads", cores as u64),
+            ("grace_period_seconds", 10),
+            ("graceful_shutdown_timeout_seconds", 5),
+        ] {
+            let key = serde_yaml::Value::String(k.into());
+            if !m.contains_key(&key) {
+                m.insert(key, serde_yaml::Value::Number(default.into()));
+            }
+        }
+        let mut sc: ServerConf = serde_yaml::from_value(v).map_err(|e| e.to_string())?;
+        sc.upstream_keepalive_pool_size = self.upstream.pool_size;
+        Ok(sc)
+    }
+}
+
+pub fn log_level(s: &str) -> Option<log::LevelFilter> {
+    match s {
+        "error" => Some(log::LevelFilter::Error),
+        "warn" => Some(log::LevelFilter::Warn),
+        "info" => Some(log::LevelFilter::Info),
+        "debug" => Some(log::LevelFilter::Debug),
+        "trace" => Some(log::LevelFilter::Trace),
+        _ => None,
+    }
+}
+
+fn is_valid_prefix(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() > 1
+        && !p.ends_with('/')
+        && !p.contains("//")
+        && p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b))
+}
+
+fn check_http_url(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("{u:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") if uri.host().is_some() => Ok(()),
+        _ => Err(format!("{u:?} is not an http(s) URL")),
+    }
+}

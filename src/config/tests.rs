@@ -1,0 +1,218 @@
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "UPSTREAM_TOKEN" => Some("s3cr3t-token".into()),
+        "PORT" => Some("8080".into()),
+        "MULTILINE" => Some("a\nb".into()),
+        _ => None,
+    }
+}
+
+const MINIMAL: &str = "\
+listen:
+  - addr: 127.0.0.1:8080
+upstream:
+  url: http://127.0.0.1:8090/fhir/
+auth:
+  mode: insecure_dev
+";
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse(text, &env) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+#[test]
+fn minimal_config_parses_with_defaults() {
+    let c = parse(MINIMAL, &env).unwrap();
+    assert_eq!(c.fhir_prefix, "/fhir");
+    assert_eq!(c.limits.max_query_bytes, 16 * 1024);
+    assert_eq!(c.upstream.timeouts.connect_ms, 2_000);
+    assert_eq!(c.upstream.retries.max_attempts, 3);
+    let sc = c.server_conf().unwrap();
+    assert!(sc.threads >= 1);
+    assert_eq!(sc.grace_period_seconds, Some(10));
+    assert_eq!(sc.graceful_shutdown_timeout_seconds, Some(5));
+    assert_eq!(sc.upstream_keepalive_pool_size, 128);
+}
+
+#[test]
+fn pingora_section_is_passed_through() {
+    let text = format!(
+        "pingora:\n  threads: 3\n  grace_period_seconds: 20\n  pid_file: /run/x.pid\n{MINIMAL}"
+    );
+    let sc = parse(&text, &env).unwrap().server_conf().unwrap();
+    assert_eq!(sc.threads, 3);
+    assert_eq!(sc.grace_period_seconds, Some(20));
+    assert_eq!(sc.pid_file, "/run/x.pid");
+}
+
+#[test]
+fn unknown_key_is_an_error_with_its_line() {
+    let text = "\
+listen:
+  - addr: 127.0.0.1:8080
+upstream:
+  url: http://127.0.0.1:8090/fhir
+  timeouts:
+    conect_ms: 10
+auth:
+  mode: insecure_dev
+";
+    let e = errors(text);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].line, Some(6), "{e:?}");
+    assert!(e[0].message.contains("unknown field `conect_ms`"), "{e:?}");
+}
+
+#[test]
+fn broken_yaml_names_the_line() {
+    let text = "listen:\n  - addr: 127.0.0.1:8080\nupstream:\n  url: [unclosed\nauth:\n  mode: insecure_dev\n";
+    let e = errors(text);
+    assert!(e[0].line.is_some(), "{e:?}");
+    assert!(e[0].line.unwrap() >= 4, "{e:?}");
+}
+
+#[test]
+fn env_vars_are_expanded() {
+    let text = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  identity:\n    type: static_bearer\n    token: \"${UPSTREAM_TOKEN}\"\n",
+    );
+    let c = parse(&text, &env).unwrap();
+    match c.upstream.identity {
+        IdentityConfig::StaticBearer { token } => assert_eq!(token, "s3cr3t-token"),
+        other => panic!("{other:?}"),
+    }
+    let ports = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:${PORT}");
+    assert_eq!(
+        parse(&ports, &env).unwrap().listen[0].addr,
+        "127.0.0.1:8080"
+    );
+}
+
+#[test]
+fn env_expansion_errors() {
+    let e = expand_env("a: 1\nb: ${NOPE}\n", &env).unwrap_err();
+    assert_eq!(e[0].line, Some(2));
+    assert!(e[0].message.contains("NOPE is not set"));
+    assert!(expand_env("b: ${MULTILINE}\n", &env).unwrap_err()[0]
+        .message
+        .contains("line break"));
+    assert!(expand_env("b: ${bad-name}\n", &env).is_err());
+    assert!(expand_env("b: ${OPEN\n", &env).is_err());
+    // Escapes and comments.
+    assert_eq!(
+        expand_env("b: $${LITERAL}\n", &env).unwrap(),
+        "b: ${LITERAL}\n"
+    );
+    assert_eq!(expand_env("# ${NOPE}\n", &env).unwrap(), "# ${NOPE}\n");
+}
+
+#[test]
+fn insecure_dev_refuses_non_loopback() {
+    let text = MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:8080");
+    let e = errors(&text);
+    assert!(
+        e.iter().any(|e| e.message.contains("insecure_dev refuses")),
+        "{e:?}"
+    );
+    assert_eq!(e[0].line, Some(6));
+}
+
+#[test]
+fn auth_is_required() {
+    let text = MINIMAL.replace("auth:\n  mode: insecure_dev\n", "");
+    let e = errors(&text);
+    assert!(e[0].message.starts_with("auth: required"), "{e:?}");
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_lines() {
+    let text = "\
+listen:
+  - addr: 127.0.0.1:8080
+  - addr: not-an-address
+upstream:
+  url: ftp://x
+  timeouts:
+    read_ms: 0
+  identity:
+    type: client_credentials
+    token_url: http://127.0.0.1:9400/token
+    client_id: c
+    client_secret: s
+  forward_headers: [Authorization]
+auth:
+  mode: insecure_dev
+";
+    let e = errors(text);
+    let find = |s: &str| {
+        e.iter()
+            .find(|x| x.message.contains(s))
+            .unwrap_or_else(|| panic!("no error with {s:?} in {e:?}"))
+    };
+    assert_eq!(find("listen[1].addr").line, Some(3));
+    assert_eq!(find("upstream.url").line, Some(5));
+    assert_eq!(find("read_ms").line, Some(7));
+    assert_eq!(find("exactly one of scope").line, Some(8));
+    assert_eq!(find("forward_headers[0]").line, Some(13));
+}
+
+#[test]
+fn identity_variants() {
+    let text = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  identity:\n    type: managed_identity\n    resource: https://x.azurehealthcareapis.com\n",
+    );
+    match parse(&text, &env).unwrap().upstream.identity {
+        IdentityConfig::ManagedIdentity { imds_url, .. } => {
+            assert!(imds_url.starts_with("http://169.254.169.254/"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  identity:\n    type: kerberos\n",
+    );
+    assert!(errors(&bad)[0].message.contains("unknown variant"));
+    let extra = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  identity:\n    type: static_bearer\n    token: x\n    tokne: y\n",
+    );
+    assert!(errors(&extra)[0].message.contains("unknown field"));
+}
+
+#[test]
+fn tls_verify_off_needs_insecure_dev() {
+    // Only reachable with another auth mode; with insecure_dev it is accepted.
+    let text = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  tls:\n    verify: false\n",
+    );
+    assert!(parse(&text, &env).is_ok());
+}
+
+#[test]
+fn line_locator() {
+    let text = "\
+a:
+  b: 1
+  c:
+    d: 2
+list:
+  - x: 1
+    y: 2
+  - x: 3
+    # comment
+    y: 4
+";
+    assert_eq!(line_of(text, &["a", "c", "d"]), Some(4));
+    assert_eq!(line_of(text, &["list", "1", "y"]), Some(10));
+    assert_eq!(line_of(text, &["list", "0", "y"]), Some(7));
+    assert_eq!(line_of(text, &["a", "zz"]), Some(1));
+    assert_eq!(line_of(text, &["nope"]), None);
+}

@@ -1,0 +1,124 @@
+//! The one error type of the gateway; every variant renders as a FHIR OperationOutcome.
+
+use fhir_gateway_modules::{outcome_bytes, Severity};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    /// 400 `invalid`: a request the gateway will not forward.
+    BadRequest(String),
+    /// 404 `not-found`: outside every route.
+    NotFound(String),
+    /// 405 `not-supported`.
+    MethodNotAllowed(String),
+    /// 413 `too-costly`: request body over the limit.
+    RequestTooLarge(u64),
+    /// 414 `too-costly`: query string over the limit.
+    QueryTooLong(usize),
+    /// 415 `not-supported`.
+    UnsupportedMediaType(String),
+    /// 502 `transient`: upstream refused, reset, or answered garbage.
+    UpstreamUnavailable(String),
+    /// 504 `timeout`.
+    UpstreamTimeout(String),
+    /// 502 `too-costly`: a response too large to buffer for a module.
+    ResponseTooLarge(usize),
+    /// 503 `transient`: no credential for the FHIR server.
+    ServiceIdentity(String),
+    /// 503 `transient`: not ready or draining.
+    NotReady(String),
+    /// 500 `exception`.
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) => 400,
+            NotFound(_) => 404,
+            MethodNotAllowed(_) => 405,
+            RequestTooLarge(_) => 413,
+            QueryTooLong(_) => 414,
+            UnsupportedMediaType(_) => 415,
+            UpstreamUnavailable(_) | ResponseTooLarge(_) => 502,
+            ServiceIdentity(_) | NotReady(_) => 503,
+            UpstreamTimeout(_) => 504,
+            Internal(_) => 500,
+        }
+    }
+
+    /// FHIR `issue-type` code.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            BadRequest(_) => "invalid",
+            NotFound(_) => "not-found",
+            MethodNotAllowed(_) | UnsupportedMediaType(_) => "not-supported",
+            RequestTooLarge(_) | QueryTooLong(_) | ResponseTooLarge(_) => "too-costly",
+            UpstreamUnavailable(_) | ServiceIdentity(_) | NotReady(_) => "transient",
+            UpstreamTimeout(_) => "timeout",
+            Internal(_) => "exception",
+        }
+    }
+
+    /// OperationOutcome JSON with the correlation id in the diagnostics.
+    pub fn to_outcome(&self, correlation_id: &str) -> Vec<u8> {
+        let severity = if self.status() >= 500 {
+            Severity::Fatal
+        } else {
+            Severity::Error
+        };
+        outcome_bytes(
+            severity,
+            self.code(),
+            &format!("{self} (correlation id {correlation_id})"),
+        )
+    }
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use GatewayError::*;
+        match self {
+            BadRequest(m) | NotFound(m) | MethodNotAllowed(m) | UnsupportedMediaType(m) => {
+                f.write_str(m)
+            }
+            RequestTooLarge(max) => write!(f, "request body larger than {max} bytes"),
+            QueryTooLong(max) => write!(f, "query string longer than {max} bytes"),
+            UpstreamUnavailable(m) => write!(f, "FHIR server unavailable: {m}"),
+            UpstreamTimeout(m) => write!(f, "FHIR server timed out: {m}"),
+            ResponseTooLarge(max) => {
+                write!(
+                    f,
+                    "FHIR server response larger than {max} bytes cannot be processed"
+                )
+            }
+            ServiceIdentity(m) => write!(f, "upstream credential unavailable: {m}"),
+            NotReady(m) => write!(f, "gateway not ready: {m}"),
+            Internal(m) => write!(f, "internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_codes() {
+        let e = GatewayError::UpstreamTimeout("read".into());
+        assert_eq!((e.status(), e.code()), (504, "timeout"));
+        let v: serde_json::Value = serde_json::from_slice(&e.to_outcome("abc")).unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert_eq!(v["issue"][0]["code"], "timeout");
+        assert!(v["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("correlation id abc"));
+        assert_eq!(GatewayError::ResponseTooLarge(1).status(), 502);
+        assert_eq!(GatewayError::RequestTooLarge(1).status(), 413);
+    }
+}

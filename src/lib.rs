@@ -1,0 +1,14 @@
+//! fhir-gateway: a secure gateway for FHIR servers, on Cloudflare Pingora.
+
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod headers;
+pub mod health;
+pub mod net;
+pub mod proxy;
+pub mod rewrite;
+pub mod upstream;
+
+pub use error::GatewayError;
+pub use gateway::Gateway;

@@ -1,0 +1,123 @@
+//! `fhir-gateway -c <yaml> [-t] [-d] [-u]`: Pingora's command line, with `-t` validating the
+//! whole gateway configuration (not only Pingora's part) before anything binds.
+
+use clap::Parser;
+use fhir_gateway::config;
+use fhir_gateway::health::HealthTask;
+use fhir_gateway::proxy::FhirProxy;
+use fhir_gateway::Gateway;
+use pingora_core::server::configuration::Opt;
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fhir-gateway",
+    version,
+    about = "Secure gateway for FHIR servers"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, default_value = "/etc/fhir-gateway/fhir-gateway.yaml")]
+    conf: PathBuf,
+    /// Validate the configuration and exit (0 = valid).
+    #[arg(short, long)]
+    test: bool,
+    /// Run in the background (systemd Type=forking).
+    #[arg(short, long)]
+    daemon: bool,
+    /// Take over the listening sockets of a running instance (zero-downtime upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let conf_name = cli.conf.display().to_string();
+    let cfg = match config::load(&cli.conf) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                match e.line {
+                    Some(l) => eprintln!("{conf_name}:{l}: {}", e.message),
+                    None => eprintln!("{conf_name}: {}", e.message),
+                }
+            }
+            eprintln!(
+                "{conf_name}: configuration invalid ({} error(s))",
+                errors.0.len()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let gateway = match Gateway::new(&cfg) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            eprintln!("{conf_name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server_conf = match cfg.server_conf() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{conf_name}: pingora: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.test {
+        println!("{conf_name}: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+
+    let level = config::log_level(&cfg.logging.level).unwrap_or(log::LevelFilter::Info);
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .init();
+    if cfg.auth.as_ref().map(|a| a.mode) == Some(config::AuthMode::InsecureDev) {
+        log::warn!("auth.mode insecure_dev: callers are NOT authenticated (loopback only)");
+    }
+
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        FhirProxy {
+            gw: gateway.clone(),
+        },
+        "fhir-gateway",
+    );
+    for l in &cfg.listen {
+        match &l.tls {
+            None => proxy.add_tcp(&l.addr),
+            Some(tls) => {
+                if let Err(e) = proxy.add_tls(&l.addr, &tls.cert_file, &tls.key_file) {
+                    eprintln!("{conf_name}: listen {}: {e}", l.addr);
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    let health = background_service(
+        "health",
+        HealthTask {
+            gateway,
+            interval: Duration::from_millis(cfg.health.upstream_check_interval_ms),
+        },
+    );
+    server.add_service(health);
+    server.add_service(proxy);
+    server.run_forever()
+}

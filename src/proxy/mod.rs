@@ -1,0 +1,698 @@
+//! The whole request path, hook by hook (see docs/architecture.md):
+//!
+//! 1. `request_filter`: correlation id, routing (`/healthz`, `/readyz`, the FHIR prefix, 404
+//!    for the rest), request checks (method, path, query and body limits), caller
+//!    authentication, the service credential for the upstream call.
+//! 2. `upstream_peer`: the FHIR server, with every timeout set; waits out a retry delay.
+//! 3. `upstream_request_filter`: a fresh upstream request built from an allow-list of
+//!    headers (the caller's `Authorization` and `Accept-Encoding` never cross), the service
+//!    credential, correlation id and audit headers.
+//! 4. `request_body_filter`: counts the streamed body against the limit.
+//! 5. `upstream_response_filter`: 429/503 on idempotent requests become retries.
+//! 6. `response_filter`: headers cleaned and rewritten; text bodies marked for rewriting.
+//! 7. `response_body_filter`: streaming rewrite of the upstream base URL.
+//! 8. `fail_to_proxy`: every failure becomes an OperationOutcome.
+//! 9. `logging`: one access-log line.
+
+#[cfg(test)]
+mod tests;
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::headers::{self, AUDIT_PREFIX, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
+use crate::rewrite::{Replacements, StreamRewrite};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use log::{info, warn};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct FhirProxy {
+    pub gw: Arc<Gateway>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    correlation_id: String,
+    /// Path below the public prefix (`/Patient/1`, or `""` for the base) and raw query.
+    rest: String,
+    query: Option<Vec<u8>>,
+    client_ip: Option<IpAddr>,
+    /// Public base this caller sees (depends on Host unless configured).
+    public_base: Option<PublicBase>,
+    service_auth: Option<HeaderValue>,
+    attempts: u32,
+    retry_delay: Option<Duration>,
+    request_body_bytes: u64,
+    rewrite: Option<StreamRewrite>,
+    upstream_status: Option<u16>,
+    /// The error to render when a hook fails with one of ours.
+    error: Option<GatewayError>,
+}
+
+enum PublicBase {
+    Configured,
+    Derived(Replacements),
+}
+
+impl Ctx {
+    fn fail(&mut self, e: GatewayError) -> Box<Error> {
+        let status = e.status();
+        let msg = e.to_string();
+        self.error = Some(e);
+        Error::explain(ErrorType::HTTPStatus(status), msg)
+    }
+}
+
+/// Methods of the FHIR REST API.
+fn is_fhir_method(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+/// Methods retried on connect failure, 429 and 503. Never POST or PATCH.
+fn is_retryable_method(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+    )
+}
+
+/// Rejects paths that could escape the upstream base once the server decodes them.
+pub(crate) fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
+    if rest.iter().any(|&b| b < 0x21 || b == 0x7f || b == b'\\') {
+        return Err("control characters, spaces or backslashes in the path");
+    }
+    let lower = rest.to_ascii_lowercase();
+    for bad in [&b"%2f"[..], b"%5c", b"%2e", b"%00"] {
+        if memchr::memmem::find(&lower, bad).is_some() {
+            return Err("encoded '/', '\\', '.' or NUL in the path");
+        }
+    }
+    if rest
+        .split(|&b| b == b'/')
+        .skip(1)
+        .any(|seg| seg == b"." || seg == b"..")
+    {
+        return Err("'.' or '..' path segments");
+    }
+    if memchr::memmem::find(rest, b"//").is_some() {
+        return Err("empty path segment");
+    }
+    Ok(())
+}
+
+/// A `Host` / `X-Forwarded-Host` value safe to build URLs from.
+pub(crate) fn valid_authority(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+/// `Retry-After` seconds or `x-ms-retry-after-ms`.
+fn retry_after(h: &ResponseHeader) -> Option<Duration> {
+    if let Some(ms) = h
+        .headers
+        .get("x-ms-retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Duration::from_millis(ms));
+    }
+    h.headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// Content types whose bodies are rewritten. Binary payloads (a PDF in a `Binary`) are
+/// passed untouched: changing their bytes would corrupt them.
+fn is_rewritable(content_type: Option<&[u8]>) -> bool {
+    let Some(ct) = content_type else {
+        return true;
+    };
+    let ct = ct.to_ascii_lowercase();
+    let ct = ct.split(|&b| b == b';').next().unwrap_or(&[]);
+    let ct = ct.trim_ascii();
+    ct.starts_with(b"text/")
+        || ct.ends_with(b"json")
+        || ct.ends_with(b"xml")
+        || ct == b"application/x-ndjson"
+        || ct == b"application/fhir+ndjson"
+}
+
+impl FhirProxy {
+    /// Writes a complete response from the gateway itself, keeping the connection alive.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        status: u16,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<bool> {
+        let mut h = ResponseHeader::build(status, Some(4))?;
+        h.insert_header(http::header::CONTENT_TYPE, content_type)?;
+        h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        h.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
+        h.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        let head_only = session.req_header().method == Method::HEAD;
+        session.write_response_header(Box::new(h), false).await?;
+        let body = if head_only {
+            Bytes::new()
+        } else {
+            Bytes::from(body)
+        };
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
+    }
+
+    async fn respond_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        e: GatewayError,
+    ) -> Result<bool> {
+        let body = e.to_outcome(&ctx.correlation_id);
+        let status = e.status();
+        ctx.error = Some(e);
+        self.respond(session, ctx, status, "application/fhir+json", body)
+            .await
+    }
+
+    /// Everything `request_filter` checks before the request may go upstream.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), GatewayError> {
+        let gw = &self.gw;
+        let req = session.req_header();
+        let method = req.method.clone();
+        if !is_fhir_method(&method) {
+            return Err(GatewayError::MethodNotAllowed(format!(
+                "method {method} is not part of the FHIR REST API"
+            )));
+        }
+        let raw = req.raw_path();
+        let (path, query) = match memchr::memchr(b'?', raw) {
+            Some(q) => (&raw[..q], Some(&raw[q + 1..])),
+            None => (raw, None),
+        };
+        let rest = &path[gw.prefix.len()..];
+        check_path(rest)
+            .map_err(|why| GatewayError::BadRequest(format!("rejected path: {why}")))?;
+        if let Some(q) = query {
+            if q.len() > gw.limits.max_query_bytes {
+                return Err(GatewayError::QueryTooLong(gw.limits.max_query_bytes));
+            }
+            if q.iter().any(|&b| b < 0x21 || b == 0x7f) {
+                return Err(GatewayError::BadRequest(
+                    "control characters or spaces in the query string".into(),
+                ));
+            }
+        }
+        let rest = String::from_utf8(rest.to_vec())
+            .map_err(|_| GatewayError::BadRequest("path is not UTF-8".into()))?;
+        let query = query.map(|q| q.to_vec());
+
+        if let Some(cl) = req.headers.get(http::header::CONTENT_LENGTH) {
+            let n = cl
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| GatewayError::BadRequest("invalid Content-Length".into()))?;
+            if n > gw.limits.max_request_body_bytes {
+                return Err(GatewayError::RequestTooLarge(
+                    gw.limits.max_request_body_bytes,
+                ));
+            }
+        }
+        if let Some(ce) = req.headers.get(http::header::CONTENT_ENCODING) {
+            if !ce.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Err(GatewayError::UnsupportedMediaType(
+                    "compressed request bodies are not accepted".into(),
+                ));
+            }
+        }
+
+        // Public base for rewriting: configured, or from the Host the caller used.
+        if gw.public_base.is_none() {
+            let base = self.derived_public_base(session, ctx.client_ip)?;
+            ctx.public_base = Some(PublicBase::Derived(gw.rewriter.replacements(&base)));
+        } else {
+            ctx.public_base = Some(PublicBase::Configured);
+        }
+        ctx.rest = rest;
+        ctx.query = query;
+
+        // Caller authentication: `insecure_dev` is the only mode so far and admits everyone
+        // (it cannot be configured on a non-loopback listener).
+
+        ctx.service_auth = gw.identity.authorization().await?;
+
+        if matches!(method, Method::PUT | Method::DELETE) {
+            // Keep up to 64 KiB of the body so a 429/503 can be retried.
+            session.enable_retry_buffering();
+        }
+        Ok(())
+    }
+
+    /// `scheme://host/prefix` as this caller addressed the gateway.
+    fn derived_public_base(
+        &self,
+        session: &Session,
+        client_ip: Option<IpAddr>,
+    ) -> std::result::Result<String, GatewayError> {
+        let req = session.req_header();
+        let trusted = client_ip.is_some_and(|ip| self.gw.is_trusted_proxy(ip));
+        let header = |name: &str| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+        };
+        let tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        let mut scheme = if tls { "https" } else { "http" }.to_string();
+        let mut host = header("host").or_else(|| req.uri.authority().map(|a| a.to_string()));
+        if trusted {
+            if let Some(p) = header("x-forwarded-proto") {
+                if p == "http" || p == "https" {
+                    scheme = p;
+                }
+            }
+            if let Some(h) = header("x-forwarded-host") {
+                host = Some(h);
+            }
+        }
+        let host = host.ok_or_else(|| GatewayError::BadRequest("no Host header".into()))?;
+        if !valid_authority(&host) {
+            return Err(GatewayError::BadRequest("invalid Host header".into()));
+        }
+        Ok(format!("{scheme}://{host}{}", self.gw.prefix))
+    }
+
+    fn replacements<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a Replacements> {
+        match ctx.public_base.as_ref()? {
+            PublicBase::Configured => self.gw.public_base.as_ref().map(|(_, r)| r),
+            PublicBase::Derived(r) => Some(r),
+        }
+    }
+
+    fn classify(&self, e: &Error) -> GatewayError {
+        use ErrorType::*;
+        match e.etype() {
+            ConnectTimedout => GatewayError::UpstreamTimeout("connect timed out".into()),
+            ReadTimedout => {
+                GatewayError::UpstreamTimeout("no response within the read timeout".into())
+            }
+            WriteTimedout => GatewayError::UpstreamTimeout("request write timed out".into()),
+            ConnectRefused => GatewayError::UpstreamUnavailable("connection refused".into()),
+            HTTPStatus(c) => GatewayError::UpstreamUnavailable(format!("status {c}")),
+            _ if *e.esource() == ErrorSource::Upstream => {
+                GatewayError::UpstreamUnavailable(e.etype().as_str().to_string())
+            }
+            _ if *e.esource() == ErrorSource::Downstream => {
+                GatewayError::BadRequest(format!("malformed request: {}", e.etype().as_str()))
+            }
+            _ => GatewayError::Internal(e.etype().as_str().to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FhirProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            correlation_id: String::new(),
+            rest: String::new(),
+            query: None,
+            client_ip: None,
+            public_base: None,
+            service_auth: None,
+            attempts: 0,
+            retry_delay: None,
+            request_body_bytes: 0,
+            rewrite: None,
+            upstream_status: None,
+            error: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.start = Instant::now();
+        let req = session.req_header();
+        ctx.correlation_id = [REQUEST_ID, MS_REQUEST_ID]
+            .iter()
+            .filter_map(|h| req.headers.get(*h))
+            .find(|v| headers::valid_correlation_id(v.as_bytes()))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(headers::new_correlation_id);
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
+
+        let path = session.req_header().uri.path().to_string();
+        let prefix = &self.gw.prefix;
+        match path.as_str() {
+            "/healthz" => {
+                return self
+                    .respond(
+                        session,
+                        ctx,
+                        200,
+                        "application/json",
+                        br#"{"status":"ok"}"#.to_vec(),
+                    )
+                    .await
+            }
+            "/readyz" => {
+                return match self.gw.health.not_ready_reason(&self.gw) {
+                    None => {
+                        self.respond(
+                            session,
+                            ctx,
+                            200,
+                            "application/json",
+                            br#"{"status":"ready"}"#.to_vec(),
+                        )
+                        .await
+                    }
+                    Some(why) => {
+                        self.respond_error(session, ctx, GatewayError::NotReady(why.into()))
+                            .await
+                    }
+                };
+            }
+            p if p.starts_with(prefix.as_str())
+                && (p.len() == prefix.len() || p.as_bytes()[prefix.len()] == b'/') => {}
+            _ => {
+                return self
+                    .respond_error(
+                        session,
+                        ctx,
+                        GatewayError::NotFound(format!("no route for {path}")),
+                    )
+                    .await
+            }
+        }
+
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(e) => self.respond_error(session, ctx, e).await,
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        if let Some(d) = ctx.retry_delay.take() {
+            tokio::time::sleep(d).await;
+        }
+        ctx.attempts += 1;
+        Ok(Box::new(self.gw.upstream.peer()))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the server, but POST/PATCH are still never retried (spec).
+        let retry = is_retryable_method(&session.req_header().method)
+            && ctx.attempts < self.gw.retries.max_attempts;
+        if retry {
+            ctx.retry_delay = Some(Duration::from_millis(self.gw.retries.base_delay_ms));
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let gw = &self.gw;
+        let down = session.req_header();
+        let mut target = gw.upstream.path_for(&ctx.rest).into_bytes();
+        if let Some(q) = &ctx.query {
+            target.push(b'?');
+            target.extend_from_slice(q);
+        }
+        // A fresh header: only what is allowed crosses, whatever the caller sent.
+        let mut up =
+            RequestHeader::build(down.method.clone(), &target, Some(gw.forward.len() + 10))?;
+        for name in &gw.forward {
+            for v in down.headers.get_all(name) {
+                up.append_header(name.clone(), v.clone())?;
+            }
+        }
+        if down.headers.get(http::header::TRANSFER_ENCODING).is_none() {
+            if let Some(cl) = down.headers.get(http::header::CONTENT_LENGTH) {
+                up.insert_header(http::header::CONTENT_LENGTH, cl.clone())?;
+            }
+        }
+        up.insert_header(http::header::HOST, gw.upstream.base.authority())?;
+        if let Some(a) = &ctx.service_auth {
+            up.insert_header(http::header::AUTHORIZATION, a.clone())?;
+        }
+        up.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
+        if let Some(ip) = ctx.client_ip {
+            up.insert_header(format!("{AUDIT_PREFIX}source"), ip.to_string())?;
+        }
+        up.insert_header(format!("{AUDIT_PREFIX}proxy"), gw.name.as_str())?;
+        *upstream_request = up;
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.request_body_bytes += b.len() as u64;
+            let max = self.gw.limits.max_request_body_bytes;
+            if ctx.request_body_bytes > max {
+                return Err(ctx.fail(GatewayError::RequestTooLarge(max)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if (status == 429 || status == 503)
+            && is_retryable_method(&session.req_header().method)
+            && ctx.attempts < self.gw.retries.max_attempts
+            && !session.as_ref().retry_buffer_truncated()
+        {
+            let delay = retry_after(upstream_response)
+                .unwrap_or(Duration::from_millis(self.gw.retries.base_delay_ms));
+            if delay <= Duration::from_millis(self.gw.retries.max_delay_ms) {
+                ctx.retry_delay = Some(delay);
+                let mut e =
+                    Error::explain(ErrorType::HTTPStatus(status), "upstream asked to retry");
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        for h in DROPPED_RESPONSE_HEADERS {
+            resp.remove_header(*h);
+        }
+        let Some(to) = self.replacements(ctx).cloned() else {
+            return Ok(());
+        };
+        // Any header may name the upstream (Location, Content-Location, Link, custom ones).
+        let mut rewritten = Vec::new();
+        for (name, value) in resp.headers.iter() {
+            if let Some(v) = self.gw.rewriter.rewrite_all(value.as_bytes(), &to) {
+                rewritten.push((name.clone(), v));
+            }
+        }
+        for (name, v) in rewritten {
+            let v = HeaderValue::from_bytes(&v)
+                .map_err(|_| ctx.fail(GatewayError::Internal("rewritten header invalid".into())))?;
+            resp.insert_header(name, v)?;
+        }
+        resp.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
+
+        let status = resp.status.as_u16();
+        let has_body = session.req_header().method != Method::HEAD
+            && status != 204
+            && status != 304
+            && !(100..200).contains(&status);
+        let ct = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes().to_vec());
+        if has_body && is_rewritable(ct.as_deref()) {
+            if let Some(ce) = resp.headers.get(http::header::CONTENT_ENCODING) {
+                if !ce.as_bytes().eq_ignore_ascii_case(b"identity") {
+                    // We asked for a plain body; a compressed one cannot be checked for the
+                    // upstream address, so it does not go out.
+                    return Err(ctx.fail(GatewayError::UpstreamUnavailable(
+                        "compressed response body despite no Accept-Encoding".into(),
+                    )));
+                }
+            }
+            // The body length changes: re-frame as chunked.
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+            if session.req_header().version == http::Version::HTTP_11 {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
+            if let Some(etag) = resp.headers.get(http::header::ETAG) {
+                if !etag.as_bytes().starts_with(b"W/") {
+                    let weak = [b"W/", etag.as_bytes()].concat();
+                    resp.insert_header(
+                        http::header::ETAG,
+                        HeaderValue::from_bytes(&weak)
+                            .map_err(|_| ctx.fail(GatewayError::Internal("ETag".into())))?,
+                    )?;
+                }
+            }
+            ctx.rewrite = Some(StreamRewrite::default());
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let total = Duration::from_millis(self.gw.upstream.timeouts().total_ms);
+        if ctx.start.elapsed() > total && !end_of_stream {
+            return Err(ctx.fail(GatewayError::UpstreamTimeout(
+                "response exceeded the total timeout".into(),
+            )));
+        }
+        if ctx.rewrite.is_none() {
+            return Ok(None);
+        }
+        let to = match self.replacements(ctx) {
+            Some(r) => r.clone(),
+            None => return Ok(None),
+        };
+        let rw = ctx.rewrite.as_mut().expect("checked above");
+        let mut out = match body.take() {
+            Some(chunk) => rw.push(&self.gw.rewriter, &to, chunk),
+            None => Bytes::new(),
+        };
+        if end_of_stream {
+            let tail = rw.finish();
+            if !tail.is_empty() {
+                out = if out.is_empty() {
+                    tail
+                } else {
+                    Bytes::from([out.as_ref(), tail.as_ref()].concat())
+                };
+            }
+        }
+        *body = Some(out);
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let ge = ctx.error.take().unwrap_or_else(|| self.classify(e));
+        let downstream_dead = *e.esource() == ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        let code = if downstream_dead || session.response_written().is_some() {
+            // Nothing sensible can be written any more.
+            0
+        } else {
+            let status = ge.status();
+            let body = ge.to_outcome(&ctx.correlation_id);
+            if let Err(we) = self
+                .respond(session, ctx, status, "application/fhir+json", body)
+                .await
+            {
+                warn!("could not send error response: {we}");
+            }
+            status
+        };
+        ctx.error = Some(ge);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &Error) -> bool {
+        // Our own rejections are logged once by `logging`.
+        ctx.error.as_ref().is_some_and(|e| e.status() < 500)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if !self.gw.access_log {
+            return;
+        }
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let req = session.req_header();
+        // Path only: queries can hold patient data (names, birth dates).
+        info!(
+            target: "access",
+            "{} {} {} status={} upstream_status={} attempts={} ms={} id={}{}",
+            ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
+            req.method,
+            req.uri.path(),
+            status,
+            ctx.upstream_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            ctx.attempts,
+            ctx.start.elapsed().as_millis(),
+            ctx.correlation_id,
+            match (&ctx.error, e) {
+                (Some(ge), _) => format!(" error=\"{ge}\""),
+                (None, Some(e)) => format!(" error=\"{}\"", e.etype().as_str()),
+                _ => String::new(),
+            }
+        );
+    }
+}

@@ -1,0 +1,72 @@
+use super::*;
+
+#[test]
+fn paths_that_could_escape_the_base_are_rejected() {
+    for ok in [
+        &b""[..],
+        b"/",
+        b"/Patient/123",
+        b"/Patient/123/_history/2",
+        b"/Patient/$everything",
+        b"/_search",
+    ] {
+        assert!(check_path(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+    }
+    for bad in [
+        &b"/../manage"[..],
+        b"/Patient/..",
+        b"/./Patient",
+        b"/..%2fmanage",
+        b"/%2e%2e/x",
+        b"/Patient%2F1",
+        b"/a\\b",
+        b"/a b",
+        b"/a%00",
+        b"//Patient",
+        b"/Patient\r\n",
+    ] {
+        assert!(check_path(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn authorities() {
+    assert!(valid_authority("gw.example.org"));
+    assert!(valid_authority("127.0.0.1:8080"));
+    assert!(valid_authority("[::1]:8080"));
+    assert!(!valid_authority(""));
+    assert!(!valid_authority("evil.com/\"}"));
+    assert!(!valid_authority("a b"));
+}
+
+#[test]
+fn rewritable_content_types() {
+    assert!(is_rewritable(Some(b"application/fhir+json; charset=utf-8")));
+    assert!(is_rewritable(Some(b"application/fhir+xml")));
+    assert!(is_rewritable(Some(b"application/json")));
+    assert!(is_rewritable(Some(b"text/html")));
+    assert!(is_rewritable(Some(b"application/fhir+ndjson")));
+    assert!(is_rewritable(None));
+    assert!(!is_rewritable(Some(b"application/pdf")));
+    assert!(!is_rewritable(Some(b"image/png")));
+    assert!(!is_rewritable(Some(b"application/octet-stream")));
+}
+
+#[test]
+fn retry_after_forms() {
+    let mut h = ResponseHeader::build(503, None).unwrap();
+    assert_eq!(retry_after(&h), None);
+    h.insert_header("Retry-After", "2").unwrap();
+    assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+    h.insert_header("x-ms-retry-after-ms", "150").unwrap();
+    assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+}
+
+#[test]
+fn only_idempotent_methods_retry() {
+    assert!(is_retryable_method(&Method::GET));
+    assert!(is_retryable_method(&Method::PUT));
+    assert!(is_retryable_method(&Method::DELETE));
+    assert!(!is_retryable_method(&Method::POST));
+    assert!(!is_retryable_method(&Method::PATCH));
+}

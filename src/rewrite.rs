@@ -1,0 +1,278 @@
+//! Replaces the FHIR server's base URL with the gateway's public base URL, in headers and in
+//! bodies, streaming: a chunk is passed on as soon as it is scanned, holding back only the few
+//! bytes at its end that could begin a URL split across chunks.
+//!
+//! Each base spelling is matched in its plain form, its JSON-escaped form (`http:\/\/...`)
+//! and its percent-encoded forms (a base inside a query parameter), and replaced by the public
+//! base in the same form.
+
+use bytes::Bytes;
+use memchr::memmem::Finder;
+
+/// The fixed half: what to look for. Built once from the upstream base URL.
+pub struct Rewriter {
+    finders: Vec<Finder<'static>>,
+    /// For each finder, how to encode the public base the same way.
+    forms: Vec<Form>,
+    max_len: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    Plain,
+    JsonEscaped,
+    PercentUpper,
+    PercentLower,
+}
+
+impl Form {
+    fn encode(self, s: &str) -> Vec<u8> {
+        match self {
+            Form::Plain => s.as_bytes().to_vec(),
+            Form::JsonEscaped => s.replace('/', "\\/").into_bytes(),
+            Form::PercentUpper => s.replace(':', "%3A").replace('/', "%2F").into_bytes(),
+            Form::PercentLower => s.replace(':', "%3a").replace('/', "%2f").into_bytes(),
+        }
+    }
+}
+
+/// The per-request half: what to write instead (the public base in every form).
+#[derive(Clone, Debug)]
+pub struct Replacements(Vec<Vec<u8>>);
+
+impl Rewriter {
+    /// `spellings`: every way the server may write its base (see `BaseUrl::spellings`).
+    pub fn new(spellings: &[String]) -> Rewriter {
+        let mut finders = Vec::new();
+        let mut forms = Vec::new();
+        for s in spellings {
+            for form in [
+                Form::Plain,
+                Form::JsonEscaped,
+                Form::PercentUpper,
+                Form::PercentLower,
+            ] {
+                let pat = form.encode(s);
+                if finders
+                    .iter()
+                    .any(|f: &Finder<'static>| f.needle() == pat.as_slice())
+                {
+                    continue; // a base without '/' or ':' looks the same in several forms
+                }
+                finders.push(Finder::new(&pat).into_owned());
+                forms.push(form);
+            }
+        }
+        let max_len = finders.iter().map(|f| f.needle().len()).max().unwrap_or(1);
+        Rewriter {
+            finders,
+            forms,
+            max_len,
+        }
+    }
+
+    pub fn replacements(&self, public_base: &str) -> Replacements {
+        Replacements(self.forms.iter().map(|f| f.encode(public_base)).collect())
+    }
+
+    /// Earliest (then longest) match at or after `from`: (start, pattern index).
+    fn next_match(&self, data: &[u8], from: usize) -> Option<(usize, usize)> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, f) in self.finders.iter().enumerate() {
+            if let Some(p) = f.find(&data[from..]) {
+                let p = p + from;
+                let better = match best {
+                    None => true,
+                    Some((bp, bi)) => {
+                        p < bp || (p == bp && f.needle().len() > self.finders[bi].needle().len())
+                    }
+                };
+                if better {
+                    best = Some((p, i));
+                }
+            }
+        }
+        best
+    }
+
+    /// Index from which `data` must be held back: the earliest position in its last
+    /// `max_len - 1` bytes where the rest of `data` is a proper prefix of some pattern.
+    fn hold_from(&self, data: &[u8], not_before: usize) -> usize {
+        let start = data.len().saturating_sub(self.max_len - 1).max(not_before);
+        for i in start..data.len() {
+            let tail = &data[i..];
+            if self
+                .finders
+                .iter()
+                .any(|f| f.needle().len() > tail.len() && f.needle().starts_with(tail))
+            {
+                return i;
+            }
+        }
+        data.len()
+    }
+
+    /// Rewrites a complete value (a header, a small body). `None` when nothing matched.
+    pub fn rewrite_all(&self, data: &[u8], to: &Replacements) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        let mut pos = 0;
+        while let Some((m, i)) = self.next_match(data, pos) {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(data.len() + 64));
+            o.extend_from_slice(&data[pos..m]);
+            o.extend_from_slice(&to.0[i]);
+            pos = m + self.finders[i].needle().len();
+        }
+        if let Some(o) = out.as_mut() {
+            o.extend_from_slice(&data[pos..]);
+        }
+        out
+    }
+}
+
+/// State of one streamed body.
+#[derive(Default)]
+pub struct StreamRewrite {
+    carry: Vec<u8>,
+}
+
+impl StreamRewrite {
+    /// Rewrites one chunk; returns what can be sent now (possibly empty).
+    pub fn push(&mut self, rw: &Rewriter, to: &Replacements, chunk: Bytes) -> Bytes {
+        if self.carry.is_empty() {
+            // Fast path: nothing held back, so the chunk itself may go out untouched.
+            if rw.next_match(&chunk, 0).is_none() {
+                let hold = rw.hold_from(&chunk, 0);
+                if hold < chunk.len() {
+                    self.carry.extend_from_slice(&chunk[hold..]);
+                }
+                return chunk.slice(..hold);
+            }
+            return self.rewrite(rw, to, &chunk);
+        }
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(&chunk);
+        self.rewrite(rw, to, &data)
+    }
+
+    fn rewrite(&mut self, rw: &Rewriter, to: &Replacements, data: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(data.len() + 64);
+        let mut pos = 0;
+        while let Some((m, i)) = rw.next_match(data, pos) {
+            out.extend_from_slice(&data[pos..m]);
+            out.extend_from_slice(&to.0[i]);
+            pos = m + rw.finders[i].needle().len();
+        }
+        let hold = rw.hold_from(data, pos);
+        out.extend_from_slice(&data[pos..hold]);
+        self.carry.clear();
+        self.carry.extend_from_slice(&data[hold..]);
+        Bytes::from(out)
+    }
+
+    /// End of body: whatever was held back cannot be a match any more.
+    pub fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.carry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: &str = "http://10.0.0.5:8090/fhir";
+    const PUB: &str = "https://fhir.example.org/api/fhir";
+
+    fn rw() -> (Rewriter, Replacements) {
+        let r = Rewriter::new(&[UP.to_string()]);
+        let to = r.replacements(PUB);
+        (r, to)
+    }
+
+    fn stream(chunks: &[&[u8]]) -> Vec<u8> {
+        let (r, to) = rw();
+        let mut s = StreamRewrite::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&s.push(&r, &to, Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&s.finish());
+        out
+    }
+
+    #[test]
+    fn rewrites_every_form() {
+        let (r, to) = rw();
+        let body = format!(
+            r#"{{"a":"{UP}/Patient/1","b":"http:\/\/10.0.0.5:8090\/fhir\/X","c":"?u=http%3A%2F%2F10.0.0.5%3A8090%2Ffhir%2FY","d":"http%3a%2f%2f10.0.0.5%3a8090%2ffhir"}}"#
+        );
+        let out = String::from_utf8(r.rewrite_all(body.as_bytes(), &to).unwrap()).unwrap();
+        assert!(!out.contains("10.0.0.5"), "{out}");
+        assert!(out.contains(&format!("{PUB}/Patient/1")));
+        assert!(out.contains(r"https:\/\/fhir.example.org\/api\/fhir\/X"));
+        assert!(out.contains("https%3A%2F%2Ffhir.example.org%2Fapi%2Ffhir%2FY"));
+        assert!(out.contains("https%3a%2f%2ffhir.example.org%2fapi%2ffhir"));
+        assert!(r.rewrite_all(b"nothing here", &to).is_none());
+    }
+
+    #[test]
+    fn url_split_at_every_byte_boundary() {
+        let body = format!("xx {UP}/Patient/1 yy {UP}/Observation?_count=1 zz");
+        let expected = body.replace(UP, PUB);
+        let b = body.as_bytes();
+        for cut in 0..=b.len() {
+            assert_eq!(
+                String::from_utf8(stream(&[&b[..cut], &b[cut..]])).unwrap(),
+                expected,
+                "cut at {cut}"
+            );
+        }
+        // One byte at a time.
+        let singles: Vec<&[u8]> = b.chunks(1).collect();
+        assert_eq!(String::from_utf8(stream(&singles)).unwrap(), expected);
+    }
+
+    #[test]
+    fn partial_prefix_at_end_is_flushed_verbatim() {
+        assert_eq!(
+            stream(&[b"abc http://10.0.0.5:80"]),
+            b"abc http://10.0.0.5:80"
+        );
+        assert_eq!(stream(&[b"abc http", b"://other/"]), b"abc http://other/");
+    }
+
+    #[test]
+    fn untouched_chunks_are_not_copied() {
+        let (r, to) = rw();
+        let mut s = StreamRewrite::default();
+        let chunk = Bytes::from_static(b"{\"resourceType\":\"Patient\"}");
+        let out = s.push(&r, &to, chunk.clone());
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(out.len(), chunk.len());
+    }
+
+    #[test]
+    fn default_port_spellings() {
+        let r = Rewriter::new(&[
+            "https://up.example".to_string(),
+            "https://up.example:443".to_string(),
+        ]);
+        let to = r.replacements("https://gw.example/fhir");
+        let out = r
+            .rewrite_all(
+                b"https://up.example:443/Patient/1 https://up.example/Patient/2",
+                &to,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            b"https://gw.example/fhir/Patient/1 https://gw.example/fhir/Patient/2"
+        );
+    }
+
+    #[test]
+    fn replacement_containing_the_pattern_terminates() {
+        let r = Rewriter::new(&["http://a".to_string()]);
+        let to = r.replacements("http://a/b");
+        assert_eq!(r.rewrite_all(b"http://a/x", &to).unwrap(), b"http://a/b/x");
+    }
+}
