@@ -205,7 +205,19 @@ impl FhirProxy {
                 "method {method} is not part of the FHIR REST API"
             )));
         }
-        let raw = req.raw_path();
+        // Absolute-form request lines (`GET http://host/fhir/...`) are reduced to their path:
+        // the authority a client names never chooses where the gateway connects.
+        let abs_form;
+        let raw = if req.raw_path().starts_with(b"/") {
+            req.raw_path()
+        } else {
+            abs_form = req
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().as_bytes().to_vec())
+                .unwrap_or_default();
+            &abs_form
+        };
         let (path, query) = match memchr::memchr(b'?', raw) {
             Some(q) => (&raw[..q], Some(&raw[q + 1..])),
             None => (raw, None),

@@ -1,0 +1,551 @@
+//! Shared test harness: spawn the real gateway binary with a generated config, reach the real
+//! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
+//! its traffic log, and run small scripted upstreams for the faults a real server will not
+//! produce on demand (slow headers, 503 storms, 50 MB bodies).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
+pub const SEKMET_AUTH: &str = "http://127.0.0.1:8091/fhir";
+pub const SEKMET_AUTH_TOKEN: &str = "upstream-static-token-123";
+pub const IDP: &str = "http://127.0.0.1:9400";
+
+pub fn sekmet_url() -> String {
+    std::env::var("SEKMET_URL").unwrap_or_else(|_| SEKMET.to_string())
+}
+
+fn peers_dir() -> PathBuf {
+    std::env::var("PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/peers"))
+}
+
+/// Fails loudly when a peer is missing: these tests are about the real thing.
+pub async fn require_peer(url: &str) {
+    let ok = client()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .is_ok();
+    assert!(
+        ok,
+        "peer {url} is not running: start the peers with `scripts/peers.sh start` or run `scripts/test.sh`"
+    );
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running gateway process; killed on drop.
+pub struct Gateway {
+    pub port: u16,
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    /// `body` is the YAML after the `listen:` section (upstream, auth, limits...).
+    pub async fn start(body: &str) -> Gateway {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("fgw-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("gw.yaml");
+        let yaml = format!(
+            "pingora:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/gw.pid\n  upgrade_sock: {d}/upgrade.sock\nlisten:\n  - addr: 127.0.0.1:{port}\n{body}",
+            d = dir.display()
+        );
+        std::fs::write(&conf, yaml).unwrap();
+        let log = std::fs::File::create(dir.join("gw.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fhir-gateway"))
+            .arg("-c")
+            .arg(&conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway");
+        let gw = Gateway { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client().get(gw.url("/healthz")).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start:\n{}",
+                gw.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gw
+    }
+
+    /// Config for the common case: SEKMET behind the gateway, insecure_dev auth.
+    pub async fn in_front_of_sekmet() -> Gateway {
+        require_peer(&format!("{}/metadata", sekmet_url())).await;
+        Gateway::start(&format!(
+            "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n",
+            sekmet_url()
+        ))
+        .await
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/fhir", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gw.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `VmRSS` / `VmHWM` of a process, in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Asserts a gateway-made error: status, OperationOutcome body, FHIR content type, issue code.
+pub async fn assert_outcome(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(ct.starts_with("application/fhir+json"), "content-type {ct}");
+    let rid = resp
+        .headers()
+        .get("x-request-id")
+        .expect("x-request-id on errors")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = resp.json().await.expect("OperationOutcome JSON");
+    assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+    assert_eq!(v["issue"][0]["code"], code, "{v}");
+    let diag = v["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diag.contains(&rid),
+        "diagnostics carry the correlation id: {diag}"
+    );
+    v
+}
+
+/// The request headers SEKMET recorded for a correlation id (its traffic log), lower-case
+/// names. Polls briefly: SEKMET writes the log after it has answered.
+pub fn sekmet_received(correlation_id: &str) -> Vec<Value> {
+    read_traffic(correlation_id, Duration::from_secs(3))
+}
+
+fn sekmet_received_now(correlation_id: &str) -> Vec<Value> {
+    read_traffic(correlation_id, Duration::ZERO)
+}
+
+fn read_traffic(correlation_id: &str, wait: Duration) -> Vec<Value> {
+    let db = std::env::var("SEKMET_DB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
+    let script = "import sqlite3,sys,json\n\
+db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\n\
+rows=db.execute('select method,url,req_headers from traffic where correlation_id=? order by id',(sys.argv[2],)).fetchall()\n\
+print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}')} for m,u,h in rows]))\n";
+    let deadline = Instant::now() + wait;
+    loop {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&db)
+            .arg(correlation_id)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "reading SEKMET traffic log {}: {}",
+            db.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if !v.is_empty() || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts SEKMET never received a request with this correlation id. SEKMET logs requests in
+/// order, so once a later marker request shows up in its log the earlier one would have too.
+pub async fn assert_sekmet_never_received(correlation_id: &str) {
+    let marker = format!("marker-{}", uuid::Uuid::new_v4());
+    let r = client()
+        .get(format!("{}/metadata", sekmet_url()))
+        .header("X-Request-Id", &marker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sekmet_received(&marker).len(), 1, "marker not logged");
+    let got = sekmet_received_now(correlation_id);
+    assert!(got.is_empty(), "SEKMET received {correlation_id}: {got:?}");
+}
+
+/// Fails if the upstream's address appears anywhere in a response (headers or body bytes).
+pub fn assert_no_upstream_address(
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+    upstream: &str,
+) {
+    let up = upstream.trim_end_matches('/');
+    let authority = up
+        .split("//")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    for (k, v) in headers {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        assert!(
+            !v.contains(&authority),
+            "header {k}: {v} names the upstream"
+        );
+    }
+    let text = String::from_utf8_lossy(body);
+    assert!(
+        !text.contains(&authority),
+        "body names the upstream {authority}"
+    );
+    let escaped = authority.replace(':', "%3A");
+    assert!(
+        !text.contains(&escaped),
+        "body names the upstream (percent-encoded)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripted upstream
+
+/// One request as the scripted upstream received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub enum Reply {
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Waits before sending anything.
+    Delay(Duration, Box<Reply>),
+    /// A chunked body of `count` copies of `chunk`.
+    Stream {
+        status: u16,
+        content_type: String,
+        chunk: Vec<u8>,
+        count: usize,
+    },
+    /// Closes the connection without answering.
+    Close,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: &str) -> Reply {
+        Reply::Full {
+            status,
+            headers: vec![("Content-Type".into(), "application/fhir+json".into())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded, usize) -> Reply + Send + Sync>;
+
+pub struct ScriptedUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl ScriptedUpstream {
+    /// `handler(request, n)` answers the n-th request (0-based).
+    pub async fn start(
+        handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    ) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(handler);
+        let reqs = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, r) = (handler.clone(), reqs.clone());
+                tokio::spawn(async move {
+                    let _ = serve(sock, h, r).await;
+                });
+            }
+        });
+        ScriptedUpstream { addr, requests }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}/fhir", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    mut sock: TcpStream,
+    handler: Handler,
+    reqs: Arc<Mutex<Vec<Recorded>>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        // Read one request head.
+        let head_end = loop {
+            if let Some(p) = find(&buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            let mut tmp = [0u8; 8192];
+            let n = sock.read(&mut tmp).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let mut hdrs = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut hdrs);
+        req.parse(&buf[..head_end]).expect("parse request");
+        let method = req.method.unwrap().to_string();
+        let target = req.path.unwrap().to_string();
+        let headers: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        buf.drain(..head_end);
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if let Some(cl) = get("content-length") {
+            let n: usize = cl.trim().parse().unwrap();
+            while buf.len() < n {
+                let mut tmp = [0u8; 65536];
+                let r = sock.read(&mut tmp).await?;
+                if r == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&tmp[..r]);
+            }
+            body = buf.drain(..n).collect();
+        } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            loop {
+                let line_end = loop {
+                    if let Some(p) = find(&buf, b"\r\n") {
+                        break p;
+                    }
+                    let mut tmp = [0u8; 65536];
+                    let r = sock.read(&mut tmp).await?;
+                    if r == 0 {
+                        return Ok(());
+                    }
+                    buf.extend_from_slice(&tmp[..r]);
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&buf[..line_end])
+                        .unwrap()
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .trim(),
+                    16,
+                )
+                .unwrap();
+                buf.drain(..line_end + 2);
+                while buf.len() < size + 2 {
+                    let mut tmp = [0u8; 65536];
+                    let r = sock.read(&mut tmp).await?;
+                    if r == 0 {
+                        return Ok(());
+                    }
+                    buf.extend_from_slice(&tmp[..r]);
+                }
+                body.extend_from_slice(&buf[..size]);
+                buf.drain(..size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        let rec = Recorded {
+            method,
+            target,
+            headers,
+            body,
+        };
+        let n = {
+            let mut g = reqs.lock().unwrap();
+            g.push(rec.clone());
+            g.len() - 1
+        };
+        let mut reply = handler(&rec, n);
+        loop {
+            match reply {
+                Reply::Delay(d, next) => {
+                    tokio::time::sleep(d).await;
+                    reply = *next;
+                }
+                Reply::Close => return Ok(()),
+                Reply::Full {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let mut head =
+                        format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n", body.len());
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    sock.write_all(head.as_bytes()).await?;
+                    sock.write_all(&body).await?;
+                    break;
+                }
+                Reply::Stream {
+                    status,
+                    content_type,
+                    chunk,
+                    count,
+                } => {
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    );
+                    sock.write_all(head.as_bytes()).await?;
+                    let framed =
+                        [format!("{:X}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                    for _ in 0..count {
+                        sock.write_all(&framed).await?;
+                    }
+                    sock.write_all(b"0\r\n\r\n").await?;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// Writes a config file and runs `fhir-gateway -t -c` on it.
+pub fn check_config(yaml: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut f = tempfile_in_tmp();
+    f.1.write_all(yaml.as_bytes()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fhir-gateway"));
+    cmd.arg("-t").arg("-c").arg(&f.0);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_file(&f.0);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tempfile_in_tmp() -> (PathBuf, std::fs::File) {
+    let p = std::env::temp_dir().join(format!(
+        "fgw-conf-{}-{}.yaml",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    let f = std::fs::File::create(&p).unwrap();
+    (p, f)
+}
+
+/// Sends raw bytes (for request lines an HTTP client would normalise) and returns the status
+/// line's code and the whole response text. The request should carry `Connection: close`.
+pub async fn raw_request(port: u16, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
