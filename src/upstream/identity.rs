@@ -41,6 +41,9 @@ enum Fetch {
 struct Cached {
     header: HeaderValue,
     expires: Instant,
+    /// When to fetch a new one: `expires - margin`, the margin capped at half the lifetime so
+    /// short-lived tokens (5 minutes) are not refetched on every call.
+    refresh_at: Instant,
 }
 
 pub struct TokenSource {
@@ -140,7 +143,7 @@ impl TokenSource {
     fn fresh_token(&self) -> Option<HeaderValue> {
         let c = self.cached.read().expect("token lock");
         c.as_ref()
-            .filter(|c| Instant::now() + self.margin < c.expires)
+            .filter(|c| Instant::now() < c.refresh_at)
             .map(|c| c.header.clone())
     }
 
@@ -174,9 +177,11 @@ impl TokenSource {
                 let header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
                     GatewayError::ServiceIdentity("token is not header-safe".into())
                 })?;
+                let now = Instant::now();
                 *self.cached.write().expect("token lock") = Some(Cached {
                     header: header.clone(),
-                    expires: Instant::now() + ttl,
+                    expires: now + ttl,
+                    refresh_at: now + ttl - self.margin.min(ttl / 2),
                 });
                 *self.last_failure.write().expect("failure lock") = None;
                 info!(

@@ -69,6 +69,11 @@ pub struct Gateway {
 impl Gateway {
     /// `body` is the YAML after the `listen:` section (upstream, auth, limits...).
     pub async fn start(body: &str) -> Gateway {
+        Gateway::start_env(body, &[]).await
+    }
+
+    /// Like `start`, with extra environment variables for the gateway process.
+    pub async fn start_env(body: &str, envs: &[(&str, &str)]) -> Gateway {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("fgw-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -83,6 +88,7 @@ impl Gateway {
             .arg("-c")
             .arg(&conf)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
