@@ -56,8 +56,8 @@ pub fn line_of(text: &str, path: &[&str]) -> Option<usize> {
         } else {
             let mut hit = None;
             let mut child_indent = None;
-            for i in lo..hi {
-                let (indent, body) = key_view(&lines[i]);
+            for (i, line) in lines.iter().enumerate().take(hi).skip(lo) {
+                let (indent, body) = key_view(line);
                 if (indent as isize) <= parent {
                     continue;
                 }

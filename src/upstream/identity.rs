@@ -18,7 +18,7 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 pub enum ServiceIdentity {
     None,
     Static(HeaderValue),
-    OAuth(TokenSource),
+    OAuth(Box<TokenSource>),
 }
 
 enum Fetch {
@@ -71,7 +71,7 @@ impl ServiceIdentity {
                 resource,
                 auth_method,
                 refresh_margin_secs,
-            } => ServiceIdentity::OAuth(TokenSource::new(
+            } => ServiceIdentity::OAuth(Box::new(TokenSource::new(
                 Fetch::ClientCredentials {
                     token_url,
                     client_id,
@@ -82,13 +82,13 @@ impl ServiceIdentity {
                 },
                 refresh_margin_secs,
                 http,
-            )),
+            ))),
             IdentityConfig::ManagedIdentity {
                 imds_url,
                 resource,
                 client_id,
                 refresh_margin_secs,
-            } => ServiceIdentity::OAuth(TokenSource::new(
+            } => ServiceIdentity::OAuth(Box::new(TokenSource::new(
                 Fetch::ManagedIdentity {
                     imds_url,
                     resource,
@@ -96,7 +96,7 @@ impl ServiceIdentity {
                 },
                 refresh_margin_secs,
                 http,
-            )),
+            ))),
         })
     }
 
