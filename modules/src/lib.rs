@@ -2,9 +2,14 @@
 //!
 //! This crate is pure logic: it knows nothing of Pingora or Kafka. The gateway hands modules
 //! what they need through small traits (a FHIR client, an event sink), so each module can be
-//! tested on its own. The processor chain itself arrives with its own issue; today the crate
-//! holds the shared OperationOutcome renderer.
+//! tested on its own. Today it holds the shared vocabulary: OperationOutcome rendering, the
+//! caller's identity, SMART scopes, FHIR request classification and the Patient compartment.
 
+pub mod compartment;
+pub mod identity;
 pub mod outcome;
+pub mod request;
+pub mod smart;
 
+pub use identity::{Identity, Role};
 pub use outcome::{operation_outcome, outcome_bytes, Issue, Severity};
