@@ -7,6 +7,10 @@ use std::fmt;
 pub enum GatewayError {
     /// 400 `invalid`: a request the gateway will not forward.
     BadRequest(String),
+    /// 401 `login`: no credentials (`None`) or invalid ones (`Some(reason)`).
+    Unauthorized(Option<String>),
+    /// 403 `forbidden`: authenticated, not allowed; the failed rule.
+    Forbidden(String),
     /// 404 `not-found`: outside every route.
     NotFound(String),
     /// 405 `not-supported`.
@@ -36,6 +40,8 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) => 400,
+            Unauthorized(_) => 401,
+            Forbidden(_) => 403,
             NotFound(_) => 404,
             MethodNotAllowed(_) => 405,
             RequestTooLarge(_) => 413,
@@ -53,6 +59,8 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadRequest(_) => "invalid",
+            Unauthorized(_) => "login",
+            Forbidden(_) => "forbidden",
             NotFound(_) => "not-found",
             MethodNotAllowed(_) | UnsupportedMediaType(_) => "not-supported",
             RequestTooLarge(_) | QueryTooLong(_) | ResponseTooLarge(_) => "too-costly",
@@ -84,6 +92,9 @@ impl fmt::Display for GatewayError {
             BadRequest(m) | NotFound(m) | MethodNotAllowed(m) | UnsupportedMediaType(m) => {
                 f.write_str(m)
             }
+            Unauthorized(None) => f.write_str("authentication required: send 'Authorization: Bearer <token>'"),
+            Unauthorized(Some(why)) => write!(f, "invalid token: {why}"),
+            Forbidden(rule) => write!(f, "forbidden by {rule}"),
             RequestTooLarge(max) => write!(f, "request body larger than {max} bytes"),
             QueryTooLong(max) => write!(f, "query string longer than {max} bytes"),
             UpstreamUnavailable(m) => write!(f, "FHIR server unavailable: {m}"),

@@ -1,6 +1,7 @@
 //! The runtime object built from a validated configuration and shared by every request.
 
-use crate::config::{AuthMode, GatewayConfig, LimitsConfig, RetryConfig};
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, GatewayConfig, LimitsConfig, RetryConfig, SmartConfig};
 use crate::headers::FORWARDED_REQUEST_HEADERS;
 use crate::health::Health;
 use crate::net::IpNet;
@@ -24,10 +25,17 @@ pub struct Gateway {
     /// Request headers copied upstream.
     pub forward: Vec<HeaderName>,
     pub auth_mode: AuthMode,
+    pub auth: Authenticator,
+    pub smart: SmartConfig,
+    /// Audit header names: user id, UPN, tenant, source, proxy.
+    pub audit: [HeaderName; 5],
     pub access_log: bool,
     pub health: Health,
-    /// Client for calls the gateway makes itself (token endpoint; later modules).
+    /// Client for calls to identity providers (token endpoint, discovery, JWKS).
     pub http: reqwest::Client,
+    /// Client for calls the gateway makes to the FHIR server itself (buffered requests,
+    /// modules): the upstream's CA and verification settings, pooled.
+    pub upstream_http: reqwest::Client,
 }
 
 impl Gateway {
@@ -41,6 +49,35 @@ impl Gateway {
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         let identity = ServiceIdentity::new(&cfg.upstream.identity, http.clone())?;
+        let t = &cfg.upstream.timeouts;
+        let mut ub = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(t.connect_ms))
+            .timeout(Duration::from_millis(t.total_ms))
+            .read_timeout(Duration::from_millis(t.read_ms))
+            .pool_idle_timeout(Duration::from_millis(t.idle_ms))
+            .pool_max_idle_per_host(cfg.upstream.pool_size)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &cfg.upstream.tls.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca}: {e}"))? {
+                ub = ub.add_root_certificate(cert);
+            }
+        }
+        if !cfg.upstream.tls.verify {
+            ub = ub.danger_accept_invalid_certs(true);
+        }
+        let upstream_http = ub.build().map_err(|e| format!("upstream HTTP client: {e}"))?;
+        let auth_cfg = cfg.auth.as_ref().ok_or("auth: required")?;
+        let auth = Authenticator::new(
+            auth_cfg,
+            reqwest::Client::builder()
+                .timeout(Duration::from_millis(auth_cfg.jwks.timeout_ms))
+                .build()
+                .map_err(|e| format!("HTTP client: {e}"))?,
+        )?;
+        let a = &auth_cfg.audit_headers;
+        let hn = |s: &str| HeaderName::from_bytes(s.as_bytes()).map_err(|e| format!("{s}: {e}"));
+        let audit = [hn(&a.user_id)?, hn(&a.upn)?, hn(&a.tenant)?, hn(&a.source)?, hn(&a.proxy)?];
         let rewriter = Rewriter::new(&upstream.base.spellings());
         let public_base = match &cfg.public_base_url {
             Some(p) => {
@@ -74,7 +111,11 @@ impl Gateway {
             limits: cfg.limits,
             retries: cfg.upstream.retries,
             forward,
-            auth_mode: cfg.auth.as_ref().map(|a| a.mode).ok_or("auth: required")?,
+            auth_mode: auth_cfg.mode,
+            auth,
+            smart: auth_cfg.smart.clone(),
+            audit,
+            upstream_http,
             access_log: cfg.logging.access_log,
             health: Health::default(),
             http,

@@ -24,6 +24,8 @@ impl Health {
             Some("FHIR server unreachable")
         } else if !gw.identity.is_ready() {
             Some("no credential for the FHIR server")
+        } else if !gw.auth.is_ready() {
+            Some("token signing keys not loaded")
         } else {
             None
         }
@@ -31,6 +33,37 @@ impl Health {
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads and refreshes the issuers' signing keys: retried every `retry_secs` until loaded,
+/// then refreshed every `refresh_secs`.
+pub struct JwksTask {
+    pub gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for JwksTask {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let auth = &self.gateway.auth;
+        if auth.issuers.is_empty() {
+            return;
+        }
+        let retry = Duration::from_secs(auth.jwks.retry_secs);
+        let refresh = Duration::from_secs(auth.jwks.refresh_secs);
+        let mut last_full = std::time::Instant::now();
+        auth.refresh(true).await;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = shutdown.changed() => return,
+            }
+            let due = last_full.elapsed() >= refresh;
+            if due {
+                last_full = std::time::Instant::now();
+            }
+            auth.refresh(due).await;
+        }
     }
 }
 

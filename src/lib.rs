@@ -1,5 +1,6 @@
 //! fhir-gateway: a secure gateway for FHIR servers, on Cloudflare Pingora.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use fhir_gateway::config;
-use fhir_gateway::health::HealthTask;
+use fhir_gateway::health::{HealthTask, JwksTask};
 use fhir_gateway::proxy::FhirProxy;
 use fhir_gateway::Gateway;
 use pingora_core::server::configuration::Opt;
@@ -110,6 +110,13 @@ fn main() -> ExitCode {
             }
         }
     }
+    let jwks = background_service(
+        "jwks",
+        JwksTask {
+            gateway: gateway.clone(),
+        },
+    );
+    server.add_service(jwks);
     let health = background_service(
         "health",
         HealthTask {

@@ -17,10 +17,15 @@
 #[cfg(test)]
 mod tests;
 
+use crate::auth::{policy, AuthError};
+use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::headers::{self, AUDIT_PREFIX, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
+use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
+use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
+use fhir_gateway_modules::Identity;
+use serde_json::{json, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderValue, Method};
@@ -45,8 +50,17 @@ pub struct Ctx {
     rest: String,
     query: Option<Vec<u8>>,
     client_ip: Option<IpAddr>,
+    /// The client as audited: the peer, or the first untrusted hop of `X-Forwarded-For`
+    /// when the peer is a trusted proxy.
+    source: Option<String>,
+    identity: Option<Identity>,
+    /// `/metadata`: the CapabilityStatement gets its `rest[].security` set.
+    metadata: bool,
+    /// Whole-body buffer for responses the gateway transforms (not plain rewriting).
+    buffer: Option<Vec<u8>>,
     /// Public base this caller sees (depends on Host unless configured).
     public_base: Option<PublicBase>,
+    derived_base: Option<String>,
     service_auth: Option<HeaderValue>,
     attempts: u32,
     retry_delay: Option<Duration>,
@@ -55,6 +69,14 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// The error to render when a hook fails with one of ours.
     error: Option<GatewayError>,
+}
+
+/// How an admitted request continues.
+enum Admit {
+    /// Through Pingora, streaming.
+    Proxy,
+    /// The gateway read the body: it makes the upstream call itself.
+    Buffered(Bytes),
 }
 
 enum PublicBase {
@@ -162,7 +184,22 @@ impl FhirProxy {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<bool> {
-        let mut h = ResponseHeader::build(status, Some(4))?;
+        self.respond_with(session, ctx, status, content_type, body, None).await
+    }
+
+    async fn respond_with(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        status: u16,
+        content_type: &str,
+        body: Vec<u8>,
+        www_authenticate: Option<String>,
+    ) -> Result<bool> {
+        let mut h = ResponseHeader::build(status, Some(5))?;
+        if let Some(c) = www_authenticate {
+            h.insert_header(http::header::WWW_AUTHENTICATE, c)?;
+        }
         h.insert_header(http::header::CONTENT_TYPE, content_type)?;
         h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         h.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
@@ -186,9 +223,40 @@ impl FhirProxy {
     ) -> Result<bool> {
         let body = e.to_outcome(&ctx.correlation_id);
         let status = e.status();
+        let challenge = match &e {
+            GatewayError::Unauthorized(None) => Some(format!("Bearer realm=\"{}\"", self.gw.name)),
+            GatewayError::Unauthorized(Some(_)) => Some(format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\"",
+                self.gw.name
+            )),
+            _ => None,
+        };
         ctx.error = Some(e);
-        self.respond(session, ctx, status, "application/fhir+json", body)
+        self.respond_with(session, ctx, status, "application/fhir+json", body, challenge)
             .await
+    }
+
+    /// The client address to audit: the TCP peer, unless it is a trusted proxy, then the
+    /// right-most `X-Forwarded-For` hop that is not itself a trusted proxy.
+    fn audit_source(&self, session: &Session, peer: Option<IpAddr>) -> Option<String> {
+        let peer = peer?;
+        if !self.gw.is_trusted_proxy(peer) {
+            return Some(peer.to_string());
+        }
+        let hops: Vec<IpAddr> = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map_while(|h| h.trim().parse::<IpAddr>().ok())
+            .collect();
+        hops.into_iter()
+            .rev()
+            .find(|ip| !self.gw.is_trusted_proxy(*ip))
+            .or(Some(peer))
+            .map(|ip| ip.to_string())
     }
 
     /// Everything `request_filter` checks before the request may go upstream.
@@ -196,7 +264,7 @@ impl FhirProxy {
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-    ) -> std::result::Result<(), GatewayError> {
+    ) -> std::result::Result<Admit, GatewayError> {
         let gw = &self.gw;
         let req = session.req_header();
         let method = req.method.clone();
@@ -263,22 +331,280 @@ impl FhirProxy {
         if gw.public_base.is_none() {
             let base = self.derived_public_base(session, ctx.client_ip)?;
             ctx.public_base = Some(PublicBase::Derived(gw.rewriter.replacements(&base)));
+            ctx.derived_base = Some(base);
         } else {
             ctx.public_base = Some(PublicBase::Configured);
         }
         ctx.rest = rest;
         ctx.query = query;
 
-        // Caller authentication: `insecure_dev` is the only mode so far and admits everyone
-        // (it cannot be configured on a non-loopback listener).
+        // Anonymous by design: the CapabilityStatement (SMART apps read it before they have
+        // a token).
+        let anonymous = ctx.metadata;
+        let mut admit = Admit::Proxy;
+        if gw.auth_mode == AuthMode::Jwt && !anonymous {
+            let req = session.req_header();
+            let identity = gw
+                .auth
+                .authenticate(&req.headers, ctx.query.as_deref())
+                .await
+                .map_err(|e| match e {
+                    AuthError::Missing => GatewayError::Unauthorized(None),
+                    AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
+                    AuthError::Unavailable(why) => GatewayError::NotReady(why),
+                })?;
+            let query = ctx
+                .query
+                .as_deref()
+                .map(|q| String::from_utf8_lossy(q).into_owned())
+                .unwrap_or_default();
+            let request = classify(method.as_str(), &ctx.rest, &query)
+                .map_err(|e| GatewayError::BadRequest(format!("not a FHIR request: {e}")))?;
+            let scopes_alone = gw.smart.scopes_alone_suffice;
+            if request.interaction == Interaction::Bundle {
+                // A batch is authorised entry by entry, so its body must be read first.
+                let body = self.read_body(session).await?;
+                let bundle: Value = serde_json::from_slice(&body)
+                    .map_err(|e| GatewayError::BadRequest(format!("invalid JSON Bundle: {e}")))?;
+                let base = self.public_base_string(ctx);
+                let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
+                for (i, entry) in entries.iter().enumerate() {
+                    policy::authorize(&identity, entry, scopes_alone)
+                        .map_err(|rule| GatewayError::Forbidden(format!("{rule} (Bundle entry {i})")))?;
+                }
+                admit = Admit::Buffered(body);
+            } else {
+                policy::authorize(&identity, &request, scopes_alone).map_err(GatewayError::Forbidden)?;
+            }
+            ctx.identity = Some(identity);
+        }
 
         ctx.service_auth = gw.identity.authorization().await?;
 
-        if matches!(method, Method::PUT | Method::DELETE) {
+        if matches!(admit, Admit::Proxy) && matches!(method, Method::PUT | Method::DELETE) {
             // Keep up to 64 KiB of the body so a 429/503 can be retried.
             session.enable_retry_buffering();
         }
+        Ok(admit)
+    }
+
+    /// Reads the whole request body, within the limit.
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, GatewayError> {
+        let max = self.gw.limits.max_request_body_bytes;
+        let mut buf = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if (buf.len() + chunk.len()) as u64 > max {
+                        return Err(GatewayError::RequestTooLarge(max));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(Bytes::from(buf)),
+                Err(e) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "could not read the request body: {}",
+                        e.etype().as_str()
+                    )))
+                }
+            }
+        }
+    }
+
+    fn public_base_string(&self, ctx: &Ctx) -> String {
+        match (&self.gw.public_base, &ctx.derived_base) {
+            (Some((b, _)), _) => b.clone(),
+            (None, Some(b)) => b.clone(),
+            (None, None) => self.gw.prefix.clone(),
+        }
+    }
+
+    /// Audit headers for every upstream call made for this request.
+    fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, String)> {
+        let [user, upn, tenant, source, proxy] = &self.gw.audit;
+        let mut v = Vec::with_capacity(5);
+        if let Some(id) = &ctx.identity {
+            v.push((user.clone(), headers::sanitize_header_value(&id.user_id)));
+            if let Some(u) = &id.upn {
+                v.push((upn.clone(), headers::sanitize_header_value(u)));
+            }
+            if let Some(t) = &id.tenant {
+                v.push((tenant.clone(), headers::sanitize_header_value(t)));
+            }
+        }
+        if let Some(s) = &ctx.source {
+            v.push((source.clone(), s.clone()));
+        }
+        v.push((proxy.clone(), self.gw.name.clone()));
+        v
+    }
+
+    /// The request the gateway had to read itself (a batch, authorised entry by entry) goes
+    /// to the FHIR server through the gateway's own client; the response is rewritten whole.
+    async fn forward_buffered(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> std::result::Result<(), GatewayError> {
+        let gw = &self.gw;
+        let req = session.req_header();
+        let mut url = format!(
+            "{}://{}{}",
+            gw.upstream.base.scheme,
+            gw.upstream.base.authority(),
+            gw.upstream.path_for(&ctx.rest)
+        );
+        if let Some(q) = &ctx.query {
+            url.push('?');
+            url.push_str(&String::from_utf8_lossy(q));
+        }
+        let method = reqwest::Method::from_bytes(req.method.as_str().as_bytes())
+            .map_err(|_| GatewayError::BadRequest("method".into()))?;
+        let mut rb = gw.upstream_http.request(method, url).body(body);
+        for name in &gw.forward {
+            for v in req.headers.get_all(name) {
+                rb = rb.header(name, v);
+            }
+        }
+        if let Some(a) = &ctx.service_auth {
+            rb = rb.header(http::header::AUTHORIZATION, a.clone());
+        }
+        rb = rb.header(REQUEST_ID, ctx.correlation_id.as_str());
+        for (k, v) in self.audit_headers(ctx) {
+            rb = rb.header(k, v);
+        }
+        ctx.attempts += 1;
+        let mut resp = rb.send().await.map_err(|e| {
+            if e.is_timeout() {
+                GatewayError::UpstreamTimeout("no response in time".into())
+            } else if e.is_connect() {
+                GatewayError::UpstreamUnavailable("connection failed".into())
+            } else {
+                GatewayError::UpstreamUnavailable("request failed".into())
+            }
+        })?;
+        let status = resp.status().as_u16();
+        ctx.upstream_status = Some(status);
+        let cap = gw.limits.max_buffered_response_bytes;
+        let mut out = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            if e.is_timeout() {
+                GatewayError::UpstreamTimeout("response body too slow".into())
+            } else {
+                GatewayError::UpstreamUnavailable("response body broken off".into())
+            }
+        })? {
+            if out.len() + chunk.len() > cap {
+                return Err(GatewayError::ResponseTooLarge(cap));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        let to = self.replacements(ctx).cloned();
+        let mut h = ResponseHeader::build(status, Some(resp.headers().len() + 2))
+            .map_err(|_| GatewayError::Internal("response header".into()))?;
+        for (k, v) in resp.headers() {
+            if DROPPED_RESPONSE_HEADERS.contains(&k.as_str())
+                || k == http::header::CONTENT_LENGTH
+                || k == http::header::TRANSFER_ENCODING
+            {
+                continue;
+            }
+            let v = match to.as_ref().and_then(|to| gw.rewriter.rewrite_all(v.as_bytes(), to)) {
+                Some(new) => HeaderValue::from_bytes(&new).map_err(|_| GatewayError::Internal("header".into()))?,
+                None => v.clone(),
+            };
+            let _ = h.append_header(k.clone(), v);
+        }
+        let ct = resp.headers().get(http::header::CONTENT_TYPE).map(|v| v.as_bytes().to_vec());
+        if is_rewritable(ct.as_deref()) {
+            if let Some(new) = to.as_ref().and_then(|to| gw.rewriter.rewrite_all(&out, to)) {
+                out = new;
+            }
+        }
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, out.len().to_string());
+        let _ = h.insert_header(REQUEST_ID, ctx.correlation_id.as_str());
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|_| GatewayError::Internal("client went away".into()))?;
+        session
+            .write_response_body(Some(Bytes::from(out)), true)
+            .await
+            .map_err(|_| GatewayError::Internal("client went away".into()))?;
         Ok(())
+    }
+
+    /// `/.well-known/smart-configuration` from the IdP's discovery document.
+    fn smart_configuration(&self) -> std::result::Result<Vec<u8>, GatewayError> {
+        let gw = &self.gw;
+        let issuer = gw
+            .auth
+            .smart_issuer(gw.smart.issuer.as_deref())
+            .ok_or_else(|| GatewayError::NotFound("no OAuth issuer configured".into()))?;
+        let disc = issuer
+            .keys
+            .discovery
+            .read()
+            .expect("discovery lock")
+            .clone()
+            .ok_or_else(|| GatewayError::NotReady("the identity provider's discovery document is not loaded".into()))?;
+        let pick = |k: &str| disc.get(k).cloned().unwrap_or(Value::Null);
+        let mut doc = json!({
+            "issuer": pick("issuer"),
+            "jwks_uri": pick("jwks_uri"),
+            "authorization_endpoint": pick("authorization_endpoint"),
+            "token_endpoint": pick("token_endpoint"),
+            "token_endpoint_auth_methods_supported": pick("token_endpoint_auth_methods_supported"),
+            "grant_types_supported": pick("grant_types_supported"),
+            "scopes_supported": pick("scopes_supported"),
+            "response_types_supported": pick("response_types_supported"),
+            "code_challenge_methods_supported": ["S256"],
+            "capabilities": [
+                "launch-standalone", "client-public", "client-confidential-symmetric",
+                "context-standalone-patient", "permission-patient", "permission-user",
+                "permission-v1", "permission-v2"
+            ]
+        });
+        let obj = doc.as_object_mut().expect("object");
+        obj.retain(|_, v| !v.is_null());
+        for (k, v) in &gw.smart.configuration {
+            obj.insert(k.clone(), v.clone());
+        }
+        Ok(serde_json::to_vec(&doc).expect("serialises"))
+    }
+
+    /// Sets `rest[].security` of a CapabilityStatement to our OAuth endpoints.
+    fn secure_capability_statement(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let mut cs: Value = serde_json::from_slice(body).ok()?;
+        if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
+            return None;
+        }
+        let gw = &self.gw;
+        let disc = gw
+            .auth
+            .smart_issuer(gw.smart.issuer.as_deref())
+            .and_then(|i| i.keys.discovery.read().expect("discovery lock").clone());
+        let mut uris = Vec::new();
+        for (name, key) in [("token", "token_endpoint"), ("authorize", "authorization_endpoint")] {
+            if let Some(u) = disc.as_ref().and_then(|d| d.get(key)).and_then(Value::as_str) {
+                uris.push(json!({"url": name, "valueUri": u}));
+            }
+        }
+        let security = json!({
+            "cors": true,
+            "service": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR"
+            }]}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": uris
+            }]
+        });
+        if let Some(rest) = cs.get_mut("rest").and_then(Value::as_array_mut) {
+            for r in rest {
+                if let Some(o) = r.as_object_mut() {
+                    o.insert("security".into(), security.clone());
+                }
+            }
+        }
+        serde_json::to_vec(&cs).ok()
     }
 
     /// `scheme://host/prefix` as this caller addressed the gateway.
@@ -357,7 +683,12 @@ impl ProxyHttp for FhirProxy {
             rest: String::new(),
             query: None,
             client_ip: None,
+            source: None,
+            identity: None,
+            metadata: false,
+            buffer: None,
             public_base: None,
+            derived_base: None,
             service_auth: None,
             attempts: 0,
             retry_delay: None,
@@ -382,11 +713,18 @@ impl ProxyHttp for FhirProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.source = self.audit_source(session, ctx.client_ip);
         session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
 
         let path = session.req_header().uri.path().to_string();
         let prefix = &self.gw.prefix;
+        let probe_method = matches!(session.req_header().method, Method::GET | Method::HEAD);
         match path.as_str() {
+            "/healthz" | "/readyz" if !probe_method => {
+                return self
+                    .respond_error(session, ctx, GatewayError::MethodNotAllowed("health endpoints answer GET and HEAD".into()))
+                    .await
+            }
             "/healthz" => {
                 return self
                     .respond(
@@ -429,8 +767,27 @@ impl ProxyHttp for FhirProxy {
             }
         }
 
+        let rest = &path[prefix.len()..];
+        let get = matches!(session.req_header().method, Method::GET | Method::HEAD);
+        if rest == "/.well-known/smart-configuration" && get {
+            return match self.smart_configuration() {
+                Ok(body) => self.respond(session, ctx, 200, "application/json", body).await,
+                Err(e) => self.respond_error(session, ctx, e).await,
+            };
+        }
+        ctx.metadata = rest == "/metadata" && get;
+
         match self.admit(session, ctx).await {
-            Ok(()) => Ok(false),
+            Ok(Admit::Proxy) => Ok(false),
+            Ok(Admit::Buffered(body)) => match self.forward_buffered(session, ctx, body).await {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    if session.response_written().is_some() {
+                        return Err(ctx.fail(e));
+                    }
+                    self.respond_error(session, ctx, e).await
+                }
+            },
             Err(e) => self.respond_error(session, ctx, e).await,
         }
     }
@@ -491,10 +848,9 @@ impl ProxyHttp for FhirProxy {
             up.insert_header(http::header::AUTHORIZATION, a.clone())?;
         }
         up.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
-        if let Some(ip) = ctx.client_ip {
-            up.insert_header(format!("{AUDIT_PREFIX}source"), ip.to_string())?;
+        for (k, v) in self.audit_headers(ctx) {
+            up.insert_header(k, v)?;
         }
-        up.insert_header(format!("{AUDIT_PREFIX}proxy"), gw.name.as_str())?;
         *upstream_request = up;
         Ok(())
     }
@@ -602,7 +958,15 @@ impl ProxyHttp for FhirProxy {
                     )?;
                 }
             }
-            ctx.rewrite = Some(StreamRewrite::default());
+            let json = ct.as_deref().is_some_and(|c| {
+                let c = c.to_ascii_lowercase();
+                memchr::memmem::find(&c, b"json").is_some()
+            });
+            if ctx.metadata && json && status == 200 {
+                ctx.buffer = Some(Vec::new());
+            } else {
+                ctx.rewrite = Some(StreamRewrite::default());
+            }
         }
         Ok(())
     }
@@ -619,6 +983,27 @@ impl ProxyHttp for FhirProxy {
             return Err(ctx.fail(GatewayError::UpstreamTimeout(
                 "response exceeded the total timeout".into(),
             )));
+        }
+        if let Some(buf) = ctx.buffer.as_mut() {
+            if let Some(chunk) = body.take() {
+                let cap = self.gw.limits.max_buffered_response_bytes;
+                if buf.len() + chunk.len() > cap {
+                    return Err(ctx.fail(GatewayError::ResponseTooLarge(cap)));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            if end_of_stream {
+                let whole = ctx.buffer.take().unwrap_or_default();
+                let transformed = self.secure_capability_statement(&whole).unwrap_or(whole);
+                let out = match self.replacements(ctx) {
+                    Some(to) => self.gw.rewriter.rewrite_all(&transformed, to).unwrap_or(transformed),
+                    None => transformed,
+                };
+                *body = Some(Bytes::from(out));
+            } else {
+                *body = Some(Bytes::new());
+            }
+            return Ok(None);
         }
         if ctx.rewrite.is_none() {
             return Ok(None);

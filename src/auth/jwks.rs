@@ -1,0 +1,176 @@
+//! Signing keys of one issuer: discovery, JWKS fetch, cache, rate-limited refetch.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use log::{info, warn};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFamily {
+    Rsa,
+    Ec,
+    Other,
+}
+
+pub struct Key {
+    pub key: DecodingKey,
+    /// `alg` the JWK pins, if it does.
+    pub alg: Option<Algorithm>,
+    pub family: KeyFamily,
+}
+
+pub fn family_of(alg: Algorithm) -> KeyFamily {
+    use Algorithm::*;
+    match alg {
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => KeyFamily::Rsa,
+        ES256 | ES384 => KeyFamily::Ec,
+        _ => KeyFamily::Other,
+    }
+}
+
+pub struct KeyStore {
+    discovery_url: Option<String>,
+    configured_jwks_url: Option<String>,
+    jwks_url: RwLock<Option<String>>,
+    /// The discovery document, for the SMART endpoints.
+    pub discovery: RwLock<Option<Value>>,
+    keys: RwLock<Arc<HashMap<String, Arc<Key>>>>,
+    loaded: AtomicBool,
+    last_fetch: Mutex<Option<Instant>>,
+    fetch_lock: tokio::sync::Mutex<()>,
+    min_refetch: Duration,
+}
+
+impl KeyStore {
+    pub fn new(
+        discovery_url: Option<String>,
+        jwks_url: Option<String>,
+        min_refetch: Duration,
+    ) -> KeyStore {
+        KeyStore {
+            discovery_url,
+            jwks_url: RwLock::new(jwks_url.clone()),
+            configured_jwks_url: jwks_url,
+            discovery: RwLock::new(None),
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            loaded: AtomicBool::new(false),
+            last_fetch: Mutex::new(None),
+            fetch_lock: tokio::sync::Mutex::new(()),
+            min_refetch,
+        }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    pub fn uses_keys(&self) -> bool {
+        self.discovery_url.is_some() || self.configured_jwks_url.is_some()
+    }
+
+    pub fn get(&self, kid: Option<&str>, family: KeyFamily) -> Option<Arc<Key>> {
+        let keys = self.keys.read().expect("keys lock").clone();
+        match kid {
+            Some(k) => keys.get(k).cloned(),
+            // No kid: acceptable only when exactly one key of the right family exists.
+            None => {
+                let mut it = keys.values().filter(|k| k.family == family);
+                match (it.next(), it.next()) {
+                    (Some(k), None) => Some(k.clone()),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Refetch for an unknown `kid`, at most once per `min_refetch`. Returns whether a fetch
+    /// happened and succeeded.
+    pub async fn refetch_for_unknown_kid(&self, http: &reqwest::Client) -> bool {
+        {
+            let last = self.last_fetch.lock().expect("fetch time lock");
+            if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+                return false;
+            }
+        }
+        let _g = self.fetch_lock.lock().await;
+        {
+            let last = self.last_fetch.lock().expect("fetch time lock");
+            if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+                // Someone else just fetched while we waited.
+                return true;
+            }
+        }
+        self.fetch(http).await.is_ok()
+    }
+
+    /// Discovery (when configured) and JWKS; replaces the key set on success. Old keys are
+    /// dropped: a key removed at the IdP stops being accepted.
+    pub async fn fetch(&self, http: &reqwest::Client) -> Result<usize, String> {
+        *self.last_fetch.lock().expect("fetch time lock") = Some(Instant::now());
+        if let Some(d) = &self.discovery_url {
+            match get_json(http, d).await {
+                Ok(doc) => {
+                    if self.configured_jwks_url.is_none() {
+                        let uri = doc
+                            .get("jwks_uri")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| format!("{d}: no jwks_uri"))?;
+                        *self.jwks_url.write().expect("url lock") = Some(uri.to_string());
+                    }
+                    *self.discovery.write().expect("discovery lock") = Some(doc);
+                }
+                Err(e) if self.configured_jwks_url.is_none() => return Err(e),
+                Err(e) => warn!("discovery {d}: {e}"),
+            }
+        }
+        let Some(url) = self.jwks_url.read().expect("url lock").clone() else {
+            return Err("no JWKS URL".into());
+        };
+        let doc = get_json(http, &url).await?;
+        let set: JwkSet =
+            serde_json::from_value(doc).map_err(|e| format!("{url}: not a JWK set: {e}"))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let family = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
+                // Symmetric or exotic keys published in a JWKS are never trusted.
+                _ => continue,
+            };
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            let kid = jwk.common.key_id.clone().unwrap_or_default();
+            keys.insert(kid, Arc::new(Key { key, alg, family }));
+        }
+        if keys.is_empty() {
+            return Err(format!("{url}: no usable signing key"));
+        }
+        let n = keys.len();
+        *self.keys.write().expect("keys lock") = Arc::new(keys);
+        if !self.loaded.swap(true, Ordering::Relaxed) {
+            info!("signing keys loaded from {url} ({n} key(s))");
+        }
+        Ok(n)
+    }
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let r = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("{url}: HTTP {}", r.status()));
+    }
+    r.json().await.map_err(|e| format!("{url}: {e}"))
+}

@@ -1,0 +1,398 @@
+//! Caller authentication: bearer JWTs from trusted issuers, validated by the gateway itself.
+//!
+//! Fails closed: a missing or malformed header, an untrusted issuer, an algorithm outside the
+//! issuer's list, an unknown key, a bad signature, `exp`/`nbf`/`aud`/tenant mismatches, a
+//! missing user id — all deny. An issuer whose keys never loaded denies with 503.
+
+pub mod jwks;
+pub mod policy;
+#[cfg(test)]
+mod tests;
+
+use crate::config::{AuthConfig, AuthMode, ClaimNames, IssuerConfig, JwksConfig, RoleValues};
+use fhir_gateway_modules::{Identity, Role};
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jwks::{family_of, KeyFamily, KeyStore};
+use log::warn;
+use serde_json::Value;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest bearer token accepted.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// No credentials: 401 without an error code.
+    Missing,
+    /// 401 `invalid_token`.
+    Invalid(String),
+    /// 503: keys unavailable, cannot decide (and so deny).
+    Unavailable(String),
+}
+
+pub struct Issuer {
+    pub name: String,
+    iss: Vec<String>,
+    audiences: Vec<String>,
+    tenants: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    secret: Option<DecodingKey>,
+    claims: ClaimNames,
+    roles: RoleValues,
+    pub keys: KeyStore,
+}
+
+pub struct Authenticator {
+    pub mode: AuthMode,
+    pub issuers: Vec<Issuer>,
+    skew: u64,
+    offload: Option<(http::HeaderName, Vec<u8>)>,
+    pub jwks: JwksConfig,
+    pub http: reqwest::Client,
+}
+
+const ASYMMETRIC: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+impl Issuer {
+    fn new(cfg: &IssuerConfig, jwks: &JwksConfig) -> Result<Issuer, String> {
+        let algorithms = match &cfg.algorithms {
+            Some(list) => list
+                .iter()
+                .map(|a| a.parse::<Algorithm>().map_err(|_| format!("algorithm {a}")))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => ASYMMETRIC.to_vec(),
+        };
+        let mut algorithms: Vec<Algorithm> = algorithms
+            .into_iter()
+            .filter(|a| ASYMMETRIC.contains(a) || cfg.shared_secret.is_some())
+            .collect();
+        if cfg.shared_secret.is_some() && cfg.algorithms.is_none() {
+            algorithms.push(Algorithm::HS256);
+        }
+        Ok(Issuer {
+            name: cfg.name.clone(),
+            iss: cfg.issuer.to_vec(),
+            audiences: cfg.audiences.clone(),
+            tenants: cfg.allowed_tenants.clone(),
+            algorithms,
+            secret: cfg
+                .shared_secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+            claims: cfg.claims.clone(),
+            roles: cfg.roles.clone(),
+            keys: KeyStore::new(
+                cfg.discovery_url.clone(),
+                cfg.jwks_url.clone(),
+                Duration::from_secs(jwks.min_refetch_secs),
+            ),
+        })
+    }
+
+    fn identity(&self, claims: &Value) -> Result<Identity, AuthError> {
+        let c = &self.claims;
+        let first = |names: &[String]| -> Option<String> {
+            names.iter().find_map(|n| {
+                claims
+                    .get(n)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            })
+        };
+        let user_id = first(&c.user_id)
+            .ok_or_else(|| AuthError::Invalid(format!("token has none of the user id claims {:?}", c.user_id)))?;
+        let tenant = claims
+            .get(&c.tenant)
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if !self.tenants.is_empty() && !tenant.as_ref().is_some_and(|t| self.tenants.contains(t)) {
+            return Err(AuthError::Invalid(format!(
+                "tenant {} is not allowed for issuer {}",
+                tenant.as_deref().unwrap_or("(none)"),
+                self.name
+            )));
+        }
+        let role_values: Vec<String> = match claims.get(&c.roles) {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        let r = &self.roles;
+        let roles = Role::ALL
+            .into_iter()
+            .filter(|role| {
+                let values = match role {
+                    Role::Administrator => &r.administrator,
+                    Role::Reader => &r.reader,
+                    Role::Writer => &r.writer,
+                    Role::Patient => &r.patient,
+                    Role::Practitioner => &r.practitioner,
+                    Role::RelatedPerson => &r.related_person,
+                    Role::DataScientist => &r.data_scientist,
+                };
+                values.iter().any(|v| role_values.contains(v))
+            })
+            .collect();
+        let scopes = c
+            .scopes
+            .iter()
+            .find_map(|n| match claims.get(n) {
+                Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_string).collect()),
+                Some(Value::Array(a)) => Some(
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok(Identity {
+            issuer: self.name.clone(),
+            user_id,
+            tenant,
+            upn: first(&c.upn),
+            roles,
+            scopes,
+            fhir_user: first(std::slice::from_ref(&c.fhir_user)),
+            patient: first(std::slice::from_ref(&c.patient)),
+            client_id: first(&c.client_id),
+        })
+    }
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig, http: reqwest::Client) -> Result<Authenticator, String> {
+        Ok(Authenticator {
+            mode: cfg.mode,
+            issuers: cfg
+                .issuers
+                .iter()
+                .map(|i| Issuer::new(i, &cfg.jwks))
+                .collect::<Result<_, _>>()?,
+            skew: cfg.clock_skew_secs,
+            offload: cfg.offload.as_ref().map(|o| {
+                (
+                    http::HeaderName::from_bytes(o.header.as_bytes()).expect("validated"),
+                    o.secret.as_bytes().to_vec(),
+                )
+            }),
+            jwks: cfg.jwks,
+            http,
+        })
+    }
+
+    /// Every issuer that verifies with published keys has loaded them at least once.
+    pub fn is_ready(&self) -> bool {
+        self.issuers
+            .iter()
+            .all(|i| !i.keys.uses_keys() || i.keys.is_loaded())
+    }
+
+    /// One refresh round for the background task: issuers never loaded are retried, others
+    /// refreshed when `due`.
+    pub async fn refresh(&self, due: bool) {
+        for i in &self.issuers {
+            if i.keys.uses_keys() && (due || !i.keys.is_loaded()) {
+                if let Err(e) = i.keys.fetch(&self.http).await {
+                    warn!("issuer {}: signing keys not refreshed: {e}", i.name);
+                }
+            }
+        }
+    }
+
+    /// Validates the caller's bearer token and returns who they are.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&[u8]>,
+    ) -> Result<Identity, AuthError> {
+        if let Some(q) = query {
+            let has_token = q.split(|&b| b == b'&').any(|p| {
+                let k = p.split(|&b| b == b'=').next().unwrap_or(&[]);
+                k.eq_ignore_ascii_case(b"access_token")
+            });
+            if has_token {
+                return Err(AuthError::Invalid(
+                    "tokens in the query string are not accepted".into(),
+                ));
+            }
+        }
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let value = match (values.next(), values.next()) {
+            (None, _) => return Err(AuthError::Missing),
+            (Some(v), None) => v.as_bytes(),
+            (Some(_), Some(_)) => {
+                return Err(AuthError::Invalid("more than one Authorization header".into()))
+            }
+        };
+        let token = value
+            .strip_prefix(b"Bearer ")
+            .ok_or_else(|| AuthError::Invalid("Authorization must be 'Bearer <token>'".into()))?;
+        if token.is_empty() {
+            return Err(AuthError::Invalid("empty bearer token".into()));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Invalid("bearer token too long".into()));
+        }
+        if !token
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+        {
+            return Err(AuthError::Invalid("bearer token is not a compact JWT".into()));
+        }
+        let token = std::str::from_utf8(token).expect("checked ASCII");
+        if let Some((name, secret)) = &self.offload {
+            let proof = headers.get(name).map(|v| v.as_bytes()).unwrap_or_default();
+            if !constant_time_eq(proof, secret) {
+                return Err(AuthError::Invalid(
+                    "request did not come through the trusted front gateway".into(),
+                ));
+            }
+            return self.offloaded(token);
+        }
+        self.verify(token).await
+    }
+
+    fn issuer_of(&self, token: &str) -> Result<(&Issuer, String), AuthError> {
+        let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|_| AuthError::Invalid("malformed token".into()))?;
+        let iss = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or_else(|| AuthError::Invalid("token has no iss".into()))?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.iss.iter().any(|x| x == iss))
+            .ok_or_else(|| AuthError::Invalid(format!("untrusted issuer {iss:?}")))?;
+        Ok((issuer, iss.to_string()))
+    }
+
+    async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token header".into()))?;
+        let (issuer, iss) = self.issuer_of(token)?;
+        let alg = header.alg;
+        if !issuer.algorithms.contains(&alg) {
+            return Err(AuthError::Invalid(format!(
+                "algorithm {alg:?} not accepted for issuer {}",
+                issuer.name
+            )));
+        }
+        let key: DecodingKey = if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+            issuer
+                .secret
+                .clone()
+                .ok_or_else(|| AuthError::Invalid("symmetric algorithm not accepted".into()))?
+        } else {
+            if !issuer.keys.is_loaded() {
+                // Try once now (start-up race, or the IdP was down); still nothing → 503.
+                issuer.keys.refetch_for_unknown_kid(&self.http).await;
+                if !issuer.keys.is_loaded() {
+                    return Err(AuthError::Unavailable(format!(
+                        "signing keys of issuer {} are unavailable",
+                        issuer.name
+                    )));
+                }
+            }
+            let family = family_of(alg);
+            let kid = header.kid.as_deref();
+            let k = match issuer.keys.get(kid, family) {
+                Some(k) => k,
+                None => {
+                    // Keys may have rotated at the IdP: refetch (rate-limited) and retry.
+                    issuer.keys.refetch_for_unknown_kid(&self.http).await;
+                    issuer.keys.get(kid, family).ok_or_else(|| {
+                        AuthError::Invalid(format!("unknown signing key {:?}", kid.unwrap_or("")))
+                    })?
+                }
+            };
+            if k.family != family || k.family == KeyFamily::Other || k.alg.is_some_and(|a| a != alg) {
+                return Err(AuthError::Invalid("key does not match the token algorithm".into()));
+            }
+            k.key.clone()
+        };
+        let mut v = Validation::new(alg);
+        v.leeway = self.skew;
+        v.validate_nbf = true;
+        v.set_issuer(&[iss]);
+        v.set_audience(&issuer.audiences);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Value>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            AuthError::Invalid(
+                match e.kind() {
+                    ExpiredSignature => "token expired",
+                    ImmatureSignature => "token not yet valid",
+                    InvalidAudience => "token audience not accepted",
+                    InvalidIssuer => "token issuer not accepted",
+                    InvalidSignature => "token signature invalid",
+                    MissingRequiredClaim(_) => "token lacks exp, iss or aud",
+                    _ => "token invalid",
+                }
+                .into(),
+            )
+        })?;
+        issuer.identity(&data.claims)
+    }
+
+    /// Auth offload: the front gateway verified the signature; we still check what we can.
+    fn offloaded(&self, token: &str) -> Result<Identity, AuthError> {
+        let (issuer, _) = self.issuer_of(token)?;
+        let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|_| AuthError::Invalid("malformed token".into()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        if !exp.is_some_and(|e| e + self.skew >= now) {
+            return Err(AuthError::Invalid("token expired".into()));
+        }
+        if claims
+            .get("nbf")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > now + self.skew)
+        {
+            return Err(AuthError::Invalid("token not yet valid".into()));
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => issuer.audiences.iter().any(|x| x == a),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|x| issuer.audiences.iter().any(|y| y == x)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(AuthError::Invalid("token audience not accepted".into()));
+        }
+        issuer.identity(&claims)
+    }
+
+    /// The issuer whose endpoints SMART documents advertise.
+    pub fn smart_issuer(&self, name: Option<&str>) -> Option<&Issuer> {
+        match name {
+            Some(n) => self.issuers.iter().find(|i| i.name == n),
+            None => self.issuers.first(),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
