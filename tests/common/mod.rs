@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod idp;
+
 pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
 pub const SEKMET_AUTH: &str = "http://127.0.0.1:8091/fhir";
 pub const SEKMET_AUTH_TOKEN: &str = "upstream-static-token-123";
