@@ -1,0 +1,187 @@
+//! Signing keys over time (pitfall 2): the JWKS endpoint down at start → deny, then recover;
+//! key rotation at a real IdP picked up without restarting the gateway.
+//!
+//! Runs its own OIDC provider instance (same package and script as the shared one) so that
+//! rotating its key cannot disturb other tests.
+
+mod common;
+
+use common::idp::*;
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct OwnIdp {
+    child: Child,
+    port: u16,
+    keys: PathBuf,
+}
+
+use std::path::PathBuf;
+
+impl OwnIdp {
+    async fn start(port: u16, keys: PathBuf) -> OwnIdp {
+        let dir = peers_dir_pub().join("oidc");
+        assert!(
+            dir.join("node_modules/oidc-provider").exists(),
+            "run scripts/peers.sh install"
+        );
+        let child = Command::new("node")
+            .arg("idp.mjs")
+            .current_dir(&dir)
+            .env("PORT", port.to_string())
+            .env("ISSUER", format!("http://127.0.0.1:{port}"))
+            .env("KEYS_FILE", &keys)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node");
+        let idp = OwnIdp { child, port, keys };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client()
+            .get(format!("{}/.well-known/openid-configuration", idp.url()))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "own IdP did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        idp
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnIdp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn status_with(gw: &Gateway, token: &str) -> u16 {
+    client()
+        .get(format!("{}/Patient?_count=1", gw.base()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let port = free_port();
+    let keys = std::env::temp_dir().join(format!("fgw-rot-{}-{port}.json", std::process::id()));
+    let _ = std::fs::remove_file(&keys);
+    let mut idp = OwnIdp::start(port, keys.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\n{}",
+        sekmet_url(),
+        jwt_auth_yaml(&idp.url())
+    ))
+    .await;
+    wait_ready(&gw).await;
+
+    let old = token_from(&idp.url(), "reader-app", None, None).await;
+    assert_eq!(status_with(&gw, &old).await, 200);
+    let old_kid = jwsonheader_kid(&old);
+
+    // Rotate: the IdP restarts with a new key (the old one is gone from its JWKS).
+    idp.stop();
+    std::fs::remove_file(&idp.keys).unwrap();
+    let idp = OwnIdp::start(port, keys.clone()).await;
+    let new = token_from(&idp.url(), "reader-app", None, None).await;
+    assert_ne!(jwsonheader_kid(&new), old_kid, "the IdP rotated its key");
+    // Unknown kid → the gateway refetches the JWKS (rate-limited to 1 s here) and accepts it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        status_with(&gw, &new).await,
+        200,
+        "new key accepted without restart:\n{}",
+        gw.log()
+    );
+    // The old key left the JWKS, so tokens signed with it no longer pass.
+    assert_eq!(status_with(&gw, &old).await, 401);
+    let _ = std::fs::remove_file(&keys);
+}
+
+fn jwsonheader_kid(token: &str) -> String {
+    let h: serde_json::Value =
+        serde_json::from_slice(&unb64(token.split('.').next().unwrap())).unwrap();
+    h["kid"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_down_at_start_denies_then_recovers() {
+    require_peer(&format!("{IDP}/.well-known/openid-configuration")).await;
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    // The real IdP's JWKS, served through a switch the test controls.
+    let real_jwks = client()
+        .get(format!("{IDP}/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let up = Arc::new(AtomicBool::new(false));
+    let up2 = up.clone();
+    let jwks = ScriptedUpstream::start(move |_, _| {
+        if up2.load(Ordering::SeqCst) {
+            Reply::Full {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/json".into())],
+                body: real_jwks.clone().into_bytes(),
+            }
+        } else {
+            Reply::Close
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: jwt\n  jwks:\n    min_refetch_secs: 1\n    retry_secs: 1\n  issuers:\n    - name: hospital\n      issuer: {IDP}\n      jwks_url: http://{}/jwks\n      audiences: [\"{AUDIENCE}\"]\n",
+        sekmet_url(),
+        jwks.addr
+    ))
+    .await;
+    let t = token("reader-app").await;
+    // Keys unavailable: deny (503, never a pass), and not ready.
+    let r = client()
+        .get(format!("{}/Patient?_count=1", gw.base()))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    let v = assert_outcome(r, 503, "transient").await;
+    assert!(
+        v["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("signing keys"),
+        "{v}"
+    );
+    let r = client().get(gw.url("/readyz")).send().await.unwrap();
+    assert_outcome(r, 503, "transient").await;
+
+    // The endpoint comes back: the background retry loads the keys, requests pass.
+    up.store(true, Ordering::SeqCst);
+    wait_ready(&gw).await;
+    assert_eq!(status_with(&gw, &t).await, 200);
+
+    // Down again at refresh time: keys already loaded stay in use.
+    up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status_with(&gw, &t).await, 200);
+}
