@@ -92,7 +92,9 @@ impl fmt::Display for GatewayError {
             BadRequest(m) | NotFound(m) | MethodNotAllowed(m) | UnsupportedMediaType(m) => {
                 f.write_str(m)
             }
-            Unauthorized(None) => f.write_str("authentication required: send 'Authorization: Bearer <token>'"),
+            Unauthorized(None) => {
+                f.write_str("authentication required: send 'Authorization: Bearer <token>'")
+            }
             Unauthorized(Some(why)) => write!(f, "invalid token: {why}"),
             Forbidden(rule) => write!(f, "forbidden by {rule}"),
             RequestTooLarge(max) => write!(f, "request body larger than {max} bytes"),

@@ -59,14 +59,18 @@ impl Gateway {
             .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &cfg.upstream.tls.ca_file {
             let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca}: {e}"))? {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca}: {e}"))?
+            {
                 ub = ub.add_root_certificate(cert);
             }
         }
         if !cfg.upstream.tls.verify {
             ub = ub.danger_accept_invalid_certs(true);
         }
-        let upstream_http = ub.build().map_err(|e| format!("upstream HTTP client: {e}"))?;
+        let upstream_http = ub
+            .build()
+            .map_err(|e| format!("upstream HTTP client: {e}"))?;
         let auth_cfg = cfg.auth.as_ref().ok_or("auth: required")?;
         let auth = Authenticator::new(
             auth_cfg,
@@ -77,7 +81,13 @@ impl Gateway {
         )?;
         let a = &auth_cfg.audit_headers;
         let hn = |s: &str| HeaderName::from_bytes(s.as_bytes()).map_err(|e| format!("{s}: {e}"));
-        let audit = [hn(&a.user_id)?, hn(&a.upn)?, hn(&a.tenant)?, hn(&a.source)?, hn(&a.proxy)?];
+        let audit = [
+            hn(&a.user_id)?,
+            hn(&a.upn)?,
+            hn(&a.tenant)?,
+            hn(&a.source)?,
+            hn(&a.proxy)?,
+        ];
         let rewriter = Rewriter::new(&upstream.base.spellings());
         let public_base = match &cfg.public_base_url {
             Some(p) => {

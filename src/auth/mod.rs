@@ -110,8 +110,12 @@ impl Issuer {
                     .map(str::to_string)
             })
         };
-        let user_id = first(&c.user_id)
-            .ok_or_else(|| AuthError::Invalid(format!("token has none of the user id claims {:?}", c.user_id)))?;
+        let user_id = first(&c.user_id).ok_or_else(|| {
+            AuthError::Invalid(format!(
+                "token has none of the user id claims {:?}",
+                c.user_id
+            ))
+        })?;
         let tenant = claims
             .get(&c.tenant)
             .and_then(Value::as_str)
@@ -124,7 +128,11 @@ impl Issuer {
             )));
         }
         let role_values: Vec<String> = match claims.get(&c.roles) {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
             Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
             _ => Vec::new(),
         };
@@ -234,7 +242,9 @@ impl Authenticator {
             (None, _) => return Err(AuthError::Missing),
             (Some(v), None) => v.as_bytes(),
             (Some(_), Some(_)) => {
-                return Err(AuthError::Invalid("more than one Authorization header".into()))
+                return Err(AuthError::Invalid(
+                    "more than one Authorization header".into(),
+                ))
             }
         };
         let token = value
@@ -250,7 +260,9 @@ impl Authenticator {
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
         {
-            return Err(AuthError::Invalid("bearer token is not a compact JWT".into()));
+            return Err(AuthError::Invalid(
+                "bearer token is not a compact JWT".into(),
+            ));
         }
         let token = std::str::from_utf8(token).expect("checked ASCII");
         if let Some((name, secret)) = &self.offload {
@@ -291,39 +303,48 @@ impl Authenticator {
                 issuer.name
             )));
         }
-        let key: DecodingKey = if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-            issuer
-                .secret
-                .clone()
-                .ok_or_else(|| AuthError::Invalid("symmetric algorithm not accepted".into()))?
-        } else {
-            if !issuer.keys.is_loaded() {
-                // Try once now (start-up race, or the IdP was down); still nothing → 503.
-                issuer.keys.refetch_for_unknown_kid(&self.http).await;
+        let key: DecodingKey =
+            if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                issuer
+                    .secret
+                    .clone()
+                    .ok_or_else(|| AuthError::Invalid("symmetric algorithm not accepted".into()))?
+            } else {
                 if !issuer.keys.is_loaded() {
-                    return Err(AuthError::Unavailable(format!(
-                        "signing keys of issuer {} are unavailable",
-                        issuer.name
-                    )));
-                }
-            }
-            let family = family_of(alg);
-            let kid = header.kid.as_deref();
-            let k = match issuer.keys.get(kid, family) {
-                Some(k) => k,
-                None => {
-                    // Keys may have rotated at the IdP: refetch (rate-limited) and retry.
+                    // Try once now (start-up race, or the IdP was down); still nothing → 503.
                     issuer.keys.refetch_for_unknown_kid(&self.http).await;
-                    issuer.keys.get(kid, family).ok_or_else(|| {
-                        AuthError::Invalid(format!("unknown signing key {:?}", kid.unwrap_or("")))
-                    })?
+                    if !issuer.keys.is_loaded() {
+                        return Err(AuthError::Unavailable(format!(
+                            "signing keys of issuer {} are unavailable",
+                            issuer.name
+                        )));
+                    }
                 }
+                let family = family_of(alg);
+                let kid = header.kid.as_deref();
+                let k = match issuer.keys.get(kid, family) {
+                    Some(k) => k,
+                    None => {
+                        // Keys may have rotated at the IdP: refetch (rate-limited) and retry.
+                        issuer.keys.refetch_for_unknown_kid(&self.http).await;
+                        issuer.keys.get(kid, family).ok_or_else(|| {
+                            AuthError::Invalid(format!(
+                                "unknown signing key {:?}",
+                                kid.unwrap_or("")
+                            ))
+                        })?
+                    }
+                };
+                if k.family != family
+                    || k.family == KeyFamily::Other
+                    || k.alg.is_some_and(|a| a != alg)
+                {
+                    return Err(AuthError::Invalid(
+                        "key does not match the token algorithm".into(),
+                    ));
+                }
+                k.key.clone()
             };
-            if k.family != family || k.family == KeyFamily::Other || k.alg.is_some_and(|a| a != alg) {
-                return Err(AuthError::Invalid("key does not match the token algorithm".into()));
-            }
-            k.key.clone()
-        };
         let mut v = Validation::new(alg);
         v.leeway = self.skew;
         v.validate_nbf = true;

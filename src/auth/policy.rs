@@ -14,7 +14,11 @@ use fhir_gateway_modules::{Identity, Role};
 /// Why a request was refused: the rule that failed, for the 403 diagnostics.
 pub type Denied = String;
 
-pub fn authorize(id: &Identity, req: &FhirRequest, scopes_alone_suffice: bool) -> Result<(), Denied> {
+pub fn authorize(
+    id: &Identity,
+    req: &FhirRequest,
+    scopes_alone_suffice: bool,
+) -> Result<(), Denied> {
     let role_ok = if req.is_read {
         id.has(Role::Reader) || id.has(Role::Administrator)
     } else {
@@ -22,7 +26,10 @@ pub fn authorize(id: &Identity, req: &FhirRequest, scopes_alone_suffice: bool) -
     };
     let role_rule = || {
         if req.is_read {
-            format!("role: reading ({}) needs Reader or Administrator", describe(req))
+            format!(
+                "role: reading ({}) needs Reader or Administrator",
+                describe(req)
+            )
         } else {
             format!("role: {} needs Writer or Administrator", describe(req))
         }
@@ -37,7 +44,10 @@ pub fn authorize(id: &Identity, req: &FhirRequest, scopes_alone_suffice: bool) -
     let mut patient_only = false;
     for need in &req.needs {
         let contexts_per_type: Vec<(String, Vec<ScopeContext>)> = match &need.types {
-            Types::All => vec![("*".to_string(), scopes.granting_contexts_all_types(need.perm))],
+            Types::All => vec![(
+                "*".to_string(),
+                scopes.granting_contexts_all_types(need.perm),
+            )],
             Types::Some(types) => types
                 .iter()
                 .map(|t| (t.clone(), scopes.granting_contexts(t, need.perm)))
@@ -48,7 +58,11 @@ pub fn authorize(id: &Identity, req: &FhirRequest, scopes_alone_suffice: bool) -
                 return Err(format!(
                     "scope: no scope grants '{}' on {} (needed by {})",
                     need.perm.letter(),
-                    if t == "*" { "every resource type".to_string() } else { t },
+                    if t == "*" {
+                        "every resource type".to_string()
+                    } else {
+                        t
+                    },
                     describe(req)
                 ));
             }
@@ -93,7 +107,11 @@ fn within_patient(req: &FhirRequest, pid: &str) -> Result<(), Denied> {
         return Err("scope: _include, _revinclude, _has and chained parameters are not allowed with patient/ scopes".into());
     }
     if let Some((ty, cid)) = &req.compartment {
-        return if ty == "Patient" && cid == pid { Ok(()) } else { outside() };
+        return if ty == "Patient" && cid == pid {
+            Ok(())
+        } else {
+            outside()
+        };
     }
     let ty = req.resource_type.as_deref().unwrap_or("");
     match &req.interaction {
@@ -157,13 +175,24 @@ mod tests {
         let writer = who(&[Role::Writer], &[]);
         let admin = who(&[Role::Administrator], &[]);
         let none = who(&[Role::DataScientist], &[]);
-        for (m, p) in [("GET", "/Patient/1"), ("GET", "/Patient"), ("POST", "/Patient/_search"), ("HEAD", "/Patient/1")] {
+        for (m, p) in [
+            ("GET", "/Patient/1"),
+            ("GET", "/Patient"),
+            ("POST", "/Patient/_search"),
+            ("HEAD", "/Patient/1"),
+        ] {
             assert!(ok(&reader, m, p, ""), "{m} {p}");
             assert!(!ok(&writer, m, p, ""), "{m} {p}");
             assert!(ok(&admin, m, p, ""));
             assert!(!ok(&none, m, p, ""));
         }
-        for (m, p) in [("POST", "/Patient"), ("PUT", "/Patient/1"), ("PATCH", "/Patient/1"), ("DELETE", "/Patient/1"), ("POST", "/Patient/$validate")] {
+        for (m, p) in [
+            ("POST", "/Patient"),
+            ("PUT", "/Patient/1"),
+            ("PATCH", "/Patient/1"),
+            ("DELETE", "/Patient/1"),
+            ("POST", "/Patient/$validate"),
+        ] {
             assert!(!ok(&reader, m, p, ""), "{m} {p}");
             assert!(ok(&writer, m, p, ""), "{m} {p}");
             assert!(ok(&admin, m, p, ""));
@@ -185,9 +214,22 @@ mod tests {
         assert!(authorize(&no_role, &classify("GET", "/Patient/1", "").unwrap(), true).is_ok());
         // Includes need scopes on the included types too.
         let obs = who(&[Role::Reader], &["user/Observation.rs"]);
-        assert!(!ok(&obs, "GET", "/Observation", "_revinclude=Provenance:target"));
-        assert!(!ok(&obs, "GET", "/Observation", "_include=Observation:subject"));
-        assert!(!ok(&obs, "GET", "", "name=x"), "system search needs a wildcard");
+        assert!(!ok(
+            &obs,
+            "GET",
+            "/Observation",
+            "_revinclude=Provenance:target"
+        ));
+        assert!(!ok(
+            &obs,
+            "GET",
+            "/Observation",
+            "_include=Observation:subject"
+        ));
+        assert!(
+            !ok(&obs, "GET", "", "name=x"),
+            "system search needs a wildcard"
+        );
     }
 
     #[test]
@@ -197,17 +239,31 @@ mod tests {
         assert!(e.contains("patient context"), "{e}");
         p.fhir_user = Some("Patient/p1".into());
         assert!(ok(&p, "GET", "/Patient/p1", ""));
-        assert!(!ok(&p, "GET", "/Patient/p12", ""), "Patient/p1 is not Patient/p12");
+        assert!(
+            !ok(&p, "GET", "/Patient/p12", ""),
+            "Patient/p1 is not Patient/p12"
+        );
         assert!(ok(&p, "GET", "/Patient/p1/Observation", ""));
         assert!(!ok(&p, "GET", "/Patient/p2/Observation", ""));
         assert!(ok(&p, "GET", "/Patient/p1/$everything", ""));
         assert!(!ok(&p, "GET", "/Patient/p2/$everything", ""));
         assert!(ok(&p, "GET", "/Observation", "patient=p1&code=x"));
         assert!(ok(&p, "GET", "/Observation", "subject=Patient/p1"));
-        assert!(!ok(&p, "GET", "/Observation", "code=x"), "unrestricted search");
+        assert!(
+            !ok(&p, "GET", "/Observation", "code=x"),
+            "unrestricted search"
+        );
         assert!(!ok(&p, "GET", "/Observation", "patient=p1,p2"));
-        assert!(!ok(&p, "GET", "/Observation", "patient=p1&_include=Observation:performer:Practitioner"));
-        assert!(!ok(&p, "GET", "/Observation/o1", ""), "reads by id are not checked yet: denied");
+        assert!(!ok(
+            &p,
+            "GET",
+            "/Observation",
+            "patient=p1&_include=Observation:performer:Practitioner"
+        ));
+        assert!(
+            !ok(&p, "GET", "/Observation/o1", ""),
+            "reads by id are not checked yet: denied"
+        );
         assert!(ok(&p, "GET", "/Patient", "_id=p1"));
         assert!(!ok(&p, "GET", "/Patient", "name=x"));
         // A user/ scope for the same type lifts the restriction.
@@ -220,9 +276,17 @@ mod tests {
 
     #[test]
     fn everything_is_checked_against_every_compartment_type() {
-        let mut p = who(&[Role::Reader], &["patient/Patient.read", "patient/Observation.read"]);
+        let mut p = who(
+            &[Role::Reader],
+            &["patient/Patient.read", "patient/Observation.read"],
+        );
         p.fhir_user = Some("Patient/p1".into());
-        let e = authorize(&p, &classify("GET", "/Patient/p1/$everything", "").unwrap(), false).unwrap_err();
+        let e = authorize(
+            &p,
+            &classify("GET", "/Patient/p1/$everything", "").unwrap(),
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("no scope grants 'r'"), "{e}");
     }
 }

@@ -11,7 +11,10 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
 fn issuer_cfg() -> IssuerConfig {
     IssuerConfig {
         name: "test".into(),
-        issuer: OneOrMany::Many(vec!["https://idp.test/a".into(), "https://idp.test/a/v2".into()]),
+        issuer: OneOrMany::Many(vec![
+            "https://idp.test/a".into(),
+            "https://idp.test/a/v2".into(),
+        ]),
         discovery_url: None,
         jwks_url: None,
         audiences: vec!["api://fhir".into()],
@@ -37,7 +40,10 @@ fn auth() -> Authenticator {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn claims() -> Value {
@@ -50,12 +56,20 @@ fn claims() -> Value {
 }
 
 fn token(c: &Value) -> String {
-    encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    encode(
+        &Header::new(Algorithm::HS256),
+        c,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 fn bearer(t: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    h.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {t}").parse().unwrap(),
+    );
     h
 }
 
@@ -93,18 +107,30 @@ async fn every_bad_claim_is_refused() {
     let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
         ("expired", Box::new(|c| c["exp"] = json!(now() - 120))),
         ("not yet valid", Box::new(|c| c["nbf"] = json!(now() + 600))),
-        ("wrong iss", Box::new(|c| c["iss"] = json!("https://evil.test"))),
+        (
+            "wrong iss",
+            Box::new(|c| c["iss"] = json!("https://evil.test")),
+        ),
         ("wrong aud", Box::new(|c| c["aud"] = json!("api://other"))),
         ("tenant", Box::new(|c| c["tid"] = json!("t9"))),
-        ("no tenant", Box::new(|c| {
-            c.as_object_mut().unwrap().remove("tid");
-        })),
-        ("no user", Box::new(|c| {
-            c.as_object_mut().unwrap().remove("oid");
-        })),
-        ("no exp", Box::new(|c| {
-            c.as_object_mut().unwrap().remove("exp");
-        })),
+        (
+            "no tenant",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("tid");
+            }),
+        ),
+        (
+            "no user",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("oid");
+            }),
+        ),
+        (
+            "no exp",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
     ];
     for (what, f) in cases {
         let mut c = claims();
@@ -130,12 +156,21 @@ async fn header_shapes() {
         format!("Bearer {t} extra"),
     ] {
         h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
-        assert!(matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))), "{v}");
+        assert!(
+            matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))),
+            "{v}"
+        );
     }
     // Two Authorization headers.
     let mut h = bearer(&t);
-    h.append(http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    assert!(matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))));
+    h.append(
+        http::header::AUTHORIZATION,
+        format!("Bearer {t}").parse().unwrap(),
+    );
+    assert!(matches!(
+        a.authenticate(&h, None).await,
+        Err(AuthError::Invalid(_))
+    ));
     // A token in the query string is refused even next to a good header.
     let h = bearer(&t);
     assert!(matches!(
@@ -161,13 +196,22 @@ async fn tampered_and_unsigned_tokens() {
     // alg: none.
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let none = format!("{}.{}.", b64.encode(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    let none = format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        parts[1]
+    );
     assert!(matches!(
         auth().authenticate(&bearer(&none), None).await,
         Err(AuthError::Invalid(_))
     ));
     // An algorithm outside the issuer's list (HS512 with the right secret).
-    let hs512 = encode(&Header::new(Algorithm::HS512), &claims(), &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+    let hs512 = encode(
+        &Header::new(Algorithm::HS512),
+        &claims(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     assert!(matches!(
         auth().authenticate(&bearer(&hs512), None).await,
         Err(AuthError::Invalid(_))
@@ -196,14 +240,23 @@ async fn offload_needs_the_proof_header() {
         format!("{}.{}.invalidsig", p[0], p[1])
     };
     let mut h = bearer(&unsigned_ok);
-    assert!(matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))), "no proof");
+    assert!(
+        matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))),
+        "no proof"
+    );
     h.insert("x-gateway-proof", "wrong".parse().unwrap());
-    assert!(matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))), "bad proof");
+    assert!(
+        matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))),
+        "bad proof"
+    );
     h.insert("x-gateway-proof", "front-gateway-secret-1".parse().unwrap());
     assert_eq!(a.authenticate(&h, None).await.unwrap().user_id, "user-1");
     let mut c = claims();
     c["exp"] = json!(now() - 600);
     let mut h = bearer(&token(&c));
     h.insert("x-gateway-proof", "front-gateway-secret-1".parse().unwrap());
-    assert!(matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))), "expired");
+    assert!(
+        matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))),
+        "expired"
+    );
 }

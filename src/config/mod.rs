@@ -909,7 +909,9 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
     let mut names = std::collections::HashSet::new();
     for (i, iss) in a.issuers.iter().enumerate() {
         let idx = i.to_string();
-        let at = |k: &'static str| -> Vec<String> { vec!["auth".into(), "issuers".into(), idx.clone(), k.into()] };
+        let at = |k: &'static str| -> Vec<String> {
+            vec!["auth".into(), "issuers".into(), idx.clone(), k.into()]
+        };
         let mut e = |k: &'static str, m: String| {
             let p = at(k);
             let p: Vec<&str> = p.iter().map(String::as_str).collect();
@@ -923,9 +925,15 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
             e("issuer", "at least one non-empty issuer value".into());
         }
         if iss.audiences.is_empty() || iss.audiences.iter().any(|s| s.is_empty()) {
-            e("audiences", "at least one audience is required (tokens for other APIs must not pass)".into());
+            e(
+                "audiences",
+                "at least one audience is required (tokens for other APIs must not pass)".into(),
+            );
         }
-        for (k, u) in [("discovery_url", &iss.discovery_url), ("jwks_url", &iss.jwks_url)] {
+        for (k, u) in [
+            ("discovery_url", &iss.discovery_url),
+            ("jwks_url", &iss.jwks_url),
+        ] {
             if let Some(u) = u {
                 if let Err(m) = check_http_url(u) {
                     e(k, m);
@@ -940,7 +948,10 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
             }
         }
         if iss.discovery_url.is_none() && iss.jwks_url.is_none() && iss.shared_secret.is_none() {
-            e("jwks_url", "give discovery_url or jwks_url (or a shared_secret)".into());
+            e(
+                "jwks_url",
+                "give discovery_url or jwks_url (or a shared_secret)".into(),
+            );
         }
         match &iss.shared_secret {
             Some(s) if s.len() < 32 => e("shared_secret", "must be at least 32 bytes".into()),
@@ -950,25 +961,50 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
     }
     if let Some(name) = &a.smart.issuer {
         if !a.issuers.iter().any(|i| &i.name == name) {
-            err(&["auth", "smart", "issuer"], format!("auth.smart.issuer: no issuer named {name:?}"));
+            err(
+                &["auth", "smart", "issuer"],
+                format!("auth.smart.issuer: no issuer named {name:?}"),
+            );
         }
     }
     if let Some(o) = &a.offload {
         if http::HeaderName::from_bytes(o.header.as_bytes()).is_err() {
-            err(&["auth", "offload", "header"], "auth.offload.header: not a header name".into());
+            err(
+                &["auth", "offload", "header"],
+                "auth.offload.header: not a header name".into(),
+            );
         }
         if o.secret.len() < 16 {
-            err(&["auth", "offload", "secret"], "auth.offload.secret: must be at least 16 bytes".into());
+            err(
+                &["auth", "offload", "secret"],
+                "auth.offload.secret: must be at least 16 bytes".into(),
+            );
         }
     }
     let h = &a.audit_headers;
-    for (k, v) in [("user_id", &h.user_id), ("upn", &h.upn), ("tenant", &h.tenant), ("source", &h.source), ("proxy", &h.proxy)] {
+    for (k, v) in [
+        ("user_id", &h.user_id),
+        ("upn", &h.upn),
+        ("tenant", &h.tenant),
+        ("source", &h.source),
+        ("proxy", &h.proxy),
+    ] {
         if http::HeaderName::from_bytes(v.as_bytes()).is_err() {
-            err(&["auth", "audit_headers", k], format!("auth.audit_headers.{k}: {v:?} is not a header name"));
+            err(
+                &["auth", "audit_headers", k],
+                format!("auth.audit_headers.{k}: {v:?} is not a header name"),
+            );
         }
     }
-    if a.jwks.min_refetch_secs == 0 || a.jwks.retry_secs == 0 || a.jwks.refresh_secs == 0 || a.jwks.timeout_ms == 0 {
-        err(&["auth", "jwks"], "auth.jwks: every interval must be > 0".into());
+    if a.jwks.min_refetch_secs == 0
+        || a.jwks.retry_secs == 0
+        || a.jwks.refresh_secs == 0
+        || a.jwks.timeout_ms == 0
+    {
+        err(
+            &["auth", "jwks"],
+            "auth.jwks: every interval must be > 0".into(),
+        );
     }
 }
 

@@ -23,17 +23,17 @@ use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
-use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
-use fhir_gateway_modules::Identity;
-use serde_json::{json, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
+use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
+use fhir_gateway_modules::Identity;
 use http::{HeaderValue, Method};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,7 +184,8 @@ impl FhirProxy {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<bool> {
-        self.respond_with(session, ctx, status, content_type, body, None).await
+        self.respond_with(session, ctx, status, content_type, body, None)
+            .await
     }
 
     async fn respond_with(
@@ -232,8 +233,15 @@ impl FhirProxy {
             _ => None,
         };
         ctx.error = Some(e);
-        self.respond_with(session, ctx, status, "application/fhir+json", body, challenge)
-            .await
+        self.respond_with(
+            session,
+            ctx,
+            status,
+            "application/fhir+json",
+            body,
+            challenge,
+        )
+        .await
     }
 
     /// The client address to audit: the TCP peer, unless it is a trusted proxy, then the
@@ -369,12 +377,14 @@ impl FhirProxy {
                 let base = self.public_base_string(ctx);
                 let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
                 for (i, entry) in entries.iter().enumerate() {
-                    policy::authorize(&identity, entry, scopes_alone)
-                        .map_err(|rule| GatewayError::Forbidden(format!("{rule} (Bundle entry {i})")))?;
+                    policy::authorize(&identity, entry, scopes_alone).map_err(|rule| {
+                        GatewayError::Forbidden(format!("{rule} (Bundle entry {i})"))
+                    })?;
                 }
                 admit = Admit::Buffered(body);
             } else {
-                policy::authorize(&identity, &request, scopes_alone).map_err(GatewayError::Forbidden)?;
+                policy::authorize(&identity, &request, scopes_alone)
+                    .map_err(GatewayError::Forbidden)?;
             }
             ctx.identity = Some(identity);
         }
@@ -441,7 +451,12 @@ impl FhirProxy {
 
     /// The request the gateway had to read itself (a batch, authorised entry by entry) goes
     /// to the FHIR server through the gateway's own client; the response is rewritten whole.
-    async fn forward_buffered(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> std::result::Result<(), GatewayError> {
+    async fn forward_buffered(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        body: Bytes,
+    ) -> std::result::Result<(), GatewayError> {
         let gw = &self.gw;
         let req = session.req_header();
         let mut url = format!(
@@ -505,13 +520,20 @@ impl FhirProxy {
             {
                 continue;
             }
-            let v = match to.as_ref().and_then(|to| gw.rewriter.rewrite_all(v.as_bytes(), to)) {
-                Some(new) => HeaderValue::from_bytes(&new).map_err(|_| GatewayError::Internal("header".into()))?,
+            let v = match to
+                .as_ref()
+                .and_then(|to| gw.rewriter.rewrite_all(v.as_bytes(), to))
+            {
+                Some(new) => HeaderValue::from_bytes(&new)
+                    .map_err(|_| GatewayError::Internal("header".into()))?,
                 None => v.clone(),
             };
             let _ = h.append_header(k.clone(), v);
         }
-        let ct = resp.headers().get(http::header::CONTENT_TYPE).map(|v| v.as_bytes().to_vec());
+        let ct = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes().to_vec());
         if is_rewritable(ct.as_deref()) {
             if let Some(new) = to.as_ref().and_then(|to| gw.rewriter.rewrite_all(&out, to)) {
                 out = new;
@@ -543,7 +565,11 @@ impl FhirProxy {
             .read()
             .expect("discovery lock")
             .clone()
-            .ok_or_else(|| GatewayError::NotReady("the identity provider's discovery document is not loaded".into()))?;
+            .ok_or_else(|| {
+                GatewayError::NotReady(
+                    "the identity provider's discovery document is not loaded".into(),
+                )
+            })?;
         let pick = |k: &str| disc.get(k).cloned().unwrap_or(Value::Null);
         let mut doc = json!({
             "issuer": pick("issuer"),
@@ -581,8 +607,15 @@ impl FhirProxy {
             .smart_issuer(gw.smart.issuer.as_deref())
             .and_then(|i| i.keys.discovery.read().expect("discovery lock").clone());
         let mut uris = Vec::new();
-        for (name, key) in [("token", "token_endpoint"), ("authorize", "authorization_endpoint")] {
-            if let Some(u) = disc.as_ref().and_then(|d| d.get(key)).and_then(Value::as_str) {
+        for (name, key) in [
+            ("token", "token_endpoint"),
+            ("authorize", "authorization_endpoint"),
+        ] {
+            if let Some(u) = disc
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .and_then(Value::as_str)
+            {
                 uris.push(json!({"url": name, "valueUri": u}));
             }
         }
@@ -722,7 +755,13 @@ impl ProxyHttp for FhirProxy {
         match path.as_str() {
             "/healthz" | "/readyz" if !probe_method => {
                 return self
-                    .respond_error(session, ctx, GatewayError::MethodNotAllowed("health endpoints answer GET and HEAD".into()))
+                    .respond_error(
+                        session,
+                        ctx,
+                        GatewayError::MethodNotAllowed(
+                            "health endpoints answer GET and HEAD".into(),
+                        ),
+                    )
                     .await
             }
             "/healthz" => {
@@ -771,7 +810,10 @@ impl ProxyHttp for FhirProxy {
         let get = matches!(session.req_header().method, Method::GET | Method::HEAD);
         if rest == "/.well-known/smart-configuration" && get {
             return match self.smart_configuration() {
-                Ok(body) => self.respond(session, ctx, 200, "application/json", body).await,
+                Ok(body) => {
+                    self.respond(session, ctx, 200, "application/json", body)
+                        .await
+                }
                 Err(e) => self.respond_error(session, ctx, e).await,
             };
         }
@@ -996,7 +1038,11 @@ impl ProxyHttp for FhirProxy {
                 let whole = ctx.buffer.take().unwrap_or_default();
                 let transformed = self.secure_capability_statement(&whole).unwrap_or(whole);
                 let out = match self.replacements(ctx) {
-                    Some(to) => self.gw.rewriter.rewrite_all(&transformed, to).unwrap_or(transformed),
+                    Some(to) => self
+                        .gw
+                        .rewriter
+                        .rewrite_all(&transformed, to)
+                        .unwrap_or(transformed),
                     None => transformed,
                 };
                 *body = Some(Bytes::from(out));
@@ -1076,8 +1122,8 @@ impl ProxyHttp for FhirProxy {
         // Path only: queries can hold patient data (names, birth dates).
         info!(
             target: "access",
-            "{} {} {} status={} upstream_status={} attempts={} ms={} id={}{}",
-            ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
+            "{} {} {} status={} upstream_status={} attempts={} ms={} id={} user={} tenant={}{}",
+            ctx.source.as_deref().unwrap_or("-"),
             req.method,
             req.uri.path(),
             status,
@@ -1085,6 +1131,8 @@ impl ProxyHttp for FhirProxy {
             ctx.attempts,
             ctx.start.elapsed().as_millis(),
             ctx.correlation_id,
+            ctx.identity.as_ref().map_or("-", |i| i.user_id.as_str()),
+            ctx.identity.as_ref().and_then(|i| i.tenant.as_deref()).unwrap_or("-"),
             match (&ctx.error, e) {
                 (Some(ge), _) => format!(" error=\"{ge}\""),
                 (None, Some(e)) => format!(" error=\"{}\"", e.etype().as_str()),
