@@ -40,7 +40,7 @@ async fn each_role_can_do_exactly_what_the_policy_allows() {
     let gw = jwt_gateway("").await;
     let pid = seed_patient(&format!("Roles{}", uniq())).await;
     let patient = json!({"resourceType":"Patient","id":pid,"name":[{"family":"Roles"}]});
-    let calls = vec![
+    let calls = [
         Call {
             name: "read",
             method: "GET",
@@ -207,7 +207,8 @@ async fn token_catalogue_every_bad_token_is_a_401() {
     });
     let huge = format!("{}.{}.{}", parts[0], "A".repeat(20_000), parts[2]);
 
-    let cases: Vec<(&str, Vec<(&str, String)>, String)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, String);
+    let cases: Vec<Case> = vec![
         ("no Authorization", vec![], String::new()),
         (
             "alg none",

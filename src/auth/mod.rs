@@ -378,7 +378,7 @@ impl Authenticator {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let exp = claims.get("exp").and_then(Value::as_u64);
-        if !exp.is_some_and(|e| e + self.skew >= now) {
+        if exp.is_none_or(|e| e + self.skew < now) {
             return Err(AuthError::Invalid("token expired".into()));
         }
         if claims

@@ -104,7 +104,8 @@ async fn valid_token_maps_claims() {
 
 #[tokio::test]
 async fn every_bad_claim_is_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("expired", Box::new(|c| c["exp"] = json!(now() - 120))),
         ("not yet valid", Box::new(|c| c["nbf"] = json!(now() + 600))),
         (
