@@ -46,7 +46,7 @@ pub struct JwksTask {
 impl BackgroundService for JwksTask {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let auth = &self.gateway.auth;
-        if auth.issuers.is_empty() {
+        if auth.issuers.is_empty() || auth.mode != crate::config::AuthMode::Jwt {
             return;
         }
         let retry = Duration::from_secs(auth.jwks.retry_secs);

@@ -5,7 +5,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use log::{info, warn};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,9 @@ pub struct KeyStore {
     /// The discovery document, for the SMART endpoints.
     pub discovery: RwLock<Option<Value>>,
     keys: RwLock<Arc<HashMap<String, Arc<Key>>>>,
+    /// Bumped whenever the set of key ids changes, so validations made with a key that is
+    /// gone are not reused from the token cache.
+    generation: AtomicU64,
     loaded: AtomicBool,
     last_fetch: Mutex<Option<Instant>>,
     fetch_lock: tokio::sync::Mutex<()>,
@@ -57,11 +60,16 @@ impl KeyStore {
             configured_jwks_url: jwks_url,
             discovery: RwLock::new(None),
             keys: RwLock::new(Arc::new(HashMap::new())),
+            generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             last_fetch: Mutex::new(None),
             fetch_lock: tokio::sync::Mutex::new(()),
             min_refetch,
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -131,8 +139,12 @@ impl KeyStore {
             return Err("no JWKS URL".into());
         };
         let doc = get_json(http, &url).await?;
-        let set: JwkSet =
-            serde_json::from_value(doc).map_err(|e| format!("{url}: not a JWK set: {e}"))?;
+        self.load(doc).map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// Replaces the key set with the keys of a JWKS document.
+    pub fn load(&self, doc: Value) -> Result<usize, String> {
+        let set: JwkSet = serde_json::from_value(doc).map_err(|e| format!("not a JWK set: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let family = match &jwk.algorithm {
@@ -152,12 +164,19 @@ impl KeyStore {
             keys.insert(kid, Arc::new(Key { key, alg, family }));
         }
         if keys.is_empty() {
-            return Err(format!("{url}: no usable signing key"));
+            return Err("no usable signing key".into());
         }
         let n = keys.len();
-        *self.keys.write().expect("keys lock") = Arc::new(keys);
+        {
+            let mut cur = self.keys.write().expect("keys lock");
+            let same = cur.len() == keys.len() && keys.keys().all(|k| cur.contains_key(k));
+            if !same {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            *cur = Arc::new(keys);
+        }
         if !self.loaded.swap(true, Ordering::Relaxed) {
-            info!("signing keys loaded from {url} ({n} key(s))");
+            info!("signing keys loaded ({n} key(s))");
         }
         Ok(n)
     }

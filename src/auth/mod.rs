@@ -43,8 +43,21 @@ pub struct Issuer {
     pub keys: KeyStore,
 }
 
+/// A token already verified: who it names, until when, under which key-set generation.
+#[derive(Clone)]
+struct Verified {
+    identity: Identity,
+    exp: u64,
+    issuer: usize,
+    generation: u64,
+}
+
 pub struct Authenticator {
     pub mode: AuthMode,
+    /// Verified tokens by their exact text. A hit re-checks `exp` and the key generation, so
+    /// a token never outlives itself or the key that signed it. RS256 verification costs
+    /// tens of µs; clients reuse a token for many calls.
+    verified: moka::sync::Cache<String, Verified>,
     pub issuers: Vec<Issuer>,
     skew: u64,
     offload: Option<(http::HeaderName, Vec<u8>)>,
@@ -63,6 +76,8 @@ const ASYMMETRIC: &[Algorithm] = &[
     Algorithm::ES384,
 ];
 
+const HMAC: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
 impl Issuer {
     fn new(cfg: &IssuerConfig, jwks: &JwksConfig) -> Result<Issuer, String> {
         let algorithms = match &cfg.algorithms {
@@ -72,9 +87,13 @@ impl Issuer {
                 .collect::<Result<Vec<_>, _>>()?,
             None => ASYMMETRIC.to_vec(),
         };
+        let has_keys = cfg.discovery_url.is_some() || cfg.jwks_url.is_some();
         let mut algorithms: Vec<Algorithm> = algorithms
             .into_iter()
-            .filter(|a| ASYMMETRIC.contains(a) || cfg.shared_secret.is_some())
+            .filter(|a| {
+                (ASYMMETRIC.contains(a) && (has_keys || cfg.algorithms.is_some()))
+                    || (cfg.shared_secret.is_some() && HMAC.contains(a))
+            })
             .collect();
         if cfg.shared_secret.is_some() && cfg.algorithms.is_none() {
             algorithms.push(Algorithm::HS256);
@@ -198,14 +217,20 @@ impl Authenticator {
             }),
             jwks: cfg.jwks,
             http,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(20_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
         })
     }
 
     /// Every issuer that verifies with published keys has loaded them at least once.
     pub fn is_ready(&self) -> bool {
-        self.issuers
-            .iter()
-            .all(|i| !i.keys.uses_keys() || i.keys.is_loaded())
+        self.mode != AuthMode::Jwt
+            || self
+                .issuers
+                .iter()
+                .all(|i| !i.keys.uses_keys() || i.keys.is_loaded())
     }
 
     /// One refresh round for the background task: issuers never loaded are retried, others
@@ -274,28 +299,54 @@ impl Authenticator {
             }
             return self.offloaded(token);
         }
-        self.verify(token).await
+        let now = unix_now();
+        if let Some(v) = self.verified.get(token) {
+            let current = self.issuers[v.issuer].keys.generation() == v.generation;
+            if current && v.exp + self.skew >= now {
+                return Ok(v.identity);
+            }
+            self.verified.invalidate(token);
+        }
+        let (identity, exp, issuer, generation) = self.verify(token).await?;
+        self.verified.insert(
+            token.to_string(),
+            Verified {
+                identity: identity.clone(),
+                exp,
+                issuer,
+                generation,
+            },
+        );
+        Ok(identity)
     }
 
-    fn issuer_of(&self, token: &str) -> Result<(&Issuer, String), AuthError> {
+    fn issuer_of(&self, token: &str) -> Result<(usize, &Issuer, String), AuthError> {
         let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|_| AuthError::Invalid("malformed token".into()))?;
         let iss = claims
             .get("iss")
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::Invalid("token has no iss".into()))?;
-        let issuer = self
+        let (idx, issuer) = self
             .issuers
             .iter()
-            .find(|i| i.iss.iter().any(|x| x == iss))
+            .enumerate()
+            .find(|(_, i)| i.iss.iter().any(|x| x == iss))
             .ok_or_else(|| AuthError::Invalid(format!("untrusted issuer {iss:?}")))?;
-        Ok((issuer, iss.to_string()))
+        Ok((idx, issuer, iss.to_string()))
     }
 
-    async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    /// Verification without the token cache (what a first call costs).
+    pub async fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify(token).await.map(|v| v.0)
+    }
+
+    /// Full verification: (identity, exp, issuer index, key generation used).
+    async fn verify(&self, token: &str) -> Result<(Identity, u64, usize, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token header".into()))?;
-        let (issuer, iss) = self.issuer_of(token)?;
+        let (idx, issuer, iss) = self.issuer_of(token)?;
+        let generation = issuer.keys.generation();
         let alg = header.alg;
         if !issuer.algorithms.contains(&alg) {
             return Err(AuthError::Invalid(format!(
@@ -366,17 +417,16 @@ impl Authenticator {
                 .into(),
             )
         })?;
-        issuer.identity(&data.claims)
+        let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        Ok((issuer.identity(&data.claims)?, exp, idx, generation))
     }
 
     /// Auth offload: the front gateway verified the signature; we still check what we can.
     fn offloaded(&self, token: &str) -> Result<Identity, AuthError> {
-        let (issuer, _) = self.issuer_of(token)?;
+        let (_, issuer, _) = self.issuer_of(token)?;
         let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|_| AuthError::Invalid("malformed token".into()))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_now();
         let exp = claims.get("exp").and_then(Value::as_u64);
         if exp.is_none_or(|e| e + self.skew < now) {
             return Err(AuthError::Invalid("token expired".into()));
@@ -409,6 +459,12 @@ impl Authenticator {
             None => self.issuers.first(),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -101,10 +101,13 @@ fn within_patient(req: &FhirRequest, pid: &str) -> Result<(), Denied> {
     };
     let pulls_in_others = req.params.iter().any(|(k, _)| {
         let k = k.split(':').next().unwrap_or("");
-        k == "_include" || k == "_revinclude" || k == "_has" || k.contains('.')
+        matches!(
+            k,
+            "_include" | "_revinclude" | "_has" | "_query" | "_filter"
+        ) || k.contains('.')
     });
     if pulls_in_others {
-        return Err("scope: _include, _revinclude, _has and chained parameters are not allowed with patient/ scopes".into());
+        return Err("scope: _include, _revinclude, _has, _query, _filter and chained parameters are not allowed with patient/ scopes".into());
     }
     if let Some((ty, cid)) = &req.compartment {
         return if ty == "Patient" && cid == pid {
@@ -134,8 +137,10 @@ fn within_patient(req: &FhirRequest, pid: &str) -> Result<(), Denied> {
             let Some(params) = patient_params(ty) else {
                 return outside();
             };
+            // Only an exact parameter (no `:not`, `:missing`, `:identifier`...) restricts the
+            // results to the patient; other parameters can only narrow them further.
             let restricted = req.params.iter().any(|(k, v)| {
-                let name = k.split(':').next().unwrap_or("");
+                let name = k.as_str();
                 // `patient` always targets a Patient; the compartment parameters may too.
                 // A bare id on other parameters could name another type (Group/p1).
                 let typed = v == &format!("Patient/{pid}");
@@ -254,6 +259,18 @@ mod tests {
             "unrestricted search"
         );
         assert!(!ok(&p, "GET", "/Observation", "patient=p1,p2"));
+        assert!(
+            !ok(&p, "GET", "/Observation", "patient:not=p1"),
+            "modifiers do not restrict"
+        );
+        assert!(!ok(&p, "GET", "/Observation", "subject:not=Patient/p1"));
+        assert!(!ok(&p, "GET", "/Observation", "patient:identifier=p1"));
+        assert!(!ok(&p, "GET", "/Observation", "patient=p1&_query=everyone"));
+        assert!(
+            !ok(&p, "GET", "/Observation", "subject=p1"),
+            "a bare id may name a Group"
+        );
+        assert!(ok(&p, "GET", "/Observation", "patient=p1&code:not=x"));
         assert!(!ok(
             &p,
             "GET",

@@ -732,8 +732,23 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
             "upstream.retries.max_attempts: must be 1..=10".into(),
         );
     }
+    let mut reserved: Vec<String> = Vec::new();
+    if let Some(a) = &cfg.auth {
+        let h = &a.audit_headers;
+        reserved.extend(
+            [&h.user_id, &h.upn, &h.tenant, &h.source, &h.proxy].map(|s| s.to_ascii_lowercase()),
+        );
+        if let Some(o) = &a.offload {
+            reserved.push(o.header.to_ascii_lowercase());
+        }
+    }
     for (i, h) in up.forward_headers.iter().enumerate() {
-        if let Some(why) = crate::headers::forbidden_forward_header(h) {
+        let why = crate::headers::forbidden_forward_header(h).or_else(|| {
+            reserved
+                .contains(&h.to_ascii_lowercase())
+                .then_some("is an audit or offload-proof header: never forwarded from the client")
+        });
+        if let Some(why) = why {
             err(
                 &["upstream", "forward_headers", &i.to_string()],
                 format!("upstream.forward_headers[{i}]: {h:?} {why}"),
@@ -762,6 +777,11 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
                 err(
                     &["upstream", "identity", "token_url"],
                     format!("upstream.identity.token_url: {e}"),
+                );
+            } else if !is_https_or_loopback(token_url) {
+                err(
+                    &["upstream", "identity", "token_url"],
+                    "upstream.identity.token_url: the client secret must travel over https (http only on loopback)".into(),
                 );
             }
             if client_id.is_empty() {
@@ -942,9 +962,31 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
         }
         let algs = iss.algorithms.clone().unwrap_or_default();
         let wants_hs = algs.iter().any(|a| a.starts_with("HS"));
+        const SUPPORTED: &[&str] = &[
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "HS256",
+            "HS384", "HS512",
+        ];
         for a in &algs {
-            if a.parse::<jsonwebtoken::Algorithm>().is_err() || a == "none" {
-                e("algorithms", format!("{a:?} is not a supported algorithm"));
+            if !SUPPORTED.contains(&a.as_str()) {
+                e(
+                    "algorithms",
+                    format!(
+                        "{a:?} is not supported (RS*, PS*, ES256/384, HS* with a shared_secret)"
+                    ),
+                );
+            }
+        }
+        for (k, u) in [
+            ("discovery_url", &iss.discovery_url),
+            ("jwks_url", &iss.jwks_url),
+        ] {
+            if let Some(u) = u {
+                if !is_https_or_loopback(u) {
+                    e(
+                        k,
+                        format!("{u:?}: signing keys must come over https (http only on loopback)"),
+                    );
+                }
             }
         }
         if iss.discovery_url.is_none() && iss.jwks_url.is_none() && iss.shared_secret.is_none() {
@@ -966,6 +1008,12 @@ fn validate_auth(a: &AuthConfig, err: &mut dyn FnMut(&[&str], String)) {
                 format!("auth.smart.issuer: no issuer named {name:?}"),
             );
         }
+    }
+    if a.mode != AuthMode::Jwt && (!a.issuers.is_empty() || a.offload.is_some()) {
+        err(
+            &["auth", "mode"],
+            "auth.mode: issuers and offload are only used with mode jwt".into(),
+        );
     }
     if let Some(o) = &a.offload {
         if http::HeaderName::from_bytes(o.header.as_bytes()).is_err() {
@@ -1026,6 +1074,23 @@ fn is_valid_prefix(p: &str) -> bool {
         && !p.contains("//")
         && p.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b))
+}
+
+/// https, or http to a loopback host (tests, a sidecar).
+pub fn is_https_or_loopback(u: &str) -> bool {
+    let Ok(uri) = u.parse::<http::Uri>() else {
+        return false;
+    };
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https"), Some(_)) => true,
+        (Some("http"), Some(h)) => {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
 }
 
 fn check_http_url(u: &str) -> Result<(), String> {

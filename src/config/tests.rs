@@ -216,3 +216,111 @@ list:
     assert_eq!(line_of(text, &["a", "zz"]), Some(1));
     assert_eq!(line_of(text, &["nope"]), None);
 }
+
+const JWT: &str = "\
+listen:
+  - addr: 0.0.0.0:8443
+upstream:
+  url: https://fhir.example/fhir
+auth:
+  mode: jwt
+  issuers:
+    - name: entra
+      issuer:
+        - https://sts.windows.net/t1/
+        - https://login.microsoftonline.com/t1/v2.0
+      discovery_url: https://login.microsoftonline.com/t1/v2.0/.well-known/openid-configuration
+      audiences: [api://fhir-gateway]
+";
+
+#[test]
+fn jwt_config_parses_on_any_address() {
+    let c = parse(JWT, &env).unwrap();
+    let a = c.auth.unwrap();
+    assert_eq!(a.mode, AuthMode::Jwt);
+    assert_eq!(a.issuers[0].issuer.to_vec().len(), 2);
+    assert_eq!(a.clock_skew_secs, 60);
+    assert_eq!(a.issuers[0].claims.user_id, vec!["oid", "sub"]);
+    assert_eq!(a.audit_headers.user_id, "X-MS-AZUREFHIR-AUDIT-USERID");
+}
+
+#[test]
+fn auth_validation_fails_closed() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("  issuers:\n", "  issuers: []\n  x_issuers:\n", "unknown field"),
+        (
+            "      discovery_url: https://login.microsoftonline.com/t1/v2.0/.well-known/openid-configuration\n",
+            "      jwks_url: http://idp.internal/keys\n",
+            "must come over https",
+        ),
+        (
+            "      audiences: [api://fhir-gateway]\n",
+            "      audiences: []\n",
+            "at least one audience",
+        ),
+        (
+            "      audiences: [api://fhir-gateway]\n",
+            "      audiences: [api://fhir-gateway]\n      algorithms: [EdDSA]\n",
+            "not supported",
+        ),
+        (
+            "      audiences: [api://fhir-gateway]\n",
+            "      audiences: [api://fhir-gateway]\n      algorithms: [HS256]\n",
+            "need a shared_secret",
+        ),
+        (
+            "  url: https://fhir.example/fhir\n",
+            "  url: https://fhir.example/fhir\n  forward_headers: [X-MS-AZUREFHIR-AUDIT-Upn]\n",
+            "audit prefix",
+        ),
+        (
+            "  mode: jwt\n",
+            "  mode: jwt\n  audit_headers:\n    upn: X-Caller-Upn\n",
+            "",
+        ),
+    ];
+    for (from, to, expect) in cases {
+        let text = JWT.replace(from, to);
+        assert_ne!(text, JWT, "replacement {from:?} did not apply");
+        match (parse(&text, &env), expect.is_empty()) {
+            (Ok(_), true) => {}
+            (Err(e), false) => assert!(
+                e.0.iter().any(|x| x.message.contains(expect)),
+                "{expect:?} not in {e}"
+            ),
+            (Ok(_), false) => panic!("accepted, expected {expect:?}:\n{text}"),
+            (Err(e), true) => panic!("rejected: {e}\n{text}"),
+        }
+    }
+    // A renamed audit header may not be forwarded from the client either.
+    let renamed = JWT
+        .replace(
+            "  mode: jwt\n",
+            "  mode: jwt\n  audit_headers:\n    upn: X-Caller-Upn\n",
+        )
+        .replace(
+            "  url: https://fhir.example/fhir\n",
+            "  url: https://fhir.example/fhir\n  forward_headers: [x-caller-upn]\n",
+        );
+    assert!(errors(&renamed)
+        .iter()
+        .any(|e| e.message.contains("audit or offload-proof")));
+    // jwt without issuers.
+    let none = JWT.split("  issuers:").next().unwrap().to_string();
+    assert!(errors(&none)
+        .iter()
+        .any(|e| e.message.contains("at least one trusted issuer")));
+    // Issuers are meaningless without jwt.
+    let dev = JWT
+        .replace("mode: jwt", "mode: insecure_dev")
+        .replace("0.0.0.0", "127.0.0.1");
+    assert!(errors(&dev)
+        .iter()
+        .any(|e| e.message.contains("only used with mode jwt")));
+    // Client secrets travel over https only.
+    let cc = MINIMAL.replace(
+        "  url: http://127.0.0.1:8090/fhir/\n",
+        "  url: http://127.0.0.1:8090/fhir/\n  identity:\n    type: client_credentials\n    token_url: http://login.example/token\n    client_id: a\n    client_secret: b\n    scope: x\n",
+    );
+    assert!(errors(&cc).iter().any(|e| e.message.contains("over https")));
+}

@@ -26,7 +26,7 @@ use crate::rewrite::{Replacements, StreamRewrite};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
-use fhir_gateway_modules::Identity;
+use fhir_gateway_modules::{Identity, Role};
 use http::{HeaderValue, Method};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -251,20 +251,25 @@ impl FhirProxy {
         if !self.gw.is_trusted_proxy(peer) {
             return Some(peer.to_string());
         }
-        let hops: Vec<IpAddr> = session
+        let hops: Vec<String> = session
             .req_header()
             .headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map_while(|h| h.trim().parse::<IpAddr>().ok())
+            .map(|h| h.trim().to_string())
             .collect();
-        hops.into_iter()
-            .rev()
-            .find(|ip| !self.gw.is_trusted_proxy(*ip))
-            .or(Some(peer))
-            .map(|ip| ip.to_string())
+        // Right to left: skip our own proxies; the first other hop is the client. A hop that
+        // is not an IP address cannot be audited as one.
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if self.gw.is_trusted_proxy(ip) => continue,
+                Ok(ip) => return Some(ip.to_string()),
+                Err(_) => return Some("unknown".into()),
+            }
+        }
+        Some(peer.to_string())
     }
 
     /// Everything `request_filter` checks before the request may go upstream.
@@ -376,6 +381,15 @@ impl FhirProxy {
                     .map_err(|e| GatewayError::BadRequest(format!("invalid JSON Bundle: {e}")))?;
                 let base = self.public_base_string(ctx);
                 let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
+                if entries.is_empty()
+                    && ![Role::Reader, Role::Writer, Role::Administrator]
+                        .iter()
+                        .any(|r| identity.has(*r))
+                {
+                    return Err(GatewayError::Forbidden(
+                        "role: an empty Bundle still needs Reader, Writer or Administrator".into(),
+                    ));
+                }
                 for (i, entry) in entries.iter().enumerate() {
                     policy::authorize(&identity, entry, scopes_alone).map_err(|rule| {
                         GatewayError::Forbidden(format!("{rule} (Bundle entry {i})"))
@@ -581,10 +595,10 @@ impl FhirProxy {
             "scopes_supported": pick("scopes_supported"),
             "response_types_supported": pick("response_types_supported"),
             "code_challenge_methods_supported": ["S256"],
+            // What the gateway enforces; override with auth.smart.configuration to match the IdP.
             "capabilities": [
                 "launch-standalone", "client-public", "client-confidential-symmetric",
-                "context-standalone-patient", "permission-patient", "permission-user",
-                "permission-v1", "permission-v2"
+                "permission-patient", "permission-user", "permission-v1", "permission-v2"
             ]
         });
         let obj = doc.as_object_mut().expect("object");
@@ -602,10 +616,15 @@ impl FhirProxy {
             return None;
         }
         let gw = &self.gw;
+        if gw.auth_mode != AuthMode::Jwt {
+            return None;
+        }
+        // Without the IdP's endpoints there is nothing true to advertise.
         let disc = gw
             .auth
             .smart_issuer(gw.smart.issuer.as_deref())
-            .and_then(|i| i.keys.discovery.read().expect("discovery lock").clone());
+            .and_then(|i| i.keys.discovery.read().expect("discovery lock").clone())?;
+        let disc = Some(disc);
         let mut uris = Vec::new();
         for (name, key) in [
             ("token", "token_endpoint"),

@@ -1,0 +1,132 @@
+//! Criterion benchmarks of the per-request work that is ours, not Pingora's:
+//! JWT verification with cached keys, and the streaming URL rewrite.
+//!
+//! `cargo bench --bench hot_path` (release profile). Numbers go in the issue notes and
+//! load-tests/results; they are never asserted in tests.
+
+use base64::Engine;
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use fhir_gateway::auth::Authenticator;
+use fhir_gateway::config::{AuthConfig, AuthMode, IssuerConfig, OneOrMany};
+use fhir_gateway::rewrite::{Rewriter, StreamRewrite};
+use http::HeaderMap;
+use serde_json::json;
+
+fn rsa_issuer() -> (Authenticator, String) {
+    let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwks = json!({"keys":[{
+        "kty":"RSA","kid":"bench-1","alg":"RS256","use":"sig",
+        "n": b64.encode(rsa.n().to_vec()), "e": b64.encode(rsa.e().to_vec())
+    }]});
+    let cfg = AuthConfig {
+        mode: AuthMode::Jwt,
+        clock_skew_secs: 60,
+        issuers: vec![IssuerConfig {
+            name: "bench".into(),
+            issuer: OneOrMany::One("https://idp.bench".into()),
+            discovery_url: None,
+            jwks_url: Some("http://127.0.0.1:1/jwks".into()),
+            audiences: vec!["api://fhir-gateway".into()],
+            allowed_tenants: vec!["t1".into()],
+            algorithms: None,
+            shared_secret: None,
+            claims: Default::default(),
+            roles: Default::default(),
+        }],
+        jwks: Default::default(),
+        smart: Default::default(),
+        offload: None,
+        audit_headers: Default::default(),
+    };
+    let auth = Authenticator::new(&cfg, reqwest::Client::new()).unwrap();
+    auth.issuers[0].keys.load(jwks).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "iss":"https://idp.bench","aud":"api://fhir-gateway","exp":now+3600,"iat":now,
+        "oid":"user-1","tid":"t1","upn":"ada@hospital.example","roles":["Reader"],
+        "scp":"user/*.read patient/Observation.read"
+    });
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("bench-1".into());
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&rsa.private_key_to_pem().unwrap()).unwrap();
+    (auth, jsonwebtoken::encode(&h, &claims, &key).unwrap())
+}
+
+fn jwt(c: &mut Criterion) {
+    let (auth, token) = rsa_issuer();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert!(rt.block_on(auth.authenticate(&headers, None)).is_ok());
+    c.bench_function("jwt_rs256_full_verify_cached_keys", |b| {
+        b.iter(|| {
+            rt.block_on(auth.verify_uncached(black_box(&token)))
+                .unwrap()
+        })
+    });
+    c.bench_function("jwt_rs256_authenticate_repeat_token", |b| {
+        b.iter(|| {
+            rt.block_on(auth.authenticate(black_box(&headers), None))
+                .unwrap()
+        })
+    });
+}
+
+fn rewrite(c: &mut Criterion) {
+    let up = "http://10.0.0.5:8090/fhir".to_string();
+    let rw = Rewriter::new(std::slice::from_ref(&up));
+    let to = rw.replacements("https://fhir.hospital.example/fhir");
+    // A 100-entry searchset-like body, ~64 KiB, with two URLs per entry.
+    let mut body = String::from("{\"resourceType\":\"Bundle\",\"entry\":[");
+    for i in 0..100 {
+        body.push_str(&format!(
+            "{{\"fullUrl\":\"{up}/Observation/{i}\",\"resource\":{{\"resourceType\":\"Observation\",\"id\":\"{i}\",\"subject\":{{\"reference\":\"{up}/Patient/p1\"}},\"valueQuantity\":{{\"value\":72,\"unit\":\"beats/min\",\"system\":\"http://unitsofmeasure.org\"}},\"note\":[{{\"text\":\"{}\"}}]}}}},",
+            "x".repeat(420)
+        ));
+    }
+    body.push_str("]}");
+    let bytes = Bytes::from(body);
+    let mut g = c.benchmark_group("rewrite");
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("stream_16k_chunks", |b| {
+        b.iter(|| {
+            let mut s = StreamRewrite::default();
+            let mut n = 0;
+            for chunk in bytes.chunks(16 * 1024) {
+                n += s.push(&rw, &to, Bytes::copy_from_slice(chunk)).len();
+            }
+            n + s.finish().len()
+        })
+    });
+    let plain = Bytes::from(
+        bytes
+            .to_vec()
+            .iter()
+            .map(|&b| if b == b'h' { b'H' } else { b })
+            .collect::<Vec<u8>>(),
+    );
+    g.bench_function("stream_no_match", |b| {
+        b.iter(|| {
+            let mut s = StreamRewrite::default();
+            let mut n = 0;
+            for chunk in plain.chunks(16 * 1024) {
+                n += s.push(&rw, &to, Bytes::copy_from_slice(chunk)).len();
+            }
+            n
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, jwt, rewrite);
+criterion_main!(benches);
