@@ -5,11 +5,15 @@
 //! tested on its own. Today it holds the shared vocabulary: OperationOutcome rendering, the
 //! caller's identity, SMART scopes, FHIR request classification and the Patient compartment.
 
+pub mod builtin;
 pub mod compartment;
 pub mod identity;
 pub mod outcome;
+pub mod processor;
 pub mod request;
 pub mod smart;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use identity::{Identity, Role};
 pub use outcome::{operation_outcome, outcome_bytes, Issue, Severity};

@@ -1,0 +1,380 @@
+//! TransformBundle (pre) — for FHIR servers without transactions: a `transaction` Bundle POSTed
+//! to the base becomes a `batch` the server can run, with the transaction's references kept.
+//!
+//! 1. Conditional entries (`ifNoneExist` creates, conditional PUT URLs) are resolved by
+//!    searching the server: more than one match → 412 naming the entry, nothing written; one
+//!    match → the entry targets the existing resource and references to its `fullUrl` follow;
+//!    none → unchanged.
+//! 2. `type` becomes `batch`; entries with a `urn:uuid:` fullUrl and a resource get
+//!    id = resource.id or the UUID and become `PUT <Type>/<id>` (or `<Type>?_id=<id>`).
+//! 3. Every `reference` pointing at a `urn:uuid:` of the bundle becomes `<Type>/<id>`.
+//!
+//! A malformed bundle (bad JSON, an entry without `request`) is a 400; nothing is sent upstream.
+//!
+//! Settings: `conditional_put` (use `<Type>?_id=<id>`; default false).
+
+use crate::processor::{Context, ModuleError, PreOutcome, PreProcess, Request, Response};
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub conditional_put: bool,
+}
+
+pub struct TransformBundle {
+    conditional_put: bool,
+}
+
+impl TransformBundle {
+    pub const NAME: &'static str = "TransformBundle";
+
+    pub fn new(s: Settings) -> Result<Self, String> {
+        Ok(TransformBundle {
+            conditional_put: s.conditional_put,
+        })
+    }
+}
+
+fn bad(msg: impl Into<String>) -> PreOutcome {
+    PreOutcome::Stop(Response::outcome(400, "invalid", msg))
+}
+
+fn is_type(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|c| c.is_ascii_uppercase()) && c.all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Replaces every `"reference": "<urn>"` found in `refs`, anywhere in the tree.
+fn rewrite_references(v: &mut Value, refs: &HashMap<String, String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "reference" {
+                    if let Value::String(s) = child {
+                        if let Some(new) = refs.get(s.as_str()) {
+                            *s = new.clone();
+                        }
+                    }
+                } else {
+                    rewrite_references(child, refs);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| rewrite_references(c, refs)),
+        _ => {}
+    }
+}
+
+#[async_trait]
+impl PreProcess for TransformBundle {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn needs_body(&self) -> bool {
+        true
+    }
+
+    fn applies(&self, req: &Request) -> bool {
+        req.method == "POST" && req.path.trim_matches('/').is_empty()
+    }
+
+    async fn process(&self, req: &mut Request, cx: &Context) -> Result<PreOutcome, ModuleError> {
+        let mut bundle: Value = match req.json() {
+            None => return Ok(bad("a transaction needs a Bundle body")),
+            Some(Err(e)) => return Ok(bad(format!("Bundle: {e}"))),
+            Some(Ok(v)) => v,
+        };
+        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            return Ok(bad("POST to the base must carry a Bundle"));
+        }
+        if bundle.get("type").and_then(Value::as_str) != Some("transaction") {
+            return Ok(PreOutcome::Continue); // batches pass as they are
+        }
+        let entries = match bundle.get("entry") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Ok(bad("Bundle.entry must be an array")),
+        };
+        // Validate every entry before anything else: a malformed one means no call at all.
+        for (i, e) in entries.iter().enumerate() {
+            let Some(r) = e.get("request") else {
+                return Ok(bad(format!("entry {i} has no request")));
+            };
+            let m = r.get("method").and_then(Value::as_str).unwrap_or("");
+            if !matches!(m, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") {
+                return Ok(bad(format!("entry {i}: request.method {m:?} is not valid")));
+            }
+            if r.get("url")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Ok(bad(format!("entry {i}: request.url missing")));
+            }
+            if matches!(m, "POST" | "PUT") {
+                match e
+                    .get("resource")
+                    .and_then(|r| r.get("resourceType"))
+                    .and_then(Value::as_str)
+                {
+                    Some(t) if is_type(t) => {}
+                    _ => {
+                        return Ok(bad(format!(
+                            "entry {i}: {m} needs a resource with a resourceType"
+                        )))
+                    }
+                }
+            }
+        }
+
+        let mut out = Vec::with_capacity(entries.len());
+        // fullUrl (urn:uuid:...) → Type/id, for step 3.
+        let mut refs: HashMap<String, String> = HashMap::new();
+        for (i, mut e) in entries.into_iter().enumerate() {
+            let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_string);
+            let method = e["request"]["method"].as_str().unwrap_or("").to_string();
+            let url = e["request"]["url"].as_str().unwrap_or("").to_string();
+            let rtype = e
+                .get("resource")
+                .and_then(|r| r.get("resourceType"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+
+            // Step 1: conditional entries.
+            let condition = match (method.as_str(), &rtype) {
+                ("POST", Some(t)) => e["request"]
+                    .get("ifNoneExist")
+                    .and_then(Value::as_str)
+                    .map(|q| format!("{t}?{q}")),
+                ("PUT", Some(_)) if url.contains('?') => Some(url.clone()),
+                _ => None,
+            };
+            if let Some(search) = condition {
+                let (status, found) = cx.fhir.get_json(&search).await?;
+                if !(200..300).contains(&status) {
+                    return Ok(PreOutcome::Stop(Response::outcome(
+                        400,
+                        "invalid",
+                        format!("entry {i}: the condition {search:?} could not be searched (status {status})"),
+                    )));
+                }
+                let ids: Vec<String> = found
+                    .get("entry")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter(|x| {
+                                x.get("search")
+                                    .and_then(|s| s.get("mode"))
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("match")
+                                    == "match"
+                            })
+                            .filter_map(|x| {
+                                x.get("resource")
+                                    .and_then(|r| r.get("id"))
+                                    .and_then(Value::as_str)
+                            })
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let total = found
+                    .get("total")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(ids.len() as u64);
+                if total > 1 || ids.len() > 1 {
+                    return Ok(PreOutcome::Stop(Response::outcome(
+                        412,
+                        "multiple-matches",
+                        format!("entry {i}: the condition {search:?} matches more than one resource; nothing was written"),
+                    )));
+                }
+                if let (Some(id), Some(t)) = (ids.first(), &rtype) {
+                    let target = format!("{t}/{id}");
+                    if let Some(f) = &full_url {
+                        refs.insert(f.clone(), target.clone());
+                    }
+                    if method == "POST" {
+                        // Conditional create that matched: nothing to create; reading the
+                        // match keeps the response entry at the same index.
+                        e["request"] = json!({"method": "GET", "url": target});
+                        if let Some(o) = e.as_object_mut() {
+                            o.remove("resource");
+                        }
+                    } else {
+                        e["request"] = json!({"method": "PUT", "url": target});
+                        e["resource"]["id"] = json!(id);
+                    }
+                    out.push(e);
+                    continue;
+                }
+            }
+
+            // Step 2: urn:uuid entries with a resource become PUTs with a known id.
+            if let (Some(f), Some(t)) = (&full_url, &rtype) {
+                if let Some(uuid) = f.strip_prefix("urn:uuid:") {
+                    if method == "POST" || (method == "PUT" && !url.contains('?')) {
+                        let id = e["resource"]
+                            .get("id")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                            .unwrap_or_else(|| uuid.to_string());
+                        if !crate::identity::valid_id(&id) {
+                            return Ok(bad(format!("entry {i}: {id:?} is not a valid FHIR id")));
+                        }
+                        e["resource"]["id"] = json!(id);
+                        let put_url = if self.conditional_put {
+                            format!("{t}?_id={id}")
+                        } else {
+                            format!("{t}/{id}")
+                        };
+                        e["request"] = json!({"method": "PUT", "url": put_url});
+                        refs.insert(f.clone(), format!("{t}/{id}"));
+                    }
+                }
+            }
+            out.push(e);
+        }
+
+        // Step 3: references between entries.
+        let mut out = Value::Array(out);
+        rewrite_references(&mut out, &refs);
+        bundle["entry"] = out;
+        bundle["type"] = json!("batch");
+        req.body =
+            Some(serde_json::to_vec(&bundle).map_err(|e| ModuleError::Failed(e.to_string()))?);
+        Ok(PreOutcome::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{context_with, ScriptedClient};
+
+    fn req(body: Value) -> Request {
+        Request {
+            method: "POST".into(),
+            path: "".into(),
+            query: String::new(),
+            headers: vec![],
+            body: Some(serde_json::to_vec(&body).unwrap()),
+        }
+    }
+
+    fn tx(entries: Value) -> Value {
+        json!({"resourceType":"Bundle","type":"transaction","entry":entries})
+    }
+
+    #[tokio::test]
+    async fn urn_uuid_entries_become_puts_and_references_follow() {
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        let mut r = req(tx(json!([
+            {"fullUrl":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
+            {"fullUrl":"urn:uuid:bbbbbbbb-0000-0000-0000-000000000002","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"},"hasMember":[{"reference":"urn:uuid:unknown"}]},"request":{"method":"POST","url":"Observation"}},
+            {"request":{"method":"DELETE","url":"Patient/old"}}
+        ])));
+        let (cx, _) = context_with(ScriptedClient::new(vec![]));
+        assert!(matches!(
+            m.process(&mut r, &cx).await.unwrap(),
+            PreOutcome::Continue
+        ));
+        let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+        assert_eq!(b["type"], "batch");
+        assert_eq!(
+            b["entry"][0]["request"]["url"],
+            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
+        );
+        assert_eq!(b["entry"][0]["request"]["method"], "PUT");
+        assert_eq!(
+            b["entry"][0]["resource"]["id"],
+            "aaaaaaaa-0000-0000-0000-000000000001"
+        );
+        assert_eq!(
+            b["entry"][1]["resource"]["subject"]["reference"],
+            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
+        );
+        assert_eq!(
+            b["entry"][1]["resource"]["hasMember"][0]["reference"],
+            "urn:uuid:unknown"
+        );
+        assert_eq!(b["entry"][2]["request"]["method"], "DELETE");
+    }
+
+    #[tokio::test]
+    async fn conditional_create_matching_twice_is_412_and_once_reuses() {
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        let two = json!({"resourceType":"Bundle","total":2,"entry":[{"resource":{"id":"a"}},{"resource":{"id":"b"}}]});
+        let mut r = req(tx(json!([
+            {"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=x|1"}}
+        ])));
+        let (cx, client) = context_with(ScriptedClient::new(vec![(200, two)]));
+        match m.process(&mut r, &cx).await.unwrap() {
+            PreOutcome::Stop(resp) => {
+                assert_eq!(resp.status, 412);
+                assert!(resp.json_body().unwrap()["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap()
+                    .contains("entry 0"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            client.calls(),
+            vec!["GET Patient?identifier=x|1".to_string()]
+        );
+
+        let one = json!({"resourceType":"Bundle","total":1,"entry":[{"resource":{"resourceType":"Patient","id":"p9"}}]});
+        let mut r = req(tx(json!([
+            {"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=x|1"}},
+            {"resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:1"}},"request":{"method":"POST","url":"Observation"}}
+        ])));
+        let (cx, _) = context_with(ScriptedClient::new(vec![(200, one)]));
+        assert!(matches!(
+            m.process(&mut r, &cx).await.unwrap(),
+            PreOutcome::Continue
+        ));
+        let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            b["entry"][0]["request"],
+            json!({"method":"GET","url":"Patient/p9"})
+        );
+        assert_eq!(
+            b["entry"][1]["resource"]["subject"]["reference"],
+            "Patient/p9"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_bundles_are_400_without_calls() {
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        for body in [
+            json!({"resourceType":"Bundle","type":"transaction","entry":[{"resource":{"resourceType":"Patient"}}]}),
+            json!({"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"FETCH","url":"Patient"}}]}),
+            json!({"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Patient"}}]}),
+            json!({"resourceType":"Patient"}),
+        ] {
+            let mut r = req(body.clone());
+            let (cx, client) = context_with(ScriptedClient::new(vec![]));
+            match m.process(&mut r, &cx).await.unwrap() {
+                PreOutcome::Stop(resp) => assert_eq!(resp.status, 400, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+            assert!(client.calls().is_empty());
+        }
+        let mut r = Request {
+            body: Some(b"{not json".to_vec()),
+            ..req(json!({}))
+        };
+        let (cx, _) = context_with(ScriptedClient::new(vec![]));
+        assert!(
+            matches!(m.process(&mut r, &cx).await.unwrap(), PreOutcome::Stop(x) if x.status == 400)
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! The processor chain's contract: what a pre-processor (request side) and a post-processor
+//! (response side) see, what they may answer, and the two services the gateway lends them —
+//! a FHIR client for calls to the server and an event sink.
+//!
+//! Semantics (the predecessor's, kept): modules run in configured order, each sees the previous
+//! one's result. A pre-processor may stop the chain with a response: the upstream call is then
+//! skipped and that response still passes the post chain, unless it is a direct reply. Stopping
+//! without a response, or failing, is a 500 OperationOutcome naming the module — never a pass.
+
+use crate::identity::Identity;
+use async_trait::async_trait;
+use serde_json::Value;
+use std::fmt;
+use std::sync::Arc;
+
+/// A request as the chain sees it. `path` is below the route prefix (`/Patient/1`, `""`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Raw query string, without `?`.
+    pub query: String,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// The body, read only when some module declared it needs it (or the gateway did).
+    pub body: Option<Vec<u8>>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON, if there is one and it parses.
+    pub fn json(&self) -> Option<Result<Value, String>> {
+        self.body
+            .as_ref()
+            .filter(|b| !b.is_empty())
+            .map(|b| serde_json::from_slice(b).map_err(|e| format!("invalid JSON: {e}")))
+    }
+}
+
+/// A response as the chain sees it: the body parsed once (JSON) and serialised once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response {
+    pub status: u16,
+    /// Lower-case names; hop-by-hop and framing headers are not here.
+    pub headers: Vec<(String, String)>,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    None,
+    /// A FHIR JSON body, parsed.
+    Json(Value),
+    /// Anything else, untouched by modules.
+    Raw(Vec<u8>),
+}
+
+impl Response {
+    pub fn json(status: u16, body: Value) -> Response {
+        Response {
+            status,
+            headers: vec![("content-type".into(), "application/fhir+json".into())],
+            body: Body::Json(body),
+        }
+    }
+
+    /// An OperationOutcome response (`code` from the FHIR issue-type value set).
+    pub fn outcome(status: u16, code: &'static str, diagnostics: impl Into<String>) -> Response {
+        let sev = if status >= 500 {
+            crate::Severity::Fatal
+        } else {
+            crate::Severity::Error
+        };
+        Response::json(
+            status,
+            crate::operation_outcome(&[crate::Issue {
+                severity: sev,
+                code,
+                diagnostics: diagnostics.into(),
+            }]),
+        )
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set_header(&mut self, name: &str, value: impl Into<String>) {
+        let name = name.to_ascii_lowercase();
+        self.headers.retain(|(k, _)| *k != name);
+        self.headers.push((name, value.into()));
+    }
+
+    pub fn json_body(&self) -> Option<&Value> {
+        match &self.body {
+            Body::Json(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn json_body_mut(&mut self) -> Option<&mut Value> {
+        match &mut self.body {
+            Body::Json(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// What a pre-processor decided.
+#[derive(Debug)]
+pub enum PreOutcome {
+    /// Go on (the request may have been changed in place).
+    Continue,
+    /// Skip the upstream call; this response still goes through the post chain.
+    Stop(Response),
+    /// Skip the upstream call and the post chain: answer with this.
+    Reply(Response),
+    /// Stop without a response: a 500 naming the module (a module bug, never a pass).
+    StopWithoutResponse,
+}
+
+/// What a post-processor decided.
+#[derive(Debug)]
+pub enum PostOutcome {
+    /// Go on (the response may have been changed in place).
+    Continue,
+    /// Answer with the response as it is now; later post modules do not run.
+    Stop,
+    /// Stop without a response: a 500 naming the module.
+    StopWithoutResponse,
+}
+
+/// A module failure. Rendered as a 500 OperationOutcome naming the module, unless the module
+/// meant a client error (`Status`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModuleError {
+    /// Something broke (upstream unreachable, unexpected data): 500, fail closed.
+    Failed(String),
+    /// A dependency needed for a security decision is down: 503, fail closed.
+    Unavailable(String),
+}
+
+impl fmt::Display for ModuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModuleError::Failed(m) | ModuleError::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A request a module makes to the FHIR server. `path_and_query` is below the FHIR base
+/// (`Patient/1`, `Observation?patient=1`) or a full URL the server handed out (a `next` link,
+/// in the gateway's public form or the server's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientRequest {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl ClientRequest {
+    pub fn get(path_and_query: impl Into<String>) -> ClientRequest {
+        ClientRequest {
+            method: "GET".into(),
+            path_and_query: path_and_query.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+}
+
+/// The FHIR server, as the gateway lends it to modules: pooled, with the gateway's service
+/// identity and the caller's audit headers and correlation id on every call.
+#[async_trait]
+pub trait FhirClient: Send + Sync {
+    /// Sends a request; the response body is parsed when it is JSON. URLs in it are the
+    /// server's own (modules compare references; the gateway rewrites what goes out).
+    async fn send(&self, req: ClientRequest) -> Result<Response, ModuleError>;
+
+    /// GET returning the JSON body of a 2xx answer.
+    async fn get_json(&self, path_and_query: &str) -> Result<(u16, Value), ModuleError> {
+        let r = self.send(ClientRequest::get(path_and_query)).await?;
+        match r.body {
+            Body::Json(v) => Ok((r.status, v)),
+            _ => Err(ModuleError::Failed(format!(
+                "GET {path_and_query}: answered {} without a JSON body",
+                r.status
+            ))),
+        }
+    }
+}
+
+/// Where events go (the Kafka producer, a file, or nowhere). Must not block.
+pub trait EventSink: Send + Sync {
+    fn publish(&self, key: &str, event: Value);
+}
+
+/// Everything a module may use for one request.
+#[derive(Clone)]
+pub struct Context {
+    pub identity: Option<Identity>,
+    pub correlation_id: String,
+    /// Public FHIR base of the route the caller used (`https://gw.example/fhir`).
+    pub public_base: String,
+    pub fhir: Arc<dyn FhirClient>,
+    pub events: Arc<dyn EventSink>,
+}
+
+#[async_trait]
+pub trait PreProcess: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Whether this module wants the request body (then the gateway reads it whole).
+    fn needs_body(&self) -> bool {
+        false
+    }
+
+    /// Cheap check: does this module do anything for this request? Modules that do not apply
+    /// cost nothing, and do not force buffering.
+    fn applies(&self, _req: &Request) -> bool {
+        true
+    }
+
+    async fn process(&self, req: &mut Request, cx: &Context) -> Result<PreOutcome, ModuleError>;
+}
+
+#[async_trait]
+pub trait PostProcess: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Cheap check on the request alone (before the upstream call): may this module act on
+    /// the response? When no post module applies, the response streams untouched.
+    fn applies(&self, _req: &Request) -> bool {
+        true
+    }
+
+    async fn process(
+        &self,
+        req: &Request,
+        resp: &mut Response,
+        cx: &Context,
+    ) -> Result<PostOutcome, ModuleError>;
+}
+
+/// Splits `a=1&b=2` into pairs (no decoding: modules compare parameter names).
+pub fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
