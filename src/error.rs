@@ -31,6 +31,13 @@ pub enum GatewayError {
     ServiceIdentity(String),
     /// 503 `transient`: not ready or draining.
     NotReady(String),
+    /// 500 `exception` (503 `transient` when `unavailable`): a processor module failed or
+    /// stopped the chain without a response.
+    Module {
+        module: String,
+        message: String,
+        unavailable: bool,
+    },
     /// 500 `exception`.
     Internal(String),
 }
@@ -50,6 +57,10 @@ impl GatewayError {
             UpstreamUnavailable(_) | ResponseTooLarge(_) => 502,
             ServiceIdentity(_) | NotReady(_) => 503,
             UpstreamTimeout(_) => 504,
+            Module {
+                unavailable: true, ..
+            } => 503,
+            Module { .. } => 500,
             Internal(_) => 500,
         }
     }
@@ -66,6 +77,10 @@ impl GatewayError {
             RequestTooLarge(_) | QueryTooLong(_) | ResponseTooLarge(_) => "too-costly",
             UpstreamUnavailable(_) | ServiceIdentity(_) | NotReady(_) => "transient",
             UpstreamTimeout(_) => "timeout",
+            Module {
+                unavailable: true, ..
+            } => "transient",
+            Module { .. } => "exception",
             Internal(_) => "exception",
         }
     }
@@ -109,6 +124,9 @@ impl fmt::Display for GatewayError {
             }
             ServiceIdentity(m) => write!(f, "upstream credential unavailable: {m}"),
             NotReady(m) => write!(f, "gateway not ready: {m}"),
+            Module {
+                module, message, ..
+            } => write!(f, "module {module}: {message}"),
             Internal(m) => write!(f, "internal error: {m}"),
         }
     }

@@ -1,20 +1,34 @@
 //! The runtime object built from a validated configuration and shared by every request.
 
+use crate::auth::policy::{role_by_name, RolePolicy};
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, GatewayConfig, LimitsConfig, RetryConfig, SmartConfig};
+use crate::config::{ModuleConfig, RolePolicyConfig};
 use crate::headers::FORWARDED_REQUEST_HEADERS;
 use crate::health::Health;
 use crate::net::IpNet;
 use crate::rewrite::{Replacements, Rewriter};
 use crate::upstream::identity::ServiceIdentity;
 use crate::upstream::{BaseUrl, Upstream};
+use fhir_gateway_modules::builtin::{build_post, build_pre};
+use fhir_gateway_modules::processor::{EventSink, PostProcess, PreProcess};
 use http::HeaderName;
+use std::sync::Arc;
 use std::time::Duration;
 
-pub struct Gateway {
+/// A public prefix in front of the FHIR server, with its own chains and role policy.
+pub struct Route {
     pub prefix: String,
     /// Configured public base and its encoded forms; `None` = derived per request.
     pub public_base: Option<(String, Replacements)>,
+    pub pre: Vec<Arc<dyn PreProcess>>,
+    pub post: Vec<Arc<dyn PostProcess>>,
+    pub policy: RolePolicy,
+}
+
+pub struct Gateway {
+    /// `routes[0]` is the main route (`fhir_prefix`).
+    pub routes: Vec<Route>,
     pub name: String,
     pub upstream: Upstream,
     pub identity: ServiceIdentity,
@@ -33,6 +47,8 @@ pub struct Gateway {
     pub health: Health,
     /// Client for calls to identity providers (token endpoint, discovery, JWKS).
     pub http: reqwest::Client,
+    /// Where modules publish events.
+    pub events: Arc<dyn EventSink>,
     /// Client for calls the gateway makes to the FHIR server itself (buffered requests,
     /// modules): the upstream's CA and verification settings, pooled.
     pub upstream_http: reqwest::Client,
@@ -89,14 +105,24 @@ impl Gateway {
             hn(&a.proxy)?,
         ];
         let rewriter = Rewriter::new(&upstream.base.spellings());
-        let public_base = match &cfg.public_base_url {
-            Some(p) => {
-                let s = BaseUrl::parse(p)?.as_string();
-                let r = rewriter.replacements(&s);
-                Some((s, r))
-            }
-            None => None,
-        };
+        let mut routes = vec![Route::new(
+            &cfg.fhir_prefix,
+            cfg.public_base_url.as_deref(),
+            &cfg.pre,
+            &cfg.post,
+            &cfg.policy,
+            &rewriter,
+        )?];
+        for r in &cfg.routes {
+            routes.push(Route::new(
+                &r.prefix,
+                r.public_base_url.as_deref(),
+                &r.pre,
+                &r.post,
+                &r.policy,
+                &rewriter,
+            )?);
+        }
         let mut forward: Vec<HeaderName> = FORWARDED_REQUEST_HEADERS
             .iter()
             .map(|h| HeaderName::from_static(h))
@@ -108,8 +134,7 @@ impl Gateway {
             }
         }
         Ok(Gateway {
-            prefix: cfg.fhir_prefix.clone(),
-            public_base,
+            routes,
             name: cfg.gateway_name.clone(),
             identity,
             rewriter,
@@ -126,6 +151,7 @@ impl Gateway {
             smart: auth_cfg.smart.clone(),
             audit,
             upstream_http,
+            events: Arc::new(crate::upstream::client::NullSink),
             access_log: cfg.logging.access_log,
             health: Health::default(),
             http,
@@ -133,7 +159,62 @@ impl Gateway {
         })
     }
 
+    /// The route whose prefix the path is under (whole segments only).
+    pub fn route_for(&self, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                path.starts_with(r.prefix.as_str())
+                    && (path.len() == r.prefix.len() || path.as_bytes()[r.prefix.len()] == b'/')
+            })
+            .max_by_key(|(_, r)| r.prefix.len())
+            .map(|(i, _)| i)
+    }
+
     pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+}
+
+impl Route {
+    fn new(
+        prefix: &str,
+        public_base: Option<&str>,
+        pre: &[ModuleConfig],
+        post: &[ModuleConfig],
+        policy: &RolePolicyConfig,
+        rewriter: &Rewriter,
+    ) -> Result<Route, String> {
+        let public_base = match public_base {
+            Some(p) => {
+                let s = BaseUrl::parse(p)?.as_string();
+                let r = rewriter.replacements(&s);
+                Some((s, r))
+            }
+            None => None,
+        };
+        let roles = |names: &[String]| -> Result<Vec<_>, String> {
+            names
+                .iter()
+                .map(|n| role_by_name(n).ok_or_else(|| format!("unknown role {n}")))
+                .collect()
+        };
+        Ok(Route {
+            prefix: prefix.to_string(),
+            public_base,
+            pre: pre
+                .iter()
+                .map(|m| build_pre(&m.name, &m.settings_json()?))
+                .collect::<Result<_, _>>()?,
+            post: post
+                .iter()
+                .map(|m| build_post(&m.name, &m.settings_json()?))
+                .collect::<Result<_, _>>()?,
+            policy: RolePolicy {
+                read: roles(&policy.read)?,
+                write: roles(&policy.write)?,
+            },
+        })
     }
 }

@@ -1,11 +1,13 @@
 //! fhir-gateway: a secure gateway for FHIR servers, on Cloudflare Pingora.
 
 pub mod auth;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod headers;
 pub mod health;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod rewrite;

@@ -125,6 +125,11 @@ fn main() -> ExitCode {
         },
     );
     server.add_service(health);
+    if let Some(addr) = &cfg.metrics.listen {
+        let mut metrics = pingora_prometheus::prometheus_http_service();
+        metrics.add_tcp(addr);
+        server.add_service(metrics);
+    }
     server.add_service(proxy);
     server.run_forever()
 }

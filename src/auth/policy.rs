@@ -14,24 +14,63 @@ use fhir_gateway_modules::{Identity, Role};
 /// Why a request was refused: the rule that failed, for the 403 diagnostics.
 pub type Denied = String;
 
+/// Which roles may read and which may write (per route).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolePolicy {
+    pub read: Vec<Role>,
+    pub write: Vec<Role>,
+}
+
+impl Default for RolePolicy {
+    fn default() -> Self {
+        RolePolicy {
+            read: vec![Role::Reader, Role::Administrator],
+            write: vec![Role::Writer, Role::Administrator],
+        }
+    }
+}
+
+pub fn role_by_name(name: &str) -> Option<Role> {
+    Role::ALL.into_iter().find(|r| r.name() == name)
+}
+
+fn names(roles: &[Role]) -> String {
+    if roles.is_empty() {
+        return "a role this route does not grant".into();
+    }
+    roles
+        .iter()
+        .map(|r| r.name())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// The default policy (Reader/Writer/Administrator).
 pub fn authorize(
     id: &Identity,
     req: &FhirRequest,
     scopes_alone_suffice: bool,
 ) -> Result<(), Denied> {
-    let role_ok = if req.is_read {
-        id.has(Role::Reader) || id.has(Role::Administrator)
+    authorize_with(id, req, scopes_alone_suffice, &RolePolicy::default())
+}
+
+pub fn authorize_with(
+    id: &Identity,
+    req: &FhirRequest,
+    scopes_alone_suffice: bool,
+    policy: &RolePolicy,
+) -> Result<(), Denied> {
+    let allowed = if req.is_read {
+        &policy.read
     } else {
-        id.has(Role::Writer) || id.has(Role::Administrator)
+        &policy.write
     };
+    let role_ok = allowed.iter().any(|r| id.has(*r));
     let role_rule = || {
         if req.is_read {
-            format!(
-                "role: reading ({}) needs Reader or Administrator",
-                describe(req)
-            )
+            format!("role: reading ({}) needs {}", describe(req), names(allowed))
         } else {
-            format!("role: {} needs Writer or Administrator", describe(req))
+            format!("role: {} needs {}", describe(req), names(allowed))
         }
     };
     let scopes = ScopeSet::from_strings(&id.scopes);

@@ -47,6 +47,77 @@ pub struct GatewayConfig {
     pub logging: LoggingConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Pre-processors of the main route (`fhir_prefix`), in order.
+    #[serde(default)]
+    pub pre: Vec<ModuleConfig>,
+    /// Post-processors of the main route, in order.
+    #[serde(default)]
+    pub post: Vec<ModuleConfig>,
+    /// Role policy of the main route.
+    #[serde(default)]
+    pub policy: RolePolicyConfig,
+    /// More public prefixes in front of the same FHIR server, each with its own chains and
+    /// role policy (e.g. `/research/fhir` for analytics).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Prometheus metrics on their own listener (keep it off the public interface).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port`, e.g. `127.0.0.1:9091`; absent = no metrics listener.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// One module of a chain: its registered name and its settings.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub settings: serde_yaml::Value,
+}
+
+impl ModuleConfig {
+    pub fn settings_json(&self) -> Result<serde_json::Value, String> {
+        serde_json::to_value(&self.settings).map_err(|e| e.to_string())
+    }
+}
+
+/// Which application roles may read and which may write on a route.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolePolicyConfig {
+    pub read: Vec<String>,
+    pub write: Vec<String>,
+}
+
+impl Default for RolePolicyConfig {
+    fn default() -> Self {
+        RolePolicyConfig {
+            read: vec!["Reader".into(), "Administrator".into()],
+            write: vec!["Writer".into(), "Administrator".into()],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub prefix: String,
+    /// Public base of this route; default derived like the main one.
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    #[serde(default)]
+    pub pre: Vec<ModuleConfig>,
+    #[serde(default)]
+    pub post: Vec<ModuleConfig>,
+    #[serde(default)]
+    pub policy: RolePolicyConfig,
 }
 
 fn default_prefix() -> String {
@@ -668,6 +739,19 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
         }
     }
 
+    if let Some(m) = &cfg.metrics.listen {
+        match m.parse::<SocketAddr>() {
+            Ok(a) if addrs.contains(&a) => err(
+                &["metrics", "listen"],
+                "metrics.listen: same address as a listener".into(),
+            ),
+            Ok(_) => {}
+            Err(_) => err(
+                &["metrics", "listen"],
+                format!("metrics.listen: {m:?} is not an ip:port address"),
+            ),
+        }
+    }
     if !is_valid_prefix(&cfg.fhir_prefix) {
         err(
             &["fhir_prefix"],
@@ -681,6 +765,41 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
         if let Err(e) = crate::upstream::BaseUrl::parse(p) {
             err(&["public_base_url"], format!("public_base_url: {e}"));
         }
+    }
+    validate_chains(&[], &cfg.pre, &cfg.post, &cfg.policy, &mut err);
+    let mut prefixes = vec![cfg.fhir_prefix.clone()];
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let idx = i.to_string();
+        if !is_valid_prefix(&r.prefix) {
+            err(
+                &["routes", &idx, "prefix"],
+                format!(
+                    "routes[{i}].prefix: {:?} is not a valid path prefix",
+                    r.prefix
+                ),
+            );
+        }
+        let overlaps = prefixes.iter().any(|p| {
+            p == &r.prefix
+                || r.prefix.starts_with(&format!("{p}/"))
+                || p.starts_with(&format!("{}/", r.prefix))
+        });
+        if overlaps || ["/healthz", "/readyz", "/manage"].contains(&r.prefix.as_str()) {
+            err(
+                &["routes", &idx, "prefix"],
+                format!("routes[{i}].prefix: {:?} overlaps another route", r.prefix),
+            );
+        }
+        prefixes.push(r.prefix.clone());
+        if let Some(p) = &r.public_base_url {
+            if let Err(e) = crate::upstream::BaseUrl::parse(p) {
+                err(
+                    &["routes", &idx, "public_base_url"],
+                    format!("routes[{i}].public_base_url: {e}"),
+                );
+            }
+        }
+        validate_chains(&["routes", &idx], &r.pre, &r.post, &r.policy, &mut err);
     }
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {
         if crate::net::IpNet::parse(p).is_none() {
@@ -916,6 +1035,47 @@ impl GatewayConfig {
         let mut sc: ServerConf = serde_yaml::from_value(v).map_err(|e| e.to_string())?;
         sc.upstream_keepalive_pool_size = self.upstream.pool_size;
         Ok(sc)
+    }
+}
+
+/// Builds every module once, so `-t` reports unknown names and bad settings with their line.
+fn validate_chains(
+    at: &[&str],
+    pre: &[ModuleConfig],
+    post: &[ModuleConfig],
+    policy: &RolePolicyConfig,
+    err: &mut dyn FnMut(&[&str], String),
+) {
+    let label = if at.is_empty() {
+        String::new()
+    } else {
+        format!("{}[{}].", at[0], at[1])
+    };
+    for (list, items, build) in [("pre", pre, true), ("post", post, false)] {
+        for (i, m) in items.iter().enumerate() {
+            let idx = i.to_string();
+            let mut path: Vec<&str> = at.to_vec();
+            path.extend([list, idx.as_str(), "name"]);
+            let result = m.settings_json().and_then(|s| {
+                if build {
+                    fhir_gateway_modules::builtin::build_pre(&m.name, &s).map(|_| ())
+                } else {
+                    fhir_gateway_modules::builtin::build_post(&m.name, &s).map(|_| ())
+                }
+            });
+            if let Err(e) = result {
+                err(&path, format!("{label}{list}[{i}]: {e}"));
+            }
+        }
+    }
+    for (k, roles) in [("read", &policy.read), ("write", &policy.write)] {
+        for r in roles {
+            if crate::auth::policy::role_by_name(r).is_none() {
+                let mut path: Vec<&str> = at.to_vec();
+                path.extend(["policy", k]);
+                err(&path, format!("{label}policy.{k}: unknown role {r:?}"));
+            }
+        }
     }
 }
 

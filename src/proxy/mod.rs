@@ -18,13 +18,18 @@
 mod tests;
 
 use crate::auth::{policy, AuthError};
+use crate::chain::{self, PreResult};
 use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
+use crate::upstream::client::{CallIdentity, GatewayFhirClient};
 use async_trait::async_trait;
 use bytes::Bytes;
+use fhir_gateway_modules::processor::{
+    Body as ModBody, ClientRequest, Context, Request as ModRequest, Response as ModResponse,
+};
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
 use fhir_gateway_modules::{Identity, Role};
 use http::{HeaderValue, Method};
@@ -50,6 +55,8 @@ pub struct Ctx {
     rest: String,
     query: Option<Vec<u8>>,
     client_ip: Option<IpAddr>,
+    /// Index into `Gateway::routes`.
+    route: usize,
     /// The client as audited: the peer, or the first untrusted hop of `X-Forwarded-For`
     /// when the peer is a trusted proxy.
     source: Option<String>,
@@ -303,7 +310,8 @@ impl FhirProxy {
             Some(q) => (&raw[..q], Some(&raw[q + 1..])),
             None => (raw, None),
         };
-        let rest = &path[gw.prefix.len()..];
+        let route = &gw.routes[ctx.route];
+        let rest = &path[route.prefix.len()..];
         check_path(rest)
             .map_err(|why| GatewayError::BadRequest(format!("rejected path: {why}")))?;
         if let Some(q) = query {
@@ -341,8 +349,8 @@ impl FhirProxy {
         }
 
         // Public base for rewriting: configured, or from the Host the caller used.
-        if gw.public_base.is_none() {
-            let base = self.derived_public_base(session, ctx.client_ip)?;
+        if route.public_base.is_none() {
+            let base = self.derived_public_base(session, ctx.client_ip, &route.prefix)?;
             ctx.public_base = Some(PublicBase::Derived(gw.rewriter.replacements(&base)));
             ctx.derived_base = Some(base);
         } else {
@@ -391,13 +399,13 @@ impl FhirProxy {
                     ));
                 }
                 for (i, entry) in entries.iter().enumerate() {
-                    policy::authorize(&identity, entry, scopes_alone).map_err(|rule| {
-                        GatewayError::Forbidden(format!("{rule} (Bundle entry {i})"))
-                    })?;
+                    policy::authorize_with(&identity, entry, scopes_alone, &route.policy).map_err(
+                        |rule| GatewayError::Forbidden(format!("{rule} (Bundle entry {i})")),
+                    )?;
                 }
                 admit = Admit::Buffered(body);
             } else {
-                policy::authorize(&identity, &request, scopes_alone)
+                policy::authorize_with(&identity, &request, scopes_alone, &route.policy)
                     .map_err(GatewayError::Forbidden)?;
             }
             ctx.identity = Some(identity);
@@ -436,10 +444,11 @@ impl FhirProxy {
     }
 
     fn public_base_string(&self, ctx: &Ctx) -> String {
-        match (&self.gw.public_base, &ctx.derived_base) {
+        let route = &self.gw.routes[ctx.route];
+        match (&route.public_base, &ctx.derived_base) {
             (Some((b, _)), _) => b.clone(),
             (None, Some(b)) => b.clone(),
-            (None, None) => self.gw.prefix.clone(),
+            (None, None) => route.prefix.clone(),
         }
     }
 
@@ -463,104 +472,197 @@ impl FhirProxy {
         v
     }
 
-    /// The request the gateway had to read itself (a batch, authorised entry by entry) goes
-    /// to the FHIR server through the gateway's own client; the response is rewritten whole.
-    async fn forward_buffered(
+    /// The FHIR client for this request: service identity, the caller's audit headers.
+    fn client_for(&self, ctx: &Ctx) -> GatewayFhirClient {
+        GatewayFhirClient {
+            gw: self.gw.clone(),
+            call: CallIdentity {
+                service_auth: ctx.service_auth.clone(),
+                audit: self.audit_headers(ctx),
+                correlation_id: ctx.correlation_id.clone(),
+                public_base: self.public_base_string(ctx),
+            },
+        }
+    }
+
+    /// Runs the route's chains. `Ok(false)`: nothing needs the bodies, stream through Pingora
+    /// (with the path and query the pre chain left). `Ok(true)`: answered here — the request
+    /// body was read, the FHIR server called through the gateway's client, the post chain run
+    /// over the one parsed response, and the result serialised and rewritten once.
+    async fn run_modules(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        body: Bytes,
+        admit: Admit,
+    ) -> std::result::Result<bool, GatewayError> {
+        let gw = self.gw.clone();
+        let route = &gw.routes[ctx.route];
+        let down = session.req_header();
+        let headers: Vec<(String, String)> = gw
+            .forward
+            .iter()
+            .flat_map(|n| {
+                down.headers
+                    .get_all(n)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(|v| (n.as_str().to_string(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut req = ModRequest {
+            method: down.method.as_str().to_string(),
+            path: ctx.rest.clone(),
+            query: ctx
+                .query
+                .as_deref()
+                .map(|q| String::from_utf8_lossy(q).into_owned())
+                .unwrap_or_default(),
+            headers,
+            body: None,
+        };
+        let mut body = match admit {
+            Admit::Buffered(b) => Some(b),
+            Admit::Proxy => None,
+        };
+        let pre_applies = route.pre.iter().any(|m| m.applies(&req));
+        let pre_needs_body = route.pre.iter().any(|m| m.applies(&req) && m.needs_body());
+        let post_applies = route.post.iter().any(|m| m.applies(&req));
+        let buffered = body.is_some() || pre_needs_body || post_applies;
+        if !buffered && !pre_applies {
+            return Ok(false);
+        }
+        if buffered && body.is_none() {
+            body = Some(self.read_body(session).await?);
+        }
+        req.body = body.map(|b| b.to_vec());
+        let client = Arc::new(self.client_for(ctx));
+        let cx = Context {
+            identity: ctx.identity.clone(),
+            correlation_id: ctx.correlation_id.clone(),
+            public_base: self.public_base_string(ctx),
+            fhir: client.clone(),
+            events: gw.events.clone(),
+        };
+        let mut resp = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
+            PreResult::Reply(r) => {
+                self.write_module_response(session, ctx, r).await?;
+                return Ok(true);
+            }
+            PreResult::Stop(r) => r,
+            PreResult::Continue if !buffered => {
+                // Only the path or query changed: the exchange can still stream.
+                check_path(req.path.as_bytes()).map_err(|why| {
+                    GatewayError::Internal(format!("a module produced a bad path: {why}"))
+                })?;
+                ctx.rest = req.path.clone();
+                ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
+                return Ok(false);
+            }
+            PreResult::Continue => {
+                let mut target = req.path.clone();
+                if !req.query.is_empty() {
+                    target.push('?');
+                    target.push_str(&req.query);
+                }
+                ctx.attempts += 1;
+                let r = client
+                    .call(ClientRequest {
+                        method: req.method.clone(),
+                        path_and_query: target,
+                        headers: req.headers.clone(),
+                        body: req.body.clone(),
+                    })
+                    .await?;
+                ctx.upstream_status = Some(r.status);
+                r
+            }
+        };
+        chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+        self.write_module_response(session, ctx, resp).await?;
+        Ok(true)
+    }
+
+    /// Serialises a module-path response once, rewrites it, and writes it with a length.
+    async fn write_module_response(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        resp: ModResponse,
     ) -> std::result::Result<(), GatewayError> {
         let gw = &self.gw;
-        let req = session.req_header();
-        let mut url = format!(
-            "{}://{}{}",
-            gw.upstream.base.scheme,
-            gw.upstream.base.authority(),
-            gw.upstream.path_for(&ctx.rest)
-        );
-        if let Some(q) = &ctx.query {
-            url.push('?');
-            url.push_str(&String::from_utf8_lossy(q));
-        }
-        let method = reqwest::Method::from_bytes(req.method.as_str().as_bytes())
-            .map_err(|_| GatewayError::BadRequest("method".into()))?;
-        let mut rb = gw.upstream_http.request(method, url).body(body);
-        for name in &gw.forward {
-            for v in req.headers.get_all(name) {
-                rb = rb.header(name, v);
-            }
-        }
-        if let Some(a) = &ctx.service_auth {
-            rb = rb.header(http::header::AUTHORIZATION, a.clone());
-        }
-        rb = rb.header(REQUEST_ID, ctx.correlation_id.as_str());
-        for (k, v) in self.audit_headers(ctx) {
-            rb = rb.header(k, v);
-        }
-        ctx.attempts += 1;
-        let mut resp = rb.send().await.map_err(|e| {
-            if e.is_timeout() {
-                GatewayError::UpstreamTimeout("no response in time".into())
-            } else if e.is_connect() {
-                GatewayError::UpstreamUnavailable("connection failed".into())
-            } else {
-                GatewayError::UpstreamUnavailable("request failed".into())
-            }
-        })?;
-        let status = resp.status().as_u16();
-        ctx.upstream_status = Some(status);
-        let cap = gw.limits.max_buffered_response_bytes;
-        let mut out = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            if e.is_timeout() {
-                GatewayError::UpstreamTimeout("response body too slow".into())
-            } else {
-                GatewayError::UpstreamUnavailable("response body broken off".into())
-            }
-        })? {
-            if out.len() + chunk.len() > cap {
-                return Err(GatewayError::ResponseTooLarge(cap));
-            }
-            out.extend_from_slice(&chunk);
-        }
         let to = self.replacements(ctx).cloned();
-        let mut h = ResponseHeader::build(status, Some(resp.headers().len() + 2))
-            .map_err(|_| GatewayError::Internal("response header".into()))?;
-        for (k, v) in resp.headers() {
+        let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 3))
+            .map_err(|_| GatewayError::Internal(format!("status {}", resp.status)))?;
+        let mut has_ct = false;
+        for (k, v) in &resp.headers {
+            let k = k.to_ascii_lowercase();
             if DROPPED_RESPONSE_HEADERS.contains(&k.as_str())
-                || k == http::header::CONTENT_LENGTH
-                || k == http::header::TRANSFER_ENCODING
+                || k == "content-length"
+                || k == "transfer-encoding"
+                || k == REQUEST_ID
             {
                 continue;
             }
+            has_ct |= k == "content-type";
             let v = match to
                 .as_ref()
                 .and_then(|to| gw.rewriter.rewrite_all(v.as_bytes(), to))
             {
-                Some(new) => HeaderValue::from_bytes(&new)
-                    .map_err(|_| GatewayError::Internal("header".into()))?,
-                None => v.clone(),
+                Some(new) => new,
+                None => v.clone().into_bytes(),
             };
-            let _ = h.append_header(k.clone(), v);
+            let v = HeaderValue::from_bytes(&v)
+                .map_err(|_| GatewayError::Internal(format!("header {k} is not valid")))?;
+            let _ = h.append_header(k, v);
         }
-        let ct = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .map(|v| v.as_bytes().to_vec());
-        if is_rewritable(ct.as_deref()) {
+        let (mut out, rewritable) = match resp.body {
+            ModBody::Json(v) => {
+                if !has_ct {
+                    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/fhir+json");
+                }
+                (
+                    serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?,
+                    true,
+                )
+            }
+            ModBody::Raw(b) => {
+                let ct = resp
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.as_bytes().to_vec());
+                (b, is_rewritable(ct.as_deref()))
+            }
+            ModBody::None => (Vec::new(), false),
+        };
+        if rewritable {
             if let Some(new) = to.as_ref().and_then(|to| gw.rewriter.rewrite_all(&out, to)) {
                 out = new;
             }
         }
+        if let Some(etag) = h.headers.get(http::header::ETAG).cloned() {
+            if !etag.as_bytes().starts_with(b"W/") {
+                let weak = [b"W/", etag.as_bytes()].concat();
+                if let Ok(w) = HeaderValue::from_bytes(&weak) {
+                    let _ = h.insert_header(http::header::ETAG, w);
+                }
+            }
+        }
         let _ = h.insert_header(http::header::CONTENT_LENGTH, out.len().to_string());
         let _ = h.insert_header(REQUEST_ID, ctx.correlation_id.as_str());
+        let head_only = session.req_header().method == Method::HEAD;
         session
             .write_response_header(Box::new(h), false)
             .await
             .map_err(|_| GatewayError::Internal("client went away".into()))?;
+        let body = if head_only {
+            Bytes::new()
+        } else {
+            Bytes::from(out)
+        };
         session
-            .write_response_body(Some(Bytes::from(out)), true)
+            .write_response_body(Some(body), true)
             .await
             .map_err(|_| GatewayError::Internal("client went away".into()))?;
         Ok(())
@@ -664,6 +766,7 @@ impl FhirProxy {
         &self,
         session: &Session,
         client_ip: Option<IpAddr>,
+        prefix: &str,
     ) -> std::result::Result<String, GatewayError> {
         let req = session.req_header();
         let trusted = client_ip.is_some_and(|ip| self.gw.is_trusted_proxy(ip));
@@ -693,12 +796,15 @@ impl FhirProxy {
         if !valid_authority(&host) {
             return Err(GatewayError::BadRequest("invalid Host header".into()));
         }
-        Ok(format!("{scheme}://{host}{}", self.gw.prefix))
+        Ok(format!("{scheme}://{host}{prefix}"))
     }
 
     fn replacements<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a Replacements> {
         match ctx.public_base.as_ref()? {
-            PublicBase::Configured => self.gw.public_base.as_ref().map(|(_, r)| r),
+            PublicBase::Configured => self.gw.routes[ctx.route]
+                .public_base
+                .as_ref()
+                .map(|(_, r)| r),
             PublicBase::Derived(r) => Some(r),
         }
     }
@@ -735,6 +841,7 @@ impl ProxyHttp for FhirProxy {
             rest: String::new(),
             query: None,
             client_ip: None,
+            route: 0,
             source: None,
             identity: None,
             metadata: false,
@@ -769,7 +876,7 @@ impl ProxyHttp for FhirProxy {
         session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
 
         let path = session.req_header().uri.path().to_string();
-        let prefix = &self.gw.prefix;
+        let route = self.gw.route_for(&path);
         let probe_method = matches!(session.req_header().method, Method::GET | Method::HEAD);
         match path.as_str() {
             "/healthz" | "/readyz" if !probe_method => {
@@ -812,8 +919,7 @@ impl ProxyHttp for FhirProxy {
                     }
                 };
             }
-            p if p.starts_with(prefix.as_str())
-                && (p.len() == prefix.len() || p.as_bytes()[prefix.len()] == b'/') => {}
+            _ if route.is_some() => {}
             _ => {
                 return self
                     .respond_error(
@@ -825,7 +931,8 @@ impl ProxyHttp for FhirProxy {
             }
         }
 
-        let rest = &path[prefix.len()..];
+        ctx.route = route.expect("matched above");
+        let rest = &path[self.gw.routes[ctx.route].prefix.len()..];
         let get = matches!(session.req_header().method, Method::GET | Method::HEAD);
         if rest == "/.well-known/smart-configuration" && get {
             return match self.smart_configuration() {
@@ -838,18 +945,18 @@ impl ProxyHttp for FhirProxy {
         }
         ctx.metadata = rest == "/metadata" && get;
 
-        match self.admit(session, ctx).await {
-            Ok(Admit::Proxy) => Ok(false),
-            Ok(Admit::Buffered(body)) => match self.forward_buffered(session, ctx, body).await {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    if session.response_written().is_some() {
-                        return Err(ctx.fail(e));
-                    }
-                    self.respond_error(session, ctx, e).await
+        let admit = match self.admit(session, ctx).await {
+            Ok(a) => a,
+            Err(e) => return self.respond_error(session, ctx, e).await,
+        };
+        match self.run_modules(session, ctx, admit).await {
+            Ok(answered) => Ok(answered),
+            Err(e) => {
+                if session.response_written().is_some() {
+                    return Err(ctx.fail(e));
                 }
-            },
-            Err(e) => self.respond_error(session, ctx, e).await,
+                self.respond_error(session, ctx, e).await
+            }
         }
     }
 
@@ -1130,13 +1237,24 @@ impl ProxyHttp for FhirProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if !self.gw.access_log {
-            return;
-        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        let route = self
+            .gw
+            .routes
+            .get(ctx.route)
+            .map_or("-", |r| r.prefix.as_str());
+        crate::metrics::request(
+            route,
+            session.req_header().method.as_str(),
+            status,
+            ctx.start.elapsed(),
+        );
+        if !self.gw.access_log {
+            return;
+        }
         let req = session.req_header();
         // Path only: queries can hold patient data (names, birth dates).
         info!(

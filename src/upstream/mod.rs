@@ -1,6 +1,7 @@
 //! The FHIR server behind the gateway: its base URL, resolved addresses, and the Pingora peer
 //! (TLS, SNI, timeouts) every request is sent to.
 
+pub mod client;
 pub mod identity;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};

@@ -1,0 +1,81 @@
+//! Prometheus metrics (default registry, served by `pingora-prometheus` on `metrics.listen`).
+//! Labels are bounded: route prefixes, module names, methods and status classes from config
+//! or fixed sets — never ids or paths.
+
+use once_cell::sync::Lazy;
+use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use std::time::Duration;
+
+static MODULE_CALLS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_module_calls_total",
+        "Processor module runs by outcome (continue, stop, error)",
+        &["route", "module", "kind", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+static MODULE_SECONDS: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "fhirgw_module_seconds",
+        "Time spent in a processor module",
+        &["route", "module", "kind"],
+        vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]
+    )
+    .expect("metric registers once")
+});
+
+static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_requests_total",
+        "Requests by route, method and status",
+        &["route", "method", "status"]
+    )
+    .expect("metric registers once")
+});
+
+static REQUEST_SECONDS: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "fhirgw_request_seconds",
+        "Request duration as seen by the gateway",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]
+    )
+    .expect("metric registers once")
+});
+
+static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_auth_failures_total",
+        "Requests refused by authentication (401/503) or authorization (403)",
+        &["status"]
+    )
+    .expect("metric registers once")
+});
+
+pub fn module_call(route: &str, module: &str, kind: &str, outcome: &str, took: Duration) {
+    MODULE_CALLS
+        .with_label_values(&[route, module, kind, outcome])
+        .inc();
+    MODULE_SECONDS
+        .with_label_values(&[route, module, kind])
+        .observe(took.as_secs_f64());
+}
+
+pub fn request(route: &str, method: &str, status: u16, took: Duration) {
+    let method = match method {
+        "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" => method,
+        _ => "other",
+    };
+    let status = match status {
+        0 => "aborted".to_string(),
+        s => s.to_string(),
+    };
+    REQUESTS.with_label_values(&[route, method, &status]).inc();
+    REQUEST_SECONDS
+        .with_label_values(&[route])
+        .observe(took.as_secs_f64());
+    if matches!(status.as_str(), "401" | "403") {
+        AUTH_FAILURES.with_label_values(&[&status]).inc();
+    }
+}
