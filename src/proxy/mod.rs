@@ -100,6 +100,28 @@ impl Ctx {
     }
 }
 
+/// A module's own OperationOutcome carries the correlation id too, like every gateway error.
+fn tag_outcome(r: &mut ModResponse, correlation_id: &str) {
+    let Some(body) = r.json_body_mut() else {
+        return;
+    };
+    if body.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") {
+        return;
+    }
+    if let Some(issues) = body.get_mut("issue").and_then(Value::as_array_mut) {
+        for i in issues {
+            let d = i
+                .get("diagnostics")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            i["diagnostics"] = json!(format!("{d} (correlation id {correlation_id})")
+                .trim_start()
+                .to_string());
+        }
+    }
+}
+
 /// Methods of the FHIR REST API.
 fn is_fhir_method(m: &Method) -> bool {
     matches!(
@@ -545,11 +567,15 @@ impl FhirProxy {
             events: gw.events.clone(),
         };
         let mut resp = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
-            PreResult::Reply(r) => {
+            PreResult::Reply(mut r) => {
+                tag_outcome(&mut r, &ctx.correlation_id);
                 self.write_module_response(session, ctx, r).await?;
                 return Ok(true);
             }
-            PreResult::Stop(r) => r,
+            PreResult::Stop(mut r) => {
+                tag_outcome(&mut r, &ctx.correlation_id);
+                r
+            }
             PreResult::Continue if !buffered => {
                 // Only the path or query changed: the exchange can still stream.
                 check_path(req.path.as_bytes()).map_err(|why| {

@@ -201,8 +201,8 @@ fn read_traffic(correlation_id: &str, wait: Duration) -> Vec<Value> {
         .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
     let script = "import sqlite3,sys,json\n\
 db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\n\
-rows=db.execute('select method,url,req_headers from traffic where correlation_id=? order by id',(sys.argv[2],)).fetchall()\n\
-print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}')} for m,u,h in rows]))\n";
+rows=db.execute('select method,url,req_headers,req_body from traffic where correlation_id=? order by id',(sys.argv[2],)).fetchall()\n\
+print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}'),'body':b} for m,u,h,b in rows]))\n";
     let deadline = Instant::now() + wait;
     loop {
         let out = Command::new("python3")

@@ -4,10 +4,15 @@
 //! resources (an OperationOutcome warning entry when cut). A missing patient is a 404. The
 //! result is a stop-with-response, so the post chain (the security filters) still runs on it.
 //!
+//! As the FHIR operation defines it, resources referenced from the compartment (the
+//! Practitioner of an Observation, an Organization, a Medication...) are added too — except
+//! other Patients, which never come in through a reference.
+//!
 //! Searches are sent with `Prefer: handling=strict`: a server that does not know a linking
 //! parameter must refuse it, not ignore it and return every resource of the type.
 //!
-//! Settings: `max` (5000), `concurrency` (8), `pass_through` (false: let the server answer).
+//! Settings: `max` (5000), `concurrency` (8), `include_referenced` (true), `pass_through`
+//! (false: let the server answer).
 
 use crate::compartment::PATIENT_COMPARTMENT;
 use crate::identity::valid_id;
@@ -29,6 +34,12 @@ pub struct Settings {
     pub concurrency: usize,
     #[serde(default)]
     pub pass_through: bool,
+    #[serde(default = "yes")]
+    pub include_referenced: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_max() -> usize {
@@ -42,6 +53,7 @@ pub struct EverythingPatient {
     max: usize,
     concurrency: usize,
     pass_through: bool,
+    include_referenced: bool,
 }
 
 impl EverythingPatient {
@@ -58,6 +70,7 @@ impl EverythingPatient {
             max: s.max,
             concurrency: s.concurrency,
             pass_through: s.pass_through,
+            include_referenced: s.include_referenced,
         })
     }
 }
@@ -67,6 +80,35 @@ fn patient_id(req: &Request) -> Option<&str> {
     match segs.as_slice() {
         ["Patient", id, "$everything"] if req.method == "GET" => Some(id),
         _ => None,
+    }
+}
+
+/// Relative `Type/id` references anywhere in a resource (absolute and contained ones are left:
+/// they are not this server's, or already inside).
+fn references(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, c) in m {
+                if k == "reference" {
+                    if let Some(r) = c.as_str() {
+                        let mut parts = r.split('/');
+                        if let (Some(t), Some(id), None) =
+                            (parts.next(), parts.next(), parts.next())
+                        {
+                            if t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                                && valid_id(id)
+                            {
+                                out.push(format!("{t}/{id}"));
+                            }
+                        }
+                    }
+                } else {
+                    references(c, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|c| references(c, out)),
+        _ => {}
     }
 }
 
@@ -218,6 +260,35 @@ impl PreProcess for EverythingPatient {
                 resources.push(res);
             }
         }
+        if self.include_referenced && !truncated {
+            let mut wanted = Vec::new();
+            for r in &resources {
+                references(r, &mut wanted);
+            }
+            wanted.retain(|k| !k.starts_with("Patient/") && !seen.contains(k));
+            wanted.sort();
+            wanted.dedup();
+            let fetched: Vec<Result<crate::processor::Response, ModuleError>> =
+                stream::iter(wanted)
+                    .map(|k| async move { cx.fhir.send(ClientRequest::get(k)).await })
+                    .buffered(self.concurrency)
+                    .collect()
+                    .await;
+            for f in fetched {
+                let f = f?;
+                // A dangling reference is the data's problem, not a reason to fail.
+                if f.status != 200 {
+                    continue;
+                }
+                if let Some(res) = f.json_body() {
+                    if resources.len() >= self.max {
+                        truncated = true;
+                        break;
+                    }
+                    resources.push(res.clone());
+                }
+            }
+        }
         let n = resources.len();
         let mut entries: Vec<Value> = resources
             .into_iter()
@@ -271,6 +342,7 @@ mod tests {
             max: 3,
             concurrency: 4,
             pass_through: false,
+            include_referenced: true,
         })
         .unwrap();
         let client = ScriptedClient::by_url(vec![
@@ -333,6 +405,7 @@ mod tests {
             max: 10,
             concurrency: 2,
             pass_through: false,
+            include_referenced: true,
         })
         .unwrap();
         let (cx, client) = context_with(ScriptedClient::by_url(vec![(
@@ -351,6 +424,7 @@ mod tests {
             max: 10,
             concurrency: 2,
             pass_through: true,
+            include_referenced: true,
         })
         .unwrap();
         assert!(!pt.applies(&req("/Patient/p1/$everything")));
