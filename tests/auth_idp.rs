@@ -604,3 +604,66 @@ async fn metadata_and_smart_configuration_are_anonymous_and_point_at_the_idp() {
         .unwrap();
     assert_outcome(r, 401, "login").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_route_has_its_own_policy_chain_and_prefix() {
+    let gw = jwt_gateway(
+        "routes:\n  - prefix: /research/fhir\n    policy:\n      read: [Reader, Administrator]\n      write: []\n    post:\n      - name: SamplePostProcess\n        settings: {system: \"urn:fhir-gateway:route\", code: research}\n",
+    )
+    .await;
+    seed_patient(&format!("Route{}", uniq())).await;
+    let research = gw.url("/research/fhir");
+    let reader = token("reader-app").await;
+    let r = client()
+        .get(format!("{research}/Patient?_count=2"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let headers = r.headers().clone();
+    let body = r.bytes().await.unwrap();
+    assert_no_upstream_address(&headers, &body, &sekmet_url());
+    let b: Value = serde_json::from_slice(&body).unwrap();
+    for e in b["entry"].as_array().unwrap() {
+        assert!(e["fullUrl"].as_str().unwrap().starts_with(&format!("{research}/Patient/")), "{e}");
+        assert_eq!(e["resource"]["meta"]["tag"][0]["code"], "research");
+    }
+    for l in b["link"].as_array().unwrap() {
+        assert!(l["url"].as_str().unwrap().starts_with(&research), "the caller stays on its prefix: {l}");
+    }
+    // No writes on the research route, even for an Administrator; the main route still allows them.
+    let body = json!({"resourceType":"Patient","name":[{"family":"RouteWrite"}]}).to_string();
+    for client_id in ["writer-app", "admin-app"] {
+        let t = token(client_id).await;
+        let r = client()
+            .post(format!("{research}/Patient"))
+            .bearer_auth(&t)
+            .header("Content-Type", "application/fhir+json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let v = assert_outcome(r, 403, "forbidden").await;
+        assert!(v["issue"][0]["diagnostics"].as_str().unwrap().contains("role this route does not grant"), "{v}");
+    }
+    let t = token("writer-app").await;
+    let r = client()
+        .post(format!("{}/Patient", gw.base()))
+        .bearer_auth(&t)
+        .header("Content-Type", "application/fhir+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The main route has no post chain: untagged, streamed.
+    let r = client()
+        .get(format!("{}/Patient?_count=1", gw.base()))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    let b: Value = r.json().await.unwrap();
+    assert!(b["entry"][0]["resource"]["meta"].get("tag").is_none());
+}

@@ -78,3 +78,31 @@ fn version_flag() {
         "{v}"
     );
 }
+
+#[test]
+fn unknown_modules_and_bad_settings_refuse_to_start_with_their_line() {
+    let yaml = format!(
+        "{GOOD}pre:\n  - name: TransformBundle\n  - name: NoSuchModule\npost:\n  - name: DateSort\n    settings:\n      max: 0\n  - name: TransformBundle\n"
+    );
+    let (code, _, err) = check_config(&yaml, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains(".yaml:9: pre[1]: unknown pre-processor \"NoSuchModule\""), "{err}");
+    assert!(err.contains(".yaml:11: post[0]: DateSort: max must be"), "{err}");
+    assert!(err.contains(".yaml:14: post[1]: TransformBundle is a pre-processor"), "{err}");
+    // A misspelt setting is refused too.
+    let yaml = format!("{GOOD}post:\n  - name: DateSort\n    settings: {{maxx: 10}}\n");
+    let (code, _, err) = check_config(&yaml, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown field `maxx`"), "{err}");
+}
+
+#[test]
+fn routes_must_not_overlap_and_roles_must_exist() {
+    let yaml = format!(
+        "{GOOD}routes:\n  - prefix: /fhir/sub\n  - prefix: /research/fhir\n    policy:\n      read: [DataScientist, Auditor]\n"
+    );
+    let (code, _, err) = check_config(&yaml, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("routes[0].prefix: \"/fhir/sub\" overlaps"), "{err}");
+    assert!(err.contains("unknown role \"Auditor\""), "{err}");
+}
