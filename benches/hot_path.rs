@@ -10,6 +10,10 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use fhir_gateway::auth::Authenticator;
 use fhir_gateway::config::{AuthConfig, AuthMode, IssuerConfig, OneOrMany};
 use fhir_gateway::rewrite::{Rewriter, StreamRewrite};
+use fhir_gateway_modules::processor::{
+    ClientRequest, Context, EventSink, FhirClient, ModuleError, PostOutcome, PostProcess, Request,
+    Response,
+};
 use http::HeaderMap;
 use serde_json::json;
 
@@ -128,5 +132,110 @@ fn rewrite(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, jwt, rewrite);
+struct Noop;
+
+#[async_trait::async_trait]
+impl PostProcess for Noop {
+    fn name(&self) -> &'static str {
+        "Noop"
+    }
+    async fn process(
+        &self,
+        _r: &Request,
+        _p: &mut Response,
+        _c: &Context,
+    ) -> Result<PostOutcome, ModuleError> {
+        Ok(PostOutcome::Continue)
+    }
+}
+
+struct NoClient;
+
+#[async_trait::async_trait]
+impl FhirClient for NoClient {
+    async fn send(&self, _r: ClientRequest) -> Result<Response, ModuleError> {
+        Err(ModuleError::Failed("none".into()))
+    }
+}
+
+struct NoSink;
+impl EventSink for NoSink {
+    fn publish(&self, _k: &str, _e: serde_json::Value) {}
+}
+
+/// A 1,000-entry searchset: streamed as bytes (no module), through three no-op post modules
+/// (parse once, run three, serialise once), and the predecessor's way (each module parsing
+/// and serialising the body again).
+fn chain(c: &mut Criterion) {
+    let up = "http://10.0.0.5:8090/fhir".to_string();
+    let rw = Rewriter::new(std::slice::from_ref(&up));
+    let to = rw.replacements("https://fhir.hospital.example/fhir");
+    let entries: Vec<serde_json::Value> = (0..1000)
+        .map(|i| json!({"fullUrl": format!("{up}/Observation/{i}"), "resource": {"resourceType":"Observation","id":i.to_string(),"status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}]},"subject":{"reference":"Patient/p1"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"beats/minute","system":"http://unitsofmeasure.org","code":"/min"}},"search":{"mode":"match"}}))
+        .collect();
+    let body = serde_json::to_vec(
+        &json!({"resourceType":"Bundle","type":"searchset","total":1000,"entry":entries}),
+    )
+    .unwrap();
+    let bytes = Bytes::from(body.clone());
+    let modules: Vec<std::sync::Arc<dyn PostProcess>> = vec![
+        std::sync::Arc::new(Noop),
+        std::sync::Arc::new(Noop),
+        std::sync::Arc::new(Noop),
+    ];
+    let cx = Context {
+        identity: None,
+        correlation_id: "b".into(),
+        public_base: "https://fhir.hospital.example/fhir".into(),
+        fhir: std::sync::Arc::new(NoClient),
+        events: std::sync::Arc::new(NoSink),
+    };
+    let req = Request {
+        method: "GET".into(),
+        path: "/Observation".into(),
+        query: String::new(),
+        headers: vec![],
+        body: None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("searchset_1000");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("no_module_streamed", |b| {
+        b.iter(|| {
+            let mut s = StreamRewrite::default();
+            let mut n = 0;
+            for chunk in bytes.chunks(16 * 1024) {
+                n += s.push(&rw, &to, Bytes::copy_from_slice(chunk)).len();
+            }
+            n + s.finish().len()
+        })
+    });
+    g.bench_function("three_noop_post_modules_one_parse", |b| {
+        b.iter(|| {
+            let v: serde_json::Value = serde_json::from_slice(black_box(&body)).unwrap();
+            let mut resp = Response::json(200, v);
+            rt.block_on(fhir_gateway::chain::run_post(
+                "/fhir", &modules, &req, &mut resp, &cx,
+            ))
+            .unwrap();
+            let out = serde_json::to_vec(resp.json_body().unwrap()).unwrap();
+            rw.rewrite_all(&out, &to).map_or(out.len(), |o| o.len())
+        })
+    });
+    g.bench_function("three_modules_each_parsing_again", |b| {
+        b.iter(|| {
+            let mut cur = black_box(body.clone());
+            for _ in 0..3 {
+                let v: serde_json::Value = serde_json::from_slice(&cur).unwrap();
+                cur = serde_json::to_vec(&v).unwrap();
+            }
+            rw.rewrite_all(&cur, &to).map_or(cur.len(), |o| o.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, jwt, rewrite, chain);
 criterion_main!(benches);
