@@ -31,7 +31,7 @@ curl -fsS http://127.0.0.1:8080/readyz >/dev/null || { echo "gateway did not bec
 
 show() { # title, then a curl command line
   echo; echo "== $1"; shift
-  echo "\$ curl $*"
+  echo "\$ curl $*" | sed -E 's/Bearer [A-Za-z0-9._-]+/Bearer <token>/g' 
   curl -sS "$@" | head -c 1200; echo
 }
 
@@ -64,6 +64,12 @@ show "a token from a tenant the gateway does not serve: 401" -i -H "Authorizatio
 show "XML works too (reader-app)" -H "Authorization: Bearer $READER" "$GW/Patient?family=Demo&_format=xml"
 show "spoofed audit headers are replaced by the real identity (SEKMET sees oid-reader-app)" -i \
   -H "Authorization: Bearer $READER" -H 'X-MS-AZUREFHIR-AUDIT-USERID: spoof' "$GW/Patient?_count=0"
+PID=$(curl -fsS -H "Authorization: Bearer $READER" "$GW/Patient?_count=1&_elements=id" | python3 -c 'import sys,json; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
+show "EverythingPatient: Patient/$PID/\$everything assembled by the gateway (first bytes)" \
+  -H "Authorization: Bearer $READER" "$GW/Patient/$PID/\$everything"
+show "DateSort: every Observation of the patient, newest first, one page" \
+  -H "Authorization: Bearer $READER" "$GW/Observation?subject=Patient/$PID&_sort=-date&_count=5&_elements=effectiveDateTime"
+show "module metrics (Prometheus, 127.0.0.1:9091)" "http://127.0.0.1:9091/metrics"
 show "errors are OperationOutcomes" -i "http://127.0.0.1:8080/nothing-here"
 show "hostile paths are refused before they reach the server" --path-as-is -i -H "Authorization: Bearer $READER" "$GW/..%2fmanage"
 
