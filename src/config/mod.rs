@@ -204,13 +204,15 @@ fn yes() -> bool {
 pub struct TimeoutsConfig {
     /// TCP connect.
     pub connect_ms: u64,
-    /// TCP + TLS handshake.
+    /// TLS handshake, on top of `connect_ms` (connection setup may take both).
     pub tls_handshake_ms: u64,
     /// Longest wait for any single read (response header or body chunk).
     pub read_ms: u64,
     /// Longest wait for any single write of the request.
     pub write_ms: u64,
-    /// Whole exchange, from the first upstream byte to the last response byte.
+    /// Whole exchange, counted from the request's arrival; checked between response body
+    /// chunks (the per-read `read_ms` bounds waits for headers), and as the total timeout of
+    /// calls the gateway makes itself.
     pub total_ms: u64,
     /// Idle pooled connection lifetime.
     pub idle_ms: u64,
@@ -948,6 +950,13 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
             "limits.max_query_bytes: must be at least 1024".into(),
         );
     }
+    if lim.downstream_keepalive_secs == 0 {
+        // Pingora reads 0 as "no idle timeout": the trap this setting exists to avoid.
+        err(
+            &["limits", "downstream_keepalive_secs"],
+            "limits.downstream_keepalive_secs: must be > 0".into(),
+        );
+    }
     if lim.max_buffered_response_bytes < 1024 {
         err(
             &["limits", "max_buffered_response_bytes"],
@@ -1006,6 +1015,18 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
         ),
         Ok(_) => {}
         Err(e) => err(&["pingora"], format!("pingora: {e}")),
+    }
+    // Pingora ignores keys it does not know; a misspelt grace period would silently become
+    // 300 s and systemd would SIGKILL the gateway. Refuse them here.
+    if let serde_yaml::Value::Mapping(m) = &cfg.pingora {
+        let known = serde_yaml::to_value(ServerConf::default()).unwrap_or_default();
+        let known = known.as_mapping().cloned().unwrap_or_default();
+        for k in m.keys() {
+            if !known.contains_key(k) {
+                let name = k.as_str().unwrap_or("?");
+                err(&["pingora", name], format!("pingora: unknown key {name:?}"));
+            }
+        }
     }
     errs
 }

@@ -324,3 +324,18 @@ fn auth_validation_fails_closed() {
     );
     assert!(errors(&cc).iter().any(|e| e.message.contains("over https")));
 }
+
+#[test]
+fn misspelt_pingora_keys_and_zero_keepalive_are_refused() {
+    let text = format!("pingora:\n  grace_period_secs: 20\n{MINIMAL}");
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|x| x.message.contains("unknown key \"grace_period_secs\"") && x.line == Some(2)),
+        "{e:?}"
+    );
+    let text = format!("{MINIMAL}limits:\n  downstream_keepalive_secs: 0\n");
+    assert!(errors(&text)
+        .iter()
+        .any(|x| x.message.contains("downstream_keepalive_secs")));
+}

@@ -55,8 +55,9 @@ pub struct Ctx {
     rest: String,
     query: Option<Vec<u8>>,
     client_ip: Option<IpAddr>,
-    /// Index into `Gateway::routes`.
+    /// Index into `Gateway::routes`, valid when `routed`.
     route: usize,
+    routed: bool,
     /// The client as audited: the peer, or the first untrusted hop of `X-Forwarded-For`
     /// when the peer is a trusted proxy.
     source: Option<String>,
@@ -868,6 +869,7 @@ impl ProxyHttp for FhirProxy {
             query: None,
             client_ip: None,
             route: 0,
+            routed: false,
             source: None,
             identity: None,
             metadata: false,
@@ -958,6 +960,7 @@ impl ProxyHttp for FhirProxy {
         }
 
         ctx.route = route.expect("matched above");
+        ctx.routed = true;
         let rest = &path[self.gw.routes[ctx.route].prefix.len()..];
         let get = matches!(session.req_header().method, Method::GET | Method::HEAD);
         if rest == "/.well-known/smart-configuration" && get {
@@ -1267,11 +1270,11 @@ impl ProxyHttp for FhirProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let route = self
-            .gw
-            .routes
-            .get(ctx.route)
-            .map_or("-", |r| r.prefix.as_str());
+        let route = match ctx.routed {
+            true => self.gw.routes[ctx.route].prefix.as_str(),
+            // Health probes and requests outside every route.
+            false => "-",
+        };
         crate::metrics::request(
             route,
             session.req_header().method.as_str(),
