@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Load-test harness: direct upstream vs nginx proxy_pass vs fhir-gateway, all on 127.0.0.1.
+# Load-test harness: direct upstream vs nginx proxy_pass vs fhir-gateway without auth
+# (insecure_dev) and with JWT auth against the project's test OIDC provider, all on 127.0.0.1.
 #
 #   load-tests/run.sh                 RUNS=3, DURATION=10s per run
 #   QUICK=1 load-tests/run.sh         1 run of 3 s (smoke test of the harness)
 #   RUNS=5 DURATION=20s load-tests/run.sh
 #
 # Other knobs: CONNS (wrk/h2load connections, 32), RATE_PCT (fixed rate as % of the gateway's
-# peak, 50), PROXY_CPU (1) / LOADGEN_CPU (0), SKIP_BUILD=1 (use the existing release binary).
+# peak, 50), PROXY_CPU (1) / LOADGEN_CPU (0), SKIP_BUILD=1 (use the existing release binary),
+# OIDC_PORT (19400) and PEERS (.cache/load-tests-peers) for the IdP run by scripts/peers.sh.
 #
 # Writes load-tests/results/latest.md and load-tests/results/latency.png. Everything it starts
 # is stopped by PID on exit; its temp folder is removed. See load-tests/README.md.
@@ -30,17 +32,28 @@ RATE_PCT=${RATE_PCT:-50}
 PROXY_CPU=${PROXY_CPU:-1}
 LOADGEN_CPU=${LOADGEN_CPU:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
+OIDC_PORT=${OIDC_PORT:-19400}
+# Not the tests' .cache/peers: scripts/test.sh stops every peer there, and 'peers.sh start oidc'
+# stops whatever oidc.pid in its PEERS folder names before starting its own.
+PEERS=${PEERS:-$REPO/.cache/load-tests-peers}
 
 UP_PORT=18090
 NGX_PORT=18081
 GW_PORT=18080
+GWJ_PORT=18082
 RES_PATH=/fhir/Patient/1
 declare -A URL=(
   [direct]=http://127.0.0.1:$UP_PORT$RES_PATH
   [nginx]=http://127.0.0.1:$NGX_PORT$RES_PATH
   [gateway]=http://127.0.0.1:$GW_PORT$RES_PATH
+  [gateway-jwt]=http://127.0.0.1:$GWJ_PORT$RES_PATH
 )
-PATHS=(direct nginx gateway)
+PATHS=(direct nginx gateway gateway-jwt)
+IDP=http://127.0.0.1:$OIDC_PORT
+PEERS_SH=$REPO/scripts/peers.sh
+AUDIENCE=api://fhir-gateway
+TOKEN=""
+TOKEN_EXP=0
 
 log() { printf '[load-tests] %s\n' "$*" >&2; }
 die() {
@@ -52,6 +65,7 @@ die() {
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer (got '$RUNS')"
 [[ $CONNS =~ ^[1-9][0-9]*$ ]] || die "CONNS must be a positive integer (got '$CONNS')"
 [[ $RATE_PCT =~ ^[1-9][0-9]*$ ]] || die "RATE_PCT must be a positive integer (got '$RATE_PCT')"
+[[ $OIDC_PORT =~ ^[1-9][0-9]*$ ]] || die "OIDC_PORT must be a port number (got '$OIDC_PORT')"
 if [[ $DURATION =~ ^([1-9][0-9]*)s?$ ]]; then
   DUR_S=${BASH_REMATCH[1]}
 elif [[ $DURATION =~ ^([1-9][0-9]*)m$ ]]; then
@@ -81,12 +95,15 @@ need h2load nghttp2-client
 need gnuplot gnuplot-nox
 need taskset util-linux
 need curl curl
+need base64 coreutils
+[[ -x $PEERS_SH ]] || die "$PEERS_SH not found"
 
 # ---------------------------------------------------------------- cleanup
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/fhir-load-tests.XXXXXX")
 PIDS=()
 NAMES=()
 LOADGEN_PID=""
+IDP_STARTED=0
 
 stop_pid() { # stop_pid <pid> <signal>: signal, wait up to 10 s, then SIGKILL
   local pid=$1 sig=$2 i
@@ -115,15 +132,22 @@ cleanup() {
       log "--- last lines of $i log ---"
       tail -n 15 "$TMP/$i.log" >&2 || true
     done
+    if ((IDP_STARTED)) && [[ -s $PEERS/oidc.log ]]; then
+      log "--- last lines of oidc log ($PEERS/oidc.log) ---"
+      tail -n 15 "$PEERS/oidc.log" >&2 || true
+    fi
   fi
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     # Pingora: SIGINT = fast shutdown (SIGTERM waits out the grace period). nginx: SIGTERM = fast.
-    if [[ ${NAMES[i]} == gateway ]]; then
+    if [[ ${NAMES[i]} == gateway* ]]; then
       stop_pid "${PIDS[i]}" INT
     else
       stop_pid "${PIDS[i]}" TERM
     fi
   done
+  if ((IDP_STARTED)); then # peers.sh stops it by the PID it recorded in $PEERS/oidc.pid
+    PEERS=$PEERS OIDC_PORT=$OIDC_PORT "$PEERS_SH" stop oidc >&2 || log "warning: 'peers.sh stop oidc' failed"
+  fi
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -180,13 +204,18 @@ else
 fi
 [[ -x $BIN ]] || die "$BIN not found"
 
-for p in "$UP_PORT" "$NGX_PORT" "$GW_PORT"; do
+for p in "$UP_PORT" "$NGX_PORT" "$GW_PORT" "$GWJ_PORT" "$OIDC_PORT"; do
   ! port_busy "$p" || die "127.0.0.1:$p is already in use; stop whatever listens there first"
 done
 
+# The test IdP's code (oidc-provider under node; the script also installs the SEKMET venv).
+log "scripts/peers.sh install (PEERS=$PEERS; idempotent, slow the first time)"
+PEERS=$PEERS "$PEERS_SH" install >"$TMP/peers-install.log" 2>&1 ||
+  die "scripts/peers.sh install failed: $(tail -n 20 "$TMP/peers-install.log")"
+
 # ---------------------------------------------------------------- payload (~1 KB FHIR Patient)
 BASE=http://127.0.0.1:$UP_PORT/fhir
-mkdir -p "$TMP/www/fhir/Patient" "$TMP/up" "$TMP/ngx" "$TMP/gw"
+mkdir -p "$TMP/www/fhir/Patient" "$TMP/up" "$TMP/ngx" "$TMP/gw" "$TMP/gwj"
 cat >"$TMP/www/fhir/Patient/1" <<EOF
 {
   "resourceType": "Patient",
@@ -302,12 +331,36 @@ pingora:
   upgrade_sock: $TMP/gw/pingora_upgrade.sock
 EOF
 
+# The same gateway with real JWT validation against the test IdP (keys via OIDC discovery).
+cat >"$TMP/gwj/gateway.yaml" <<EOF
+listen:
+  - addr: 127.0.0.1:$GWJ_PORT
+upstream:
+  url: $BASE
+auth:
+  mode: jwt
+  issuers:
+    - name: bench
+      issuer: $IDP
+      discovery_url: $IDP/.well-known/openid-configuration
+      audiences: ["$AUDIENCE"]
+logging:
+  level: warn
+  access_log: false
+pingora:
+  threads: 1
+  pid_file: $TMP/gwj/pingora.pid
+  upgrade_sock: $TMP/gwj/pingora_upgrade.sock
+EOF
+
 for d in up ngx; do
   nginx -t -q -p "$TMP/$d" -e stderr -c "$TMP/$d/nginx.conf" 2>"$TMP/$d/test.log" ||
     die "nginx config $d invalid: $(cat "$TMP/$d/test.log")"
 done
 "$BIN" -t -c "$TMP/gw/gateway.yaml" >"$TMP/gw/test.log" 2>&1 ||
   die "gateway config invalid: $(cat "$TMP/gw/test.log")"
+"$BIN" -t -c "$TMP/gwj/gateway.yaml" >"$TMP/gwj/test.log" 2>&1 ||
+  die "gateway-jwt config invalid: $(cat "$TMP/gwj/test.log")"
 
 # ---------------------------------------------------------------- start
 start_bg upstream "$LOADGEN_CPU" nginx -p "$TMP/up" -e stderr -c "$TMP/up/nginx.conf"
@@ -317,10 +370,66 @@ wait_http nginx-proxy "${URL[nginx]}"
 start_bg gateway "$PROXY_CPU" env -u RUST_LOG "$BIN" -c "$TMP/gw/gateway.yaml"
 wait_http gateway "${URL[gateway]}"
 
+# The IdP (panva oidc-provider via the project's scripts/peers.sh), pinned with the load
+# generator; it is only on the path at start-up (discovery, JWKS) and when a token is fetched.
+IDP_STARTED=1 # set first: a failed start can leave the process running
+TOKEN_TTL=3600 PEERS=$PEERS OIDC_PORT=$OIDC_PORT taskset -c "$LOADGEN_CPU" "$PEERS_SH" start oidc \
+  >"$TMP/peers-start.log" 2>&1 || die "scripts/peers.sh start oidc failed: $(cat "$TMP/peers-start.log")"
+log "started oidc IdP at $IDP (pid $(cat "$PEERS/oidc.pid" 2>/dev/null || echo '?'), CPU $LOADGEN_CPU)"
+
+start_bg gateway-jwt "$PROXY_CPU" env -u RUST_LOG "$BIN" -c "$TMP/gwj/gateway.yaml"
+wait_http gateway-jwt "http://127.0.0.1:$GWJ_PORT/readyz" # 200 once the signing keys are loaded
+
+# ---------------------------------------------------------------- token
+b64url_decode() { # base64url without padding on stdin -> bytes
+  local s
+  s=$(tr '_-' '/+')
+  while ((${#s} % 4)); do s+="="; done
+  printf '%s' "$s" | base64 -d 2>/dev/null
+}
+
+get_token() { # a client-credentials access token for reader-app -> TOKEN, TOKEN_EXP
+  local resp tok exp_in parts payload
+  resp=$(curl -sS --max-time 10 -u reader-app:reader-secret -d grant_type=client_credentials "$IDP/token") ||
+    die "token request to $IDP/token failed"
+  tok=$(sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p' <<<"$resp")
+  exp_in=$(sed -n 's/.*"expires_in" *: *\([0-9]*\).*/\1/p' <<<"$resp")
+  [[ -n $tok && -n $exp_in ]] || die "no access_token/expires_in from $IDP/token: $resp"
+  IFS=. read -r -a parts <<<"$tok"
+  [[ ${#parts[@]} == 3 && $tok =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]] ||
+    die "access token is not a compact JWT: ${tok:0:40}..."
+  b64url_decode <<<"${parts[0]}" | grep -q '"alg":"RS256"' ||
+    die "JWT header is not RS256: $(b64url_decode <<<"${parts[0]}")"
+  payload=$(b64url_decode <<<"${parts[1]}")
+  grep -qF "\"iss\":\"$IDP\"" <<<"$payload" || die "JWT iss is not $IDP: $payload"
+  grep -qF "$AUDIENCE" <<<"$payload" || die "JWT aud lacks $AUDIENCE: $payload"
+  TOKEN=$tok
+  TOKEN_EXP=$((EPOCHSECONDS + exp_in))
+  log "token for reader-app: RS256 JWT, ${#tok} bytes, expires in ${exp_in} s"
+}
+
+ensure_token() { # ensure_token <seconds>: a token that stays valid that long (plus a margin)
+  ((TOKEN_EXP - EPOCHSECONDS > $1 + 60)) && return 0
+  get_token
+  ((TOKEN_EXP - EPOCHSECONDS > $1 + 60)) ||
+    die "a token lives $((TOKEN_EXP - EPOCHSECONDS)) s; one gateway-jwt block needs $(($1 + 60)) s: lower RUNS/DURATION"
+}
+
+AUTH=()
+auth_for() { # auth_for <path>: AUTH = the header arguments (curl/wrk/h2load -H) for that path
+  AUTH=()
+  if [[ $1 == gateway-jwt ]]; then
+    AUTH=(-H "Authorization: Bearer $TOKEN")
+  fi
+}
+get_token
+ensure_token $((RUNS * (DUR_S * 3 + 30) + 31)) # fail now, not after phase 1, if tokens live too briefly
+
 # ---------------------------------------------------------------- correctness
 check_body() { # check_body <path> <must contain> <must not contain>
   local code
-  code=$(curl -s --max-time 5 -o "$TMP/body.$1" -D "$TMP/headers.$1" -w '%{http_code}' "${URL[$1]}")
+  auth_for "$1"
+  code=$(curl -s --max-time 5 "${AUTH[@]}" -o "$TMP/body.$1" -D "$TMP/headers.$1" -w '%{http_code}' "${URL[$1]}")
   [[ $code == 200 ]] || die "$1: HTTP $code from ${URL[$1]}"
   grep -qiE '^content-type: *application/fhir\+json' "$TMP/headers.$1" ||
     die "$1: content-type is not application/fhir+json: $(grep -i '^content-type' "$TMP/headers.$1")"
@@ -334,6 +443,16 @@ check_body nginx "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
 check_body gateway "http://127.0.0.1:$GW_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
 REWRITES=$(grep -o "http://127.0.0.1:$GW_PORT/fhir" "$TMP/body.gateway" | wc -l)
 log "gateway OK: 200, $REWRITES URLs rewritten to http://127.0.0.1:$GW_PORT/fhir, none left to :$UP_PORT"
+check_body gateway-jwt "http://127.0.0.1:$GWJ_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
+JWT_REWRITES=$(grep -o "http://127.0.0.1:$GWJ_PORT/fhir" "$TMP/body.gateway-jwt" | wc -l)
+((JWT_REWRITES == REWRITES)) || die "gateway-jwt rewrote $JWT_REWRITES URLs, gateway $REWRITES"
+status_of() { curl -s --max-time 5 -o /dev/null -w '%{http_code}' "$@" "${URL[gateway-jwt]}"; }
+code=$(status_of)
+[[ $code == 401 ]] || die "gateway-jwt without a token: HTTP $code, expected 401"
+BAD_TOKEN=${TOKEN:0:$((${#TOKEN} - 20))}$(if [[ ${TOKEN: -20:1} == A ]]; then echo B; else echo A; fi)${TOKEN: -19}
+code=$(status_of -H "Authorization: Bearer $BAD_TOKEN")
+[[ $code == 401 ]] || die "gateway-jwt with a tampered signature: HTTP $code, expected 401"
+log "gateway-jwt OK: 200 with the token, 401 without one and with a tampered signature"
 
 # ---------------------------------------------------------------- measurements
 RUNS_TSV=$TMP/runs.tsv # phase path run rps p50_ms p99_ms [target]
@@ -359,14 +478,16 @@ parse_wrk() { # -> rps p50_ms p99_ms non2xx socket_errors requests
 }
 
 run_wrk() { # run_wrk <path> <seconds> <outfile>
+  auth_for "$1"
   run_loadgen "$3" timeout $(($2 + 30)) taskset -c "$LOADGEN_CPU" \
-    wrk -t1 -c"$CONNS" -d"$2s" --latency "${URL[$1]}" ||
+    wrk -t1 -c"$CONNS" -d"$2s" --latency "${AUTH[@]}" "${URL[$1]}" ||
     die "wrk against $1 failed: $(cat "$3")"
 }
 
 PHASE1="wrk -t1 -c$CONNS -d${DUR_S}s --latency (closed loop)"
 log "phase 1: peak req/s, $PHASE1, $RUNS run(s) per path"
 for path in "${PATHS[@]}"; do
+  [[ $path != gateway-jwt ]] || ensure_token $((RUNS * (DUR_S + 30) + 31))
   run_wrk "$path" 1 "$TMP/warmup.txt" # warm pools and caches, not recorded
   for ((r = 1; r <= RUNS; r++)); do
     out=$TMP/wrk.$path.$r.txt
@@ -414,13 +535,15 @@ parse_h2load_log() { # <log> -> achieved_rps p50_ms p99_ms non2xx count
 }
 
 for path in "${PATHS[@]}"; do
+  [[ $path != gateway-jwt ]] || ensure_token $((RUNS * (DUR_S * 3 + 30) + 31))
   run_wrk "$path" 1 "$TMP/warmup.txt"
+  auth_for "$path"
   for ((r = 1; r <= RUNS; r++)); do
     out=$TMP/h2load.$path.$r.txt
     lg=$TMP/h2load.$path.$r.tsv
     run_loadgen "$out" timeout $((DUR_S * 3 + 30)) taskset -c "$LOADGEN_CPU" \
       h2load --h1 -c "$CONNS" --rps "$PER_CLIENT" -n "$NREQ" -r "$BATCH" --rate-period 1ms \
-      --log-file "$lg" "${URL[$path]}" || die "h2load against $path failed: $(tail -5 "$out")"
+      "${AUTH[@]}" --log-file "$lg" "${URL[$path]}" || die "h2load against $path failed: $(tail -5 "$out")"
     read -r rps p50 p99 non2xx count < <(parse_h2load_log "$lg")
     read -r failed errored tmo < <(awk '/^requests:/ {
       for (i = 1; i <= NF; i++) { if ($i ~ /^failed/) f = $(i-1); if ($i ~ /^errored/) e = $(i-1); if ($i ~ /^timeout/) t = $(i-1) }
@@ -475,7 +598,12 @@ table() { # table <phase>
   echo "- gateway/nginx req/s: **$(ratio "${M[$1.gateway.rps]}" "${M[$1.nginx.rps]}")**," \
     "gateway/direct req/s: **$(ratio "${M[$1.gateway.rps]}" "${M[$1.direct.rps]}")**"
   echo "- added p99 vs direct: gateway **$(delta "${M[$1.gateway.p99]}" "${M[$1.direct.p99]}") ms**," \
+    "gateway-jwt **$(delta "${M[$1.gateway-jwt.p99]}" "${M[$1.direct.p99]}") ms**," \
     "nginx $(delta "${M[$1.nginx.p99]}" "${M[$1.direct.p99]}") ms"
+  echo "- auth cost: gateway-jwt/gateway req/s: **$(ratio "${M[$1.gateway-jwt.rps]}" "${M[$1.gateway.rps]}")**," \
+    "gateway-jwt/nginx req/s: **$(ratio "${M[$1.gateway-jwt.rps]}" "${M[$1.nginx.rps]}")**;" \
+    "gateway-jwt − gateway: p50 $(delta "${M[$1.gateway-jwt.p50]}" "${M[$1.gateway.p50]}") ms," \
+    "p99 $(delta "${M[$1.gateway-jwt.p99]}" "${M[$1.gateway.p99]}") ms"
 }
 
 COMMIT=$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
@@ -494,6 +622,7 @@ mkdir -p "$RESULTS"
   echo "- Mode: RUNS=$RUNS, DURATION=${DUR_S}s, QUICK=$QUICK; every figure is the median of $RUNS run(s)"
   echo "- Pinning: gateway / nginx proxy on CPU $PROXY_CPU; upstream nginx and load generator on CPU $LOADGEN_CPU"
   echo "- Gateway: release build, pingora threads=1, logging warn, no access log; nginx: 1 worker"
+  echo "- Auth: gateway = \`insecure_dev\`; gateway-jwt = \`jwt\` (RS256, keys by OIDC discovery from the test IdP at $IDP), every request with \`Authorization: Bearer\` + one reader-app client-credentials token (${#TOKEN} bytes); the gateway caches verified tokens, so this is the cache-hit path, not one RS256 verification per request"
   echo "- Payload: $RES_PATH, $PAYLOAD_BYTES bytes application/fhir+json; the gateway rewrites $REWRITES URLs per response"
   echo "- Tools: $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), $(h2load --version 2>&1 | head -1), $(nginx -v 2>&1 | sed 's/.*: //')"
   echo
@@ -526,9 +655,9 @@ mkdir -p "$RESULTS"
   done
 } >"$TMP/chart.dat"
 gnuplot <<EOF || die "gnuplot failed"
-set terminal pngcairo size 900,420 font "sans,9" noenhanced
+set terminal pngcairo size 1000,440 font "sans,9" noenhanced
 set output "$RESULTS/latency.png"
-set multiplot layout 1,2 title "fhir-gateway vs nginx vs direct: latency (median of $RUNS run(s), ${DUR_S}s each)"
+set multiplot layout 1,2 title "fhir-gateway (insecure_dev, jwt) vs nginx vs direct: latency (median of $RUNS run(s), ${DUR_S}s each)"
 set style data histogram
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1

@@ -626,11 +626,20 @@ async fn a_second_route_has_its_own_policy_chain_and_prefix() {
     assert_no_upstream_address(&headers, &body, &sekmet_url());
     let b: Value = serde_json::from_slice(&body).unwrap();
     for e in b["entry"].as_array().unwrap() {
-        assert!(e["fullUrl"].as_str().unwrap().starts_with(&format!("{research}/Patient/")), "{e}");
+        assert!(
+            e["fullUrl"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{research}/Patient/")),
+            "{e}"
+        );
         assert_eq!(e["resource"]["meta"]["tag"][0]["code"], "research");
     }
     for l in b["link"].as_array().unwrap() {
-        assert!(l["url"].as_str().unwrap().starts_with(&research), "the caller stays on its prefix: {l}");
+        assert!(
+            l["url"].as_str().unwrap().starts_with(&research),
+            "the caller stays on its prefix: {l}"
+        );
     }
     // No writes on the research route, even for an Administrator; the main route still allows them.
     let body = json!({"resourceType":"Patient","name":[{"family":"RouteWrite"}]}).to_string();
@@ -645,7 +654,13 @@ async fn a_second_route_has_its_own_policy_chain_and_prefix() {
             .await
             .unwrap();
         let v = assert_outcome(r, 403, "forbidden").await;
-        assert!(v["issue"][0]["diagnostics"].as_str().unwrap().contains("role this route does not grant"), "{v}");
+        assert!(
+            v["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("role this route does not grant"),
+            "{v}"
+        );
     }
     let t = token("writer-app").await;
     let r = client()

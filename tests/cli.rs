@@ -86,9 +86,18 @@ fn unknown_modules_and_bad_settings_refuse_to_start_with_their_line() {
     );
     let (code, _, err) = check_config(&yaml, &[]);
     assert_eq!(code, 2);
-    assert!(err.contains(".yaml:9: pre[1]: unknown pre-processor \"NoSuchModule\""), "{err}");
-    assert!(err.contains(".yaml:11: post[0]: DateSort: max must be"), "{err}");
-    assert!(err.contains(".yaml:14: post[1]: TransformBundle is a pre-processor"), "{err}");
+    assert!(
+        err.contains(".yaml:9: pre[1]: unknown pre-processor \"NoSuchModule\""),
+        "{err}"
+    );
+    assert!(
+        err.contains(".yaml:11: post[0]: DateSort: max must be"),
+        "{err}"
+    );
+    assert!(
+        err.contains(".yaml:14: post[1]: TransformBundle is a pre-processor"),
+        "{err}"
+    );
     // A misspelt setting is refused too.
     let yaml = format!("{GOOD}post:\n  - name: DateSort\n    settings: {{maxx: 10}}\n");
     let (code, _, err) = check_config(&yaml, &[]);
@@ -103,6 +112,9 @@ fn routes_must_not_overlap_and_roles_must_exist() {
     );
     let (code, _, err) = check_config(&yaml, &[]);
     assert_eq!(code, 2);
-    assert!(err.contains("routes[0].prefix: \"/fhir/sub\" overlaps"), "{err}");
+    assert!(
+        err.contains("routes[0].prefix: \"/fhir/sub\" overlaps"),
+        "{err}"
+    );
     assert!(err.contains("unknown role \"Auditor\""), "{err}");
 }
