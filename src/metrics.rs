@@ -47,7 +47,7 @@ static REQUEST_SECONDS: Lazy<HistogramVec> = Lazy::new(|| {
 static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "fhirgw_auth_failures_total",
-        "Requests refused by authentication (401/503) or authorization (403)",
+        "Requests refused by authentication (401) or authorization (403)",
         &["status"]
     )
     .expect("metric registers once")

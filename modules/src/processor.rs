@@ -139,8 +139,8 @@ pub enum PostOutcome {
     StopWithoutResponse,
 }
 
-/// A module failure. Rendered as a 500 OperationOutcome naming the module, unless the module
-/// meant a client error (`Status`).
+/// A module failure, rendered as an OperationOutcome naming the module. A module that means a
+/// client error answers with `PreOutcome::Stop(Response::outcome(4xx, ...))` instead.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModuleError {
     /// Something broke (upstream unreachable, unexpected data): 500, fail closed.
@@ -187,7 +187,7 @@ pub trait FhirClient: Send + Sync {
     /// server's own (modules compare references; the gateway rewrites what goes out).
     async fn send(&self, req: ClientRequest) -> Result<Response, ModuleError>;
 
-    /// GET returning the JSON body of a 2xx answer.
+    /// GET returning the status and JSON body (any status); an answer without JSON is an error.
     async fn get_json(&self, path_and_query: &str) -> Result<(u16, Value), ModuleError> {
         let r = self.send(ClientRequest::get(path_and_query)).await?;
         match r.body {

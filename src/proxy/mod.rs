@@ -31,7 +31,7 @@ use fhir_gateway_modules::processor::{
     Body as ModBody, ClientRequest, Context, Request as ModRequest, Response as ModResponse,
 };
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
-use fhir_gateway_modules::{Identity, Role};
+use fhir_gateway_modules::Identity;
 use http::{HeaderValue, Method};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -140,7 +140,7 @@ fn is_retryable_method(m: &Method) -> bool {
 }
 
 /// Rejects paths that could escape the upstream base once the server decodes them.
-pub(crate) fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
+pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
     if rest.iter().any(|&b| b < 0x21 || b == 0x7f || b == b'\\') {
         return Err("control characters, spaces or backslashes in the path");
     }
@@ -413,12 +413,15 @@ impl FhirProxy {
                 let base = self.public_base_string(ctx);
                 let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
                 if entries.is_empty()
-                    && ![Role::Reader, Role::Writer, Role::Administrator]
+                    && !route
+                        .policy
+                        .read
                         .iter()
+                        .chain(&route.policy.write)
                         .any(|r| identity.has(*r))
                 {
                     return Err(GatewayError::Forbidden(
-                        "role: an empty Bundle still needs Reader, Writer or Administrator".into(),
+                        "role: an empty Bundle still needs a role this route grants".into(),
                     ));
                 }
                 for (i, entry) in entries.iter().enumerate() {
@@ -582,11 +585,13 @@ impl FhirProxy {
                 check_path(req.path.as_bytes()).map_err(|why| {
                     GatewayError::Internal(format!("a module produced a bad path: {why}"))
                 })?;
+                self.authorize_final(ctx, &req)?;
                 ctx.rest = req.path.clone();
                 ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
                 return Ok(false);
             }
             PreResult::Continue => {
+                self.authorize_final(ctx, &req)?;
                 let mut target = req.path.clone();
                 if !req.query.is_empty() {
                     target.push('?');
@@ -608,6 +613,39 @@ impl FhirProxy {
         chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
         self.write_module_response(session, ctx, resp).await?;
         Ok(true)
+    }
+
+    /// What goes upstream is authorised, not only what the caller sent: a pre module that
+    /// changed the path, query or a Bundle (TransformBundle) is checked again.
+    fn authorize_final(
+        &self,
+        ctx: &Ctx,
+        req: &ModRequest,
+    ) -> std::result::Result<(), GatewayError> {
+        let Some(identity) = &ctx.identity else {
+            return Ok(());
+        };
+        let route = &self.gw.routes[ctx.route];
+        let alone = self.gw.smart.scopes_alone_suffice;
+        let request = classify(&req.method, &req.path, &req.query).map_err(|e| {
+            GatewayError::Internal(format!("a module produced a request that is not FHIR: {e}"))
+        })?;
+        if request.interaction == Interaction::Bundle {
+            let Some(Ok(bundle)) = req.json() else {
+                return Err(GatewayError::BadRequest("a Bundle body is required".into()));
+            };
+            let entries = classify_bundle(&bundle, &self.public_base_string(ctx))
+                .map_err(GatewayError::BadRequest)?;
+            for (i, entry) in entries.iter().enumerate() {
+                policy::authorize_with(identity, entry, alone, &route.policy).map_err(|rule| {
+                    GatewayError::Forbidden(format!("{rule} (Bundle entry {i}, as sent upstream)"))
+                })?;
+            }
+            Ok(())
+        } else {
+            policy::authorize_with(identity, &request, alone, &route.policy)
+                .map_err(|rule| GatewayError::Forbidden(format!("{rule} (as sent upstream)")))
+        }
     }
 
     /// Serialises a module-path response once, rewrites it, and writes it with a length.
@@ -648,10 +686,14 @@ impl FhirProxy {
                 if !has_ct {
                     let _ = h.insert_header(http::header::CONTENT_TYPE, "application/fhir+json");
                 }
-                (
-                    serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?,
-                    true,
-                )
+                let mut out =
+                    serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?;
+                if ctx.metadata && resp.status == 200 {
+                    if let Some(secured) = self.secure_capability_statement(&out) {
+                        out = secured;
+                    }
+                }
+                (out, true)
             }
             ModBody::Raw(b) => {
                 let ct = resp

@@ -50,6 +50,10 @@ impl GatewayFhirClient {
             )));
         }
         let rel = p.trim_start_matches('/');
+        // A relative path stays below the FHIR base: no `..`, no encoded slashes.
+        let rel_path = rel.split('?').next().unwrap_or("");
+        crate::proxy::check_path(format!("/{rel_path}").as_bytes())
+            .map_err(|why| ModuleError::Failed(format!("refusing to call {p:?}: {why}")))?;
         Ok(if rel.is_empty() {
             base
         } else if rel.starts_with('?') {

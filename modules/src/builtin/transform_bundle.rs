@@ -117,12 +117,22 @@ impl PreProcess for TransformBundle {
                 return Ok(bad(format!("entry {i}: request.url missing")));
             }
             if matches!(m, "POST" | "PUT") {
+                let url_type = r["url"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split(['/', '?'])
+                    .next()
+                    .unwrap_or("");
                 match e
                     .get("resource")
                     .and_then(|r| r.get("resourceType"))
                     .and_then(Value::as_str)
                 {
-                    Some(t) if is_type(t) => {}
+                    // The entry's URL is what was authorised: its resource must be of that type.
+                    Some(t) if is_type(t) && t == url_type => {}
+                    Some(t) if is_type(t) => {
+                        return Ok(bad(format!("entry {i}: a {t} sent to {url_type:?}")));
+                    }
                     _ => {
                         return Ok(bad(format!(
                             "entry {i}: {m} needs a resource with a resourceType"
@@ -358,6 +368,7 @@ mod tests {
             json!({"resourceType":"Bundle","type":"transaction","entry":[{"resource":{"resourceType":"Patient"}}]}),
             json!({"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"FETCH","url":"Patient"}}]}),
             json!({"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Patient"}}]}),
+            json!({"resourceType":"Bundle","type":"transaction","entry":[{"resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Observation?code=x"}}]}),
             json!({"resourceType":"Patient"}),
         ] {
             let mut r = req(body.clone());
