@@ -258,3 +258,15 @@ pub fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
+
+/// The `next` paging link of a searchset Bundle.
+pub fn next_link(bundle: &Value) -> Option<String> {
+    bundle
+        .get("link")?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
+        .get("url")?
+        .as_str()
+        .map(str::to_string)
+}

@@ -10,7 +10,7 @@
 //! Settings: `max` (default 5000).
 
 use crate::processor::{
-    query_pairs, Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
+    next_link, query_pairs, Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -134,17 +134,6 @@ pub fn sort_key(d: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe;
     Some(days * 86_400 + h * 3600 + mi * 60 + sec - off)
-}
-
-fn next_link(bundle: &Value) -> Option<String> {
-    bundle
-        .get("link")?
-        .as_array()?
-        .iter()
-        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
-        .and_then(|l| l.get("url"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
 }
 
 #[async_trait]

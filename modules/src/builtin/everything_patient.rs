@@ -17,7 +17,7 @@
 use crate::compartment::PATIENT_COMPARTMENT;
 use crate::identity::valid_id;
 use crate::processor::{
-    ClientRequest, Context, ModuleError, PreOutcome, PreProcess, Request, Response,
+    next_link, ClientRequest, Context, ModuleError, PreOutcome, PreProcess, Request, Response,
 };
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
@@ -110,16 +110,6 @@ fn references(v: &Value, out: &mut Vec<String>) {
         Value::Array(a) => a.iter().for_each(|c| references(c, out)),
         _ => {}
     }
-}
-
-fn next_link(b: &Value) -> Option<String> {
-    b.get("link")?
-        .as_array()?
-        .iter()
-        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
-        .get("url")?
-        .as_str()
-        .map(str::to_string)
 }
 
 /// Every resource one search returns, all pages; `None` when the server refused the
