@@ -36,9 +36,10 @@ impl Form {
     }
 }
 
-/// The per-request half: what to write instead (the public base in every form).
+/// The per-request half: what to write instead (the public base in every form). Shared, so
+/// the body filter can hold it per chunk without copying.
 #[derive(Clone, Debug)]
-pub struct Replacements(Vec<Vec<u8>>);
+pub struct Replacements(std::sync::Arc<[Vec<u8>]>);
 
 impl Rewriter {
     /// `spellings`: every way the server may write its base (see `BaseUrl::spellings`).
@@ -72,7 +73,13 @@ impl Rewriter {
     }
 
     pub fn replacements(&self, public_base: &str) -> Replacements {
-        Replacements(self.forms.iter().map(|f| f.encode(public_base)).collect())
+        Replacements(
+            self.forms
+                .iter()
+                .map(|f| f.encode(public_base))
+                .collect::<Vec<_>>()
+                .into(),
+        )
     }
 
     /// Earliest (then longest) match at or after `from`: (start, pattern index).

@@ -68,7 +68,6 @@ pub struct Ctx {
     buffer: Option<Vec<u8>>,
     /// Public base this caller sees (depends on Host unless configured).
     public_base: Option<PublicBase>,
-    derived_base: Option<String>,
     service_auth: Option<HeaderValue>,
     attempts: u32,
     retry_delay: Option<Duration>,
@@ -89,7 +88,8 @@ enum Admit {
 
 enum PublicBase {
     Configured,
-    Derived(Replacements),
+    /// Built from the request (Host / trusted X-Forwarded-*): the base and its encoded forms.
+    Derived(String, Replacements),
 }
 
 impl Ctx {
@@ -374,8 +374,8 @@ impl FhirProxy {
         // Public base for rewriting: configured, or from the Host the caller used.
         if route.public_base.is_none() {
             let base = self.derived_public_base(session, ctx.client_ip, &route.prefix)?;
-            ctx.public_base = Some(PublicBase::Derived(gw.rewriter.replacements(&base)));
-            ctx.derived_base = Some(base);
+            let r = gw.rewriter.replacements(&base);
+            ctx.public_base = Some(PublicBase::Derived(base, r));
         } else {
             ctx.public_base = Some(PublicBase::Configured);
         }
@@ -471,10 +471,10 @@ impl FhirProxy {
 
     fn public_base_string(&self, ctx: &Ctx) -> String {
         let route = &self.gw.routes[ctx.route];
-        match (&route.public_base, &ctx.derived_base) {
+        match (&route.public_base, &ctx.public_base) {
             (Some((b, _)), _) => b.clone(),
-            (None, Some(b)) => b.clone(),
-            (None, None) => route.prefix.clone(),
+            (None, Some(PublicBase::Derived(b, _))) => b.clone(),
+            _ => route.prefix.clone(),
         }
     }
 
@@ -874,7 +874,7 @@ impl FhirProxy {
                 .public_base
                 .as_ref()
                 .map(|(_, r)| r),
-            PublicBase::Derived(r) => Some(r),
+            PublicBase::Derived(_, r) => Some(r),
         }
     }
 
@@ -917,7 +917,6 @@ impl ProxyHttp for FhirProxy {
             metadata: false,
             buffer: None,
             public_base: None,
-            derived_base: None,
             service_auth: None,
             attempts: 0,
             retry_delay: None,
