@@ -187,6 +187,10 @@ fn chain(c: &mut Criterion) {
         identity: None,
         correlation_id: "b".into(),
         public_base: "https://fhir.hospital.example/fhir".into(),
+        upstream_base: "http://fhir.internal/fhir".into(),
+        links: std::sync::Arc::new(fhir_gateway_modules::links::Directory::new(
+            Default::default(),
+        )),
         fhir: std::sync::Arc::new(NoClient),
         events: std::sync::Arc::new(NoSink),
     };

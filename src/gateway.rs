@@ -11,10 +11,22 @@ use crate::rewrite::{Replacements, Rewriter};
 use crate::upstream::identity::ServiceIdentity;
 use crate::upstream::{BaseUrl, Upstream};
 use fhir_gateway_modules::builtin::{build_post, build_pre};
+use fhir_gateway_modules::links::Directory;
 use fhir_gateway_modules::processor::{EventSink, PostProcess, PreProcess};
 use http::HeaderName;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The types whose writes change what the caches of links, relations and consents hold.
+pub const CACHED_TYPES: [&str; 7] = [
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "RelatedPerson",
+    "Encounter",
+    "CareTeam",
+    "Consent",
+];
 
 /// A public prefix in front of the FHIR server, with its own chains and role policy.
 pub struct Route {
@@ -49,6 +61,8 @@ pub struct Gateway {
     pub http: reqwest::Client,
     /// Where modules publish events.
     pub events: Arc<dyn EventSink>,
+    /// Callers' identity links (shared by the filters and `/manage`).
+    pub links: Arc<Directory>,
     /// Client for calls the gateway makes to the FHIR server itself (buffered requests,
     /// modules): the upstream's CA and verification settings, pooled.
     pub upstream_http: reqwest::Client,
@@ -152,6 +166,7 @@ impl Gateway {
             audit,
             upstream_http,
             events: Arc::new(crate::upstream::client::NullSink),
+            links: Arc::new(Directory::new(cfg.identity_links.clone())),
             access_log: cfg.logging.access_log,
             health: Health::default(),
             http,
@@ -170,6 +185,17 @@ impl Gateway {
             })
             .max_by_key(|(_, r)| r.prefix.len())
             .map(|(i, _)| i)
+    }
+
+    /// A write of `resource_type` succeeded: every cache that may hold what it changed
+    /// forgets it, before the client hears back (so its next request sees the change).
+    pub fn invalidate(&self, resource_type: &str) {
+        self.links.invalidate(resource_type);
+        for r in &self.routes {
+            for m in &r.post {
+                m.invalidate(resource_type);
+            }
+        }
     }
 
     pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {

@@ -7,9 +7,12 @@
 
 pub mod builtin;
 pub mod compartment;
+pub mod filter;
 pub mod identity;
+pub mod links;
 pub mod outcome;
 pub mod processor;
+pub mod reference;
 pub mod request;
 pub mod smart;
 #[cfg(test)]

@@ -212,6 +212,10 @@ pub struct Context {
     pub correlation_id: String,
     /// Public FHIR base of the route the caller used (`https://gw.example/fhir`).
     pub public_base: String,
+    /// The FHIR server's own base: absolute references in its answers use it.
+    pub upstream_base: String,
+    /// Who callers are in the FHIR server (`fhirUser`, else identity links).
+    pub links: Arc<crate::links::Directory>,
     pub fhir: Arc<dyn FhirClient>,
     pub events: Arc<dyn EventSink>,
 }
@@ -250,6 +254,10 @@ pub trait PostProcess: Send + Sync {
         resp: &mut Response,
         cx: &Context,
     ) -> Result<PostOutcome, ModuleError>;
+
+    /// A write of `resource_type` went through a gateway (this one, or another instance as
+    /// the event stream tells): drop whatever cached data it may have changed.
+    fn invalidate(&self, _resource_type: &str) {}
 }
 
 /// Splits `a=1&b=2` into pairs (no decoding: modules compare parameter names).

@@ -89,6 +89,8 @@ pub fn context_with(client: ScriptedClient) -> (Context, Arc<ScriptedClient>) {
             identity: None,
             correlation_id: "test".into(),
             public_base: "https://gw.example/fhir".into(),
+            upstream_base: "http://fhir.internal/fhir".into(),
+            links: Arc::new(crate::links::Directory::new(Default::default())),
             fhir: client.clone(),
             events: Arc::new(MemorySink::default()),
         },

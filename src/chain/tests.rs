@@ -25,6 +25,10 @@ fn cx() -> Context {
         identity: None,
         correlation_id: "c1".into(),
         public_base: "https://gw/fhir".into(),
+        upstream_base: "http://fhir.internal/fhir".into(),
+        links: std::sync::Arc::new(fhir_gateway_modules::links::Directory::new(
+            Default::default(),
+        )),
         fhir: Arc::new(NoClient),
         events: Arc::new(NoSink),
     }

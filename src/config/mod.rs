@@ -58,6 +58,10 @@ pub struct GatewayConfig {
     /// Role policy of the main route.
     #[serde(default)]
     pub policy: RolePolicyConfig,
+    /// Where callers' identity links live in the FHIR server (ParticipantFilter,
+    /// ConsentOptOut, `/manage`).
+    #[serde(default)]
+    pub identity_links: fhir_gateway_modules::links::LinkSettings,
     /// More public prefixes in front of the same FHIR server, each with its own chains and
     /// role policy (e.g. `/research/fhir` for analytics).
     #[serde(default)]
@@ -769,6 +773,9 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
         }
     }
     validate_chains(&[], &cfg.pre, &cfg.post, &cfg.policy, &mut err);
+    if let Err(e) = cfg.identity_links.validate() {
+        err(&["identity_links", "system"], e);
+    }
     let mut prefixes = vec![cfg.fhir_prefix.clone()];
     for (i, r) in cfg.routes.iter().enumerate() {
         let idx = i.to_string();
@@ -1096,6 +1103,22 @@ fn validate_chains(
                 path.extend(["policy", k]);
                 err(&path, format!("{label}policy.{k}: unknown role {r:?}"));
             }
+        }
+    }
+    // Participant roles read only through the filter that limits them to their patients:
+    // granting them reads without it would show them everyone (fail closed).
+    let filtered = post.iter().any(|m| m.name == "ParticipantFilter");
+    for r in policy.read.iter().chain(&policy.write) {
+        if ["Patient", "Practitioner", "RelatedPerson"].contains(&r.as_str()) && !filtered {
+            let mut path: Vec<&str> = at.to_vec();
+            path.extend(["policy"]);
+            err(
+                &path,
+                format!(
+                    "{label}policy grants the participant role {r} but the post chain has no ParticipantFilter: they would see every patient"
+                ),
+            );
+            break;
         }
     }
 }

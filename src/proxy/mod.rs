@@ -14,6 +14,7 @@
 //! 8. `fail_to_proxy`: every failure becomes an OperationOutcome.
 //! 9. `logging`: one access-log line.
 
+mod manage;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +22,7 @@ use crate::auth::{policy, AuthError};
 use crate::chain::{self, PreResult};
 use crate::config::AuthMode;
 use crate::error::GatewayError;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, CACHED_TYPES};
 use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
 use crate::upstream::client::{CallIdentity, GatewayFhirClient};
@@ -76,6 +77,8 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// The error to render when a hook fails with one of ours.
     error: Option<GatewayError>,
+    /// Resource types this request writes: their caches are dropped once it succeeds.
+    written: Vec<String>,
 }
 
 /// How an admitted request continues.
@@ -437,6 +440,22 @@ impl FhirProxy {
             ctx.identity = Some(identity);
         }
 
+        if !matches!(method, Method::GET | Method::HEAD) {
+            let q = ctx
+                .query
+                .as_deref()
+                .map(|q| String::from_utf8_lossy(q).into_owned())
+                .unwrap_or_default();
+            ctx.written = match classify(method.as_str(), &ctx.rest, &q) {
+                // Which types a Bundle writes is in its entries: drop every cache.
+                Ok(r) if r.interaction == Interaction::Bundle => {
+                    CACHED_TYPES.iter().map(|t| t.to_string()).collect()
+                }
+                Ok(r) if !r.is_read => r.resource_type.into_iter().collect(),
+                _ => Vec::new(),
+            };
+        }
+
         ctx.service_auth = gw.identity.authorization().await?;
 
         if matches!(admit, Admit::Proxy) && matches!(method, Method::PUT | Method::DELETE) {
@@ -567,8 +586,10 @@ impl FhirProxy {
             identity: ctx.identity.clone(),
             correlation_id: ctx.correlation_id.clone(),
             public_base: self.public_base_string(ctx),
+            upstream_base: gw.upstream.base.as_string(),
             fhir: client.clone(),
             events: gw.events.clone(),
+            links: gw.links.clone(),
         };
         let mut resp = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
             PreResult::Reply(mut r) => {
@@ -607,6 +628,9 @@ impl FhirProxy {
                     })
                     .await?;
                 ctx.upstream_status = Some(r.status);
+                if (200..300).contains(&r.status) {
+                    ctx.written.iter().for_each(|t| gw.invalidate(t));
+                }
                 r
             }
         };
@@ -924,6 +948,7 @@ impl ProxyHttp for FhirProxy {
             rewrite: None,
             upstream_status: None,
             error: None,
+            written: Vec::new(),
         }
     }
 
@@ -987,6 +1012,9 @@ impl ProxyHttp for FhirProxy {
                             .await
                     }
                 };
+            }
+            p if p == "/manage" || p.starts_with("/manage/") => {
+                return self.manage(session, ctx).await;
             }
             _ if route.is_some() => {}
             _ => {
@@ -1142,6 +1170,9 @@ impl ProxyHttp for FhirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        if resp.status.is_success() {
+            ctx.written.iter().for_each(|t| self.gw.invalidate(t));
+        }
         for h in DROPPED_RESPONSE_HEADERS {
             resp.remove_header(*h);
         }

@@ -1,7 +1,9 @@
 //! The built-in modules and the registry that builds them from YAML (`name` + settings).
 
+pub mod consent_opt_out;
 pub mod date_sort;
 pub mod everything_patient;
+pub mod participant_filter;
 pub mod sample_post;
 pub mod sample_pre;
 pub mod transform_bundle;
@@ -36,6 +38,8 @@ pub const PRE: &[&str] = &[
 pub const POST: &[&str] = &[
     sample_post::SamplePostProcess::NAME,
     date_sort::DateSort::NAME,
+    participant_filter::ParticipantFilter::NAME,
+    consent_opt_out::ConsentOptOut::NAME,
 ];
 
 /// Builds a pre-processor; unknown names and bad settings are errors (the gateway then
@@ -77,6 +81,14 @@ pub fn build_post(name: &str, s: &Value) -> Result<Arc<dyn PostProcess>, String>
         date_sort::DateSort::NAME => {
             Arc::new(named(name, date_sort::DateSort::new(settings(name, s)?))?)
         }
+        participant_filter::ParticipantFilter::NAME => Arc::new(named(
+            name,
+            participant_filter::ParticipantFilter::new(settings(name, s)?),
+        )?),
+        consent_opt_out::ConsentOptOut::NAME => Arc::new(named(
+            name,
+            consent_opt_out::ConsentOptOut::new(settings(name, s)?),
+        )?),
         other => {
             return Err(if PRE.contains(&other) {
                 format!("{other} is a pre-processor, not a post-processor")

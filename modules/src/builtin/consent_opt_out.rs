@@ -1,0 +1,735 @@
+//! ConsentOptOut (post): a patient may withhold their data from everyone or from named
+//! actors with an R4 Consent (`provision.type = deny`, the configured category, status
+//! active, now inside `provision.period` — either end may be open). Actors are read from
+//! `provision.actor[].reference.reference` (the predecessor read a non-existent `actors` and
+//! so blocked everyone). Consent lookups that fail deny (503). Administrators bypass; the
+//! patient is never blocked from their own data; writes are not blocked.
+
+use crate::filter::{self, Judge, Ownership, Style};
+use crate::identity::{Identity, Role};
+use crate::links::{pct, Participant};
+use crate::processor::{
+    next_link, Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
+};
+use crate::reference::{Ref, Resolver, Target};
+use async_trait::async_trait;
+use moka::sync::Cache;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn default_ttl() -> u64 {
+    5
+}
+
+fn default_bypass() -> Vec<String> {
+    vec!["Administrator".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Consent category token, `system|code` (e.g. `http://loinc.org|59284-0`).
+    pub category: String,
+    /// How long Consents and a caller's associations are reused, in minutes (0: no cache).
+    #[serde(default = "default_ttl")]
+    pub cache_ttl_minutes: u64,
+    #[serde(default)]
+    pub hide_existence: bool,
+    #[serde(default)]
+    pub stub_denied: bool,
+    #[serde(default = "default_bypass")]
+    pub bypass_roles: Vec<String>,
+}
+
+/// One deny provision in force between `start` and `end` (seconds since the epoch).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptOut {
+    pub consent: String,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    /// Empty: everyone.
+    pub actors: Vec<Ref>,
+}
+
+impl OptOut {
+    fn in_force(&self, now: i64) -> bool {
+        self.start.is_none_or(|s| s <= now) && self.end.is_none_or(|e| now <= e)
+    }
+
+    fn blocks(&self, caller: &BTreeSet<Ref>, now: i64) -> bool {
+        self.in_force(now)
+            && (self.actors.is_empty() || self.actors.iter().any(|a| caller.contains(a)))
+    }
+}
+
+pub struct ConsentOptOut {
+    category: String,
+    bypass: Vec<Role>,
+    style: Style,
+    ttl_minutes: u64,
+    /// Patient id → their opt-outs.
+    consents: Cache<String, Arc<Vec<OptOut>>>,
+    /// Practitioner id → the practitioner, its PractitionerRoles and their Organizations.
+    associations: Cache<String, Arc<BTreeSet<Ref>>>,
+}
+
+impl ConsentOptOut {
+    pub const NAME: &'static str = "ConsentOptOut";
+
+    pub fn new(s: Settings) -> Result<ConsentOptOut, String> {
+        match s.category.split_once('|') {
+            Some((sys, code)) if !sys.is_empty() && !code.is_empty() && !code.contains('|') => {}
+            _ => {
+                return Err(format!(
+                    "category {:?} must be a token system|code, e.g. http://loinc.org|59284-0",
+                    s.category
+                ))
+            }
+        }
+        let ttl = Duration::from_secs(s.cache_ttl_minutes.max(1) * 60);
+        Ok(ConsentOptOut {
+            category: s.category,
+            bypass: super::participant_filter::roles(&s.bypass_roles, "bypass_roles")?,
+            style: Style {
+                module: Self::NAME,
+                hide_existence: s.hide_existence,
+                stub: s.stub_denied,
+                reason: "the patient has withheld access",
+            },
+            ttl_minutes: s.cache_ttl_minutes,
+            consents: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
+            associations: Cache::builder()
+                .max_capacity(50_000)
+                .time_to_live(ttl)
+                .build(),
+        })
+    }
+
+    fn bypasses(&self, id: &Identity) -> bool {
+        self.bypass.iter().any(|r| id.has(*r))
+    }
+
+    async fn search_all(&self, cx: &Context, first: String) -> Result<Vec<Value>, ModuleError> {
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            pages += 1;
+            if pages > 100 {
+                return Err(ModuleError::Failed(
+                    "more than 100 pages of Consents or roles".into(),
+                ));
+            }
+            let (status, b) = cx.fhir.get_json(&url).await?;
+            if status != 200 {
+                return Err(ModuleError::Unavailable(format!(
+                    "consent lookup answered {status}"
+                )));
+            }
+            for e in b
+                .get("entry")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
+                    continue;
+                }
+                if let Some(r) = e.get("resource") {
+                    out.push(r.clone());
+                }
+            }
+            next = next_link(&b);
+        }
+        Ok(out)
+    }
+
+    /// Who the caller counts as when Consents name actors.
+    async fn associations(
+        &self,
+        who: &Option<Participant>,
+        cx: &Context,
+    ) -> Result<Arc<BTreeSet<Ref>>, ModuleError> {
+        let pid = match who {
+            None => return Ok(Arc::new(BTreeSet::new())),
+            Some(Participant::Practitioner(p)) => p,
+            Some(other) => return Ok(Arc::new(BTreeSet::from([other.reference()]))),
+        };
+        if self.ttl_minutes > 0 {
+            if let Some(hit) = self.associations.get(pid) {
+                return Ok(hit);
+            }
+        }
+        let roles = self
+            .search_all(
+                cx,
+                format!("PractitionerRole?practitioner=Practitioner/{pid}&_count=200"),
+            )
+            .await?;
+        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        let mut set = BTreeSet::from([Ref::new("Practitioner", pid)]);
+        for r in &roles {
+            if let Some(id) = r.get("id").and_then(Value::as_str) {
+                set.insert(Ref::new("PractitionerRole", id));
+            }
+            if let Some(Target::Local(org)) = r
+                .pointer("/organization/reference")
+                .and_then(Value::as_str)
+                .map(|s| resolver.parse(s))
+            {
+                set.insert(org);
+            }
+        }
+        let set = Arc::new(set);
+        if self.ttl_minutes > 0 {
+            self.associations.insert(pid.clone(), set.clone());
+        }
+        Ok(set)
+    }
+
+    /// A patient's opt-outs, every page (cached).
+    async fn opt_outs(&self, patient: &str, cx: &Context) -> Result<Arc<Vec<OptOut>>, ModuleError> {
+        if self.ttl_minutes > 0 {
+            if let Some(hit) = self.consents.get(patient) {
+                return Ok(hit);
+            }
+        }
+        let found = self
+            .search_all(
+                cx,
+                format!(
+                    "Consent?patient=Patient/{patient}&category={}&status=active&_count=100",
+                    pct(&self.category).replace("%7C", "|")
+                ),
+            )
+            .await?;
+        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        let list: Vec<OptOut> = found
+            .iter()
+            .filter_map(|c| opt_out(c, patient, &self.category, &resolver))
+            .collect();
+        let list = Arc::new(list);
+        if self.ttl_minutes > 0 {
+            self.consents.insert(patient.to_string(), list.clone());
+        }
+        Ok(list)
+    }
+}
+
+/// The deny provision of a Consent, if it is one of this patient's active opt-outs of the
+/// configured category (checked here too: the search is only a pre-selection).
+pub fn opt_out(c: &Value, patient: &str, category: &str, resolver: &Resolver) -> Option<OptOut> {
+    if c.get("resourceType").and_then(Value::as_str) != Some("Consent")
+        || c.get("status").and_then(Value::as_str) != Some("active")
+    {
+        return None;
+    }
+    let (sys, code) = category.split_once('|')?;
+    let has_category = c
+        .get("category")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|cc| {
+            cc.get("coding")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .any(|cd| {
+            cd.get("system").and_then(Value::as_str) == Some(sys)
+                && cd.get("code").and_then(Value::as_str) == Some(code)
+        });
+    let for_patient = matches!(
+        c.pointer("/patient/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
+        Some(Target::Local(r)) if r.is("Patient") && r.id == patient
+    );
+    let p = c.get("provision")?;
+    if !has_category || !for_patient || p.get("type").and_then(Value::as_str) != Some("deny") {
+        return None;
+    }
+    // An unreadable bound is treated as open: the opt-out then applies more widely, never less.
+    let start = p
+        .pointer("/period/start")
+        .and_then(Value::as_str)
+        .and_then(|s| fhir_time(s, false));
+    let end = p
+        .pointer("/period/end")
+        .and_then(Value::as_str)
+        .and_then(|s| fhir_time(s, true));
+    let mut actors = Vec::new();
+    let mut unreadable = false;
+    for a in p
+        .get("actor")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match a
+            .pointer("/reference/reference")
+            .and_then(Value::as_str)
+            .map(|s| resolver.parse(s))
+        {
+            Some(Target::Local(r)) => actors.push(r),
+            _ => unreadable = true,
+        }
+    }
+    if unreadable {
+        // An actor we cannot match (an identifier, another server) might be this caller:
+        // fail closed and let the provision deny everyone.
+        actors.clear();
+    }
+    Some(OptOut {
+        consent: c
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        start,
+        end,
+        actors,
+    })
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    // Howard Hinnant's days-from-civil algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
+
+/// A FHIR `date` / `dateTime` as seconds since the epoch: the first second it covers, or with
+/// `end` the last one (`2025` as an end means through 31 December 2025).
+pub fn fhir_time(s: &str, end: bool) -> Option<i64> {
+    let num = |a: usize, b: usize| -> Option<i64> {
+        let t = s.get(a..b)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let y = num(0, 4)?;
+    if s.len() == 4 {
+        return Some(if end {
+            days_from_civil(y + 1, 1, 1) * 86_400 - 1
+        } else {
+            days_from_civil(y, 1, 1) * 86_400
+        });
+    }
+    if s.as_bytes().get(4) != Some(&b'-') {
+        return None;
+    }
+    let m = num(5, 7).filter(|m| (1..=12).contains(m))?;
+    if s.len() == 7 {
+        let last = days_in_month(y, m);
+        return Some(if end {
+            (days_from_civil(y, m, last) + 1) * 86_400 - 1
+        } else {
+            days_from_civil(y, m, 1) * 86_400
+        });
+    }
+    if s.as_bytes().get(7) != Some(&b'-') {
+        return None;
+    }
+    let d = num(8, 10).filter(|d| *d >= 1 && *d <= days_in_month(y, m))?;
+    let day = days_from_civil(y, m, d) * 86_400;
+    if s.len() == 10 {
+        return Some(if end { day + 86_399 } else { day });
+    }
+    if s.as_bytes().get(10) != Some(&b'T') {
+        return None;
+    }
+    let hh = num(11, 13).filter(|h| *h < 24)?;
+    let mm = num(14, 16).filter(|m| *m < 60)?;
+    let ss = num(17, 19).filter(|x| *x < 61)?;
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return None;
+        }
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "+00:00" | "-00:00" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
+            let oh: i64 = rest[1..3].parse().ok()?;
+            let om: i64 = rest[4..6].parse().ok()?;
+            let o = oh * 3600 + om * 60;
+            if rest.starts_with('+') {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    Some(day + hh * 3600 + mm * 60 + ss - offset)
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl PostProcess for ConsentOptOut {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn applies(&self, req: &Request) -> bool {
+        req.method != "DELETE"
+    }
+
+    async fn process(
+        &self,
+        req: &Request,
+        resp: &mut Response,
+        cx: &Context,
+    ) -> Result<PostOutcome, ModuleError> {
+        if cx.identity.as_ref().is_some_and(|id| self.bypasses(id)) {
+            return Ok(PostOutcome::Continue);
+        }
+        if !super::participant_filter::judged_status(req, resp.status) {
+            return Ok(PostOutcome::Continue);
+        }
+        let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
+            Ok(j) => j,
+            Err(answer) => {
+                *resp = answer;
+                return Ok(PostOutcome::Stop);
+            }
+        };
+        let ownership = match (&judged, &resp.body) {
+            (filter::Judged::Fetched(v), _) => Ownership::prepare(v, &req.query, cx).await?,
+            (_, Body::Json(v)) => Ownership::prepare(v, &req.query, cx).await?,
+            _ => return Ok(PostOutcome::Continue),
+        };
+        // Every patient whose data is in the answer.
+        let mut patients = BTreeSet::new();
+        {
+            let body = match (&judged, &resp.body) {
+                (filter::Judged::Fetched(v), _) => v,
+                (_, Body::Json(v)) => v,
+                _ => unreachable!("matched above"),
+            };
+            let mut all = Vec::new();
+            filter::resources(body, &mut all);
+            for r in all {
+                patients.extend(ownership.owners(r).patients);
+            }
+        }
+        let who = match &cx.identity {
+            Some(id) => cx.links.resolve(id, cx.fhir.as_ref()).await?,
+            None => None,
+        };
+        // The patient is never kept from their own data.
+        if let Some(Participant::Patient(me)) = &who {
+            patients.remove(me);
+        }
+        if patients.is_empty() {
+            return Ok(PostOutcome::Continue);
+        }
+        let caller = self.associations(&who, cx).await?;
+        let mut opt_outs: BTreeMap<String, Arc<Vec<OptOut>>> = BTreeMap::new();
+        let list: Vec<String> = patients.into_iter().collect();
+        for chunk in list.chunks(8) {
+            let got = futures::future::join_all(chunk.iter().map(|p| self.opt_outs(p, cx))).await;
+            for (p, g) in chunk.iter().zip(got) {
+                opt_outs.insert(p.clone(), g?);
+            }
+        }
+        let now = now();
+        let me = match &who {
+            Some(Participant::Patient(p)) => Some(p.clone()),
+            _ => None,
+        };
+        let mut deny = |r: &Value| {
+            ownership.owners(r).patients.iter().any(|p| {
+                me.as_deref() != Some(p.as_str())
+                    && match opt_outs.get(p) {
+                        Some(list) => list.iter().any(|o| o.blocks(&caller, now)),
+                        // Not looked up (cannot happen): fail closed.
+                        None => true,
+                    }
+            })
+        };
+        let mut deny_gone = |_: Option<&str>| false;
+        let applied = filter::apply_judged(
+            resp,
+            judged,
+            &self.style,
+            &mut Judge {
+                deny: &mut deny,
+                deny_resourceless: &mut deny_gone,
+            },
+        );
+        Ok(match applied {
+            filter::Applied::Denied => PostOutcome::Stop,
+            filter::Applied::Filtered(_) => PostOutcome::Continue,
+        })
+    }
+
+    fn invalidate(&self, resource_type: &str) {
+        match resource_type {
+            "Consent" => self.consents.invalidate_all(),
+            "PractitionerRole" => self.associations.invalidate_all(),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{context_with, ScriptedClient};
+    use serde_json::json;
+
+    const CAT: &str = "http://loinc.org|59284-0";
+
+    fn module() -> ConsentOptOut {
+        ConsentOptOut::new(serde_json::from_value(json!({"category": CAT})).unwrap()).unwrap()
+    }
+
+    fn consent(patient: &str, period: Value, actors: &[&str]) -> Value {
+        json!({"resourceType": "Consent", "id": format!("c-{patient}"), "status": "active",
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": format!("Patient/{patient}")},
+            "provision": {"type": "deny", "period": period,
+                "actor": actors.iter().map(|a| json!({"role": {"text": "x"}, "reference": {"reference": a}})).collect::<Vec<_>>()}})
+    }
+
+    fn bundle(rs: Vec<Value>) -> Value {
+        json!({"resourceType": "Bundle", "type": "searchset",
+               "entry": rs.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+    }
+
+    fn obs(id: &str, p: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "subject": {"reference": format!("Patient/{p}")}})
+    }
+
+    fn who(fhir_user: &str) -> Identity {
+        Identity {
+            user_id: "u".into(),
+            roles: vec![Role::Practitioner],
+            fhir_user: Some(fhir_user.into()),
+            ..Default::default()
+        }
+    }
+
+    fn get() -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/Observation".into(),
+            query: String::new(),
+            headers: vec![],
+            body: None,
+        }
+    }
+
+    async fn ids_for(
+        m: &ConsentOptOut,
+        caller: Identity,
+        client: ScriptedClient,
+        body: Value,
+    ) -> Vec<String> {
+        let (mut cx, _) = context_with(client);
+        cx.identity = Some(caller);
+        let mut resp = Response::json(200, body);
+        m.process(&get(), &mut resp, &cx).await.unwrap();
+        resp.json_body().unwrap()["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] != "outcome")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn dates_and_periods() {
+        assert_eq!(fhir_time("1970-01-01", false), Some(0));
+        assert_eq!(fhir_time("1970-01-01", true), Some(86_399));
+        assert_eq!(fhir_time("1970", true), Some(365 * 86_400 - 1));
+        assert_eq!(fhir_time("1970-02", true), Some(59 * 86_400 - 1));
+        assert_eq!(
+            fhir_time("2000-02-29T12:00:00+02:00", false),
+            fhir_time("2000-02-29T10:00:00Z", false)
+        );
+        assert_eq!(
+            fhir_time("2024-06-01T00:00:00.123Z", false),
+            Some(1_717_200_000)
+        );
+        for bad in [
+            "",
+            "20x4",
+            "2024-13",
+            "2023-02-29",
+            "2024-01-01T25:00:00Z",
+            "2024-01-01T10:00:00",
+        ] {
+            assert_eq!(fhir_time(bad, false), None, "{bad}");
+        }
+        let o = OptOut {
+            consent: "c".into(),
+            start: Some(100),
+            end: None,
+            actors: vec![],
+        };
+        assert!(!o.in_force(99));
+        assert!(o.in_force(100));
+        assert!(o.in_force(i64::MAX));
+    }
+
+    #[test]
+    fn consents_are_read_as_r4() {
+        let r = Resolver::new(&["http://fhir.internal/fhir"]);
+        let c = consent("A", json!({"start": "2020-01-01"}), &["Practitioner/p2"]);
+        let o = opt_out(&c, "A", CAT, &r).unwrap();
+        assert_eq!(o.actors, [Ref::new("Practitioner", "p2")]);
+        assert_eq!(o.end, None);
+        // Other patient, permit, other category, inactive: not opt-outs of A.
+        assert!(opt_out(&c, "B", CAT, &r).is_none());
+        let mut permit = c.clone();
+        permit["provision"]["type"] = json!("permit");
+        assert!(opt_out(&permit, "A", CAT, &r).is_none());
+        assert!(opt_out(&c, "A", "http://loinc.org|00000-0", &r).is_none());
+        let mut inactive = c.clone();
+        inactive["status"] = json!("inactive");
+        assert!(opt_out(&inactive, "A", CAT, &r).is_none());
+        // The predecessor's `actors` field does not exist in R4: no actor → everyone.
+        let mut old = consent("A", json!({}), &[]);
+        old["provision"]["actors"] = json!([{"reference": {"reference": "Practitioner/x"}}]);
+        assert!(opt_out(&old, "A", CAT, &r).unwrap().actors.is_empty());
+    }
+
+    #[tokio::test]
+    async fn named_actor_blocks_only_that_actor() {
+        let m = module();
+        let client = || {
+            ScriptedClient::by_url(vec![
+                (
+                    "Consent?patient=Patient/A",
+                    200,
+                    bundle(vec![consent(
+                        "A",
+                        json!({"start": "2020-01-01"}),
+                        &["Practitioner/p2"],
+                    )]),
+                ),
+                ("Consent?patient=Patient/B", 200, bundle(vec![])),
+                ("PractitionerRole?", 200, bundle(vec![])),
+            ])
+        };
+        let body = bundle(vec![obs("a", "A"), obs("b", "B")]);
+        assert_eq!(
+            ids_for(&m, who("Practitioner/p2"), client(), body.clone()).await,
+            ["b"]
+        );
+        assert_eq!(
+            ids_for(&m, who("Practitioner/p1"), client(), body).await,
+            ["a", "b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_actor_blocks_everyone_but_the_patient() {
+        let m = module();
+        let client = || {
+            ScriptedClient::by_url(vec![
+                (
+                    "Consent?patient=Patient/A",
+                    200,
+                    bundle(vec![consent("A", json!({"end": "2999"}), &[])]),
+                ),
+                ("PractitionerRole?", 200, bundle(vec![])),
+            ])
+        };
+        let body = bundle(vec![obs("a", "A")]);
+        assert!(ids_for(&m, who("Practitioner/p1"), client(), body.clone())
+            .await
+            .is_empty());
+        assert_eq!(ids_for(&m, who("Patient/A"), client(), body).await, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn organisation_of_a_role_is_an_actor_and_expired_consents_do_not_count() {
+        let m = module();
+        let client = || {
+            ScriptedClient::by_url(vec![
+                (
+                    "Consent?patient=Patient/A",
+                    200,
+                    bundle(vec![consent("A", json!({}), &["Organization/org1"])]),
+                ),
+                (
+                    "Consent?patient=Patient/B",
+                    200,
+                    bundle(vec![consent("B", json!({"end": "2001-01-01"}), &[])]),
+                ),
+                (
+                    "PractitionerRole?",
+                    200,
+                    bundle(vec![json!({"resourceType": "PractitionerRole", "id": "r",
+                "organization": {"reference": "Organization/org1"}})]),
+                ),
+            ])
+        };
+        let body = bundle(vec![obs("a", "A"), obs("b", "B")]);
+        assert_eq!(
+            ids_for(&m, who("Practitioner/p1"), client(), body).await,
+            ["b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_until_a_consent_is_written() {
+        let m = module();
+        let (mut cx, client) = context_with(ScriptedClient::by_url(vec![
+            ("Consent?", 200, bundle(vec![])),
+            ("PractitionerRole?", 200, bundle(vec![])),
+        ]));
+        cx.identity = Some(who("Practitioner/p1"));
+        for _ in 0..3 {
+            let mut resp = Response::json(200, bundle(vec![obs("a", "A")]));
+            m.process(&get(), &mut resp, &cx).await.unwrap();
+        }
+        assert_eq!(client.calls().len(), 2, "{:?}", client.calls());
+        m.invalidate("Consent");
+        let mut resp = Response::json(200, bundle(vec![obs("a", "A")]));
+        m.process(&get(), &mut resp, &cx).await.unwrap();
+        assert_eq!(client.calls().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn lookup_failure_denies() {
+        let m = module();
+        let (mut cx, _) = context_with(ScriptedClient::by_url(vec![("", 500, json!({}))]));
+        cx.identity = Some(who("Patient/Z"));
+        let mut resp = Response::json(200, obs("a", "A"));
+        assert!(matches!(
+            m.process(&get(), &mut resp, &cx).await,
+            Err(ModuleError::Unavailable(_))
+        ));
+    }
+}

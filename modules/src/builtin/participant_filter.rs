@@ -1,0 +1,682 @@
+//! ParticipantFilter (post): a patient sees their own data, a practitioner the data of the
+//! patients they are of record for, a RelatedPerson the data of their patient. Everything in a
+//! patient's compartment (every CompartmentDefinition path, typed references) is judged, in
+//! every read shape: reads, searches, POST `_search`, batch responses, includes, history,
+//! `$everything`, paging links (a page URL is just a search, filtered for whoever fetches it).
+//!
+//! Administrator and the global roles bypass. A caller who is nobody in the FHIR server (no
+//! `fhirUser`, no link) sees no patient data. Lookups fail closed (503).
+
+use crate::compartment::Owners;
+use crate::filter::{self, Judge, Ownership, Style};
+use crate::identity::{valid_id, Identity, Role};
+use crate::links::{pct, Participant};
+use crate::processor::{
+    next_link, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
+};
+use crate::reference::{Resolver, Target};
+use async_trait::async_trait;
+use moka::sync::Cache;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a practitioner comes to be "of record" for a patient.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    /// `Patient.generalPractitioner` names the practitioner (or one of their roles).
+    GeneralPractitioner,
+    /// The practitioner is `Encounter.participant.individual` of one of the patient's
+    /// Encounters.
+    EncounterParticipant,
+    /// The practitioner is `CareTeam.participant.member` of a CareTeam of the patient.
+    CareTeamMember,
+}
+
+fn all_relations() -> Vec<Relation> {
+    vec![
+        Relation::GeneralPractitioner,
+        Relation::EncounterParticipant,
+        Relation::CareTeamMember,
+    ]
+}
+
+fn default_bypass() -> Vec<String> {
+    vec!["Administrator".into(), "DataScientist".into()]
+}
+
+fn default_ttl() -> u64 {
+    60
+}
+
+fn default_max_related() -> usize {
+    50_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default = "all_relations")]
+    pub relations: Vec<Relation>,
+    /// 404 instead of 403 for a denied read, no "filtered" notice, 410 → 404.
+    #[serde(default)]
+    pub hide_existence: bool,
+    /// The predecessor's stub entries instead of removal (ids are never kept).
+    #[serde(default)]
+    pub stub_denied: bool,
+    /// How long a practitioner's patient list / a RelatedPerson's patient is reused.
+    #[serde(default = "default_ttl")]
+    pub cache_ttl_secs: u64,
+    #[serde(default = "default_bypass")]
+    pub bypass_roles: Vec<String>,
+    /// Upper bound on the relations read for one practitioner (fail closed above it).
+    #[serde(default = "default_max_related")]
+    pub max_related: usize,
+}
+
+pub struct ParticipantFilter {
+    relations: Vec<Relation>,
+    bypass: Vec<Role>,
+    style: Style,
+    ttl: u64,
+    max_related: usize,
+    /// Practitioner id → ids of the patients they are of record for.
+    practitioners: Cache<String, Arc<BTreeSet<String>>>,
+    /// RelatedPerson id → the patient ids it is linked to.
+    related: Cache<String, Arc<BTreeSet<String>>>,
+}
+
+pub(crate) fn roles(names: &[String], what: &str) -> Result<Vec<Role>, String> {
+    names
+        .iter()
+        .map(|n| {
+            Role::ALL
+                .into_iter()
+                .find(|r| r.name() == n)
+                .ok_or_else(|| format!("{what}: unknown role {n:?}"))
+        })
+        .collect()
+}
+
+fn cache(ttl: u64) -> Cache<String, Arc<BTreeSet<String>>> {
+    Cache::builder()
+        .max_capacity(50_000)
+        .time_to_live(Duration::from_secs(ttl.max(1)))
+        .build()
+}
+
+impl ParticipantFilter {
+    pub const NAME: &'static str = "ParticipantFilter";
+
+    pub fn new(s: Settings) -> Result<ParticipantFilter, String> {
+        if s.relations.is_empty() {
+            return Err("relations: at least one relation is needed".into());
+        }
+        if s.max_related == 0 {
+            return Err("max_related must be at least 1".into());
+        }
+        let mut relations = s.relations;
+        relations.sort();
+        relations.dedup();
+        Ok(ParticipantFilter {
+            relations,
+            bypass: roles(&s.bypass_roles, "bypass_roles")?,
+            style: Style {
+                module: Self::NAME,
+                hide_existence: s.hide_existence,
+                stub: s.stub_denied,
+                reason: "the caller is not a participant in this patient's care",
+            },
+            ttl: s.cache_ttl_secs,
+            max_related: s.max_related,
+            practitioners: cache(s.cache_ttl_secs),
+            related: cache(s.cache_ttl_secs),
+        })
+    }
+
+    fn bypasses(&self, id: &Identity) -> bool {
+        self.bypass.iter().any(|r| id.has(*r))
+    }
+
+    /// Every page of a search, as entries' resources; fail closed above `max_related`.
+    async fn search_all(&self, cx: &Context, first: String) -> Result<Vec<Value>, ModuleError> {
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        while let Some(url) = next.take() {
+            let (status, b) = cx.fhir.get_json(&url).await?;
+            if status != 200 {
+                return Err(ModuleError::Unavailable(format!(
+                    "relation lookup answered {status}"
+                )));
+            }
+            for e in b
+                .get("entry")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
+                    continue;
+                }
+                if let Some(r) = e.get("resource") {
+                    out.push(r.clone());
+                }
+            }
+            if out.len() > self.max_related {
+                return Err(ModuleError::Failed(format!(
+                    "more than max_related ({}) relations to read for one caller",
+                    self.max_related
+                )));
+            }
+            next = next_link(&b);
+        }
+        Ok(out)
+    }
+
+    /// The patients a practitioner is of record for (cached).
+    async fn of_record(
+        &self,
+        pid: &str,
+        cx: &Context,
+    ) -> Result<Arc<BTreeSet<String>>, ModuleError> {
+        if self.ttl > 0 {
+            if let Some(hit) = self.practitioners.get(pid) {
+                return Ok(hit);
+            }
+        }
+        // References may name the practitioner or one of their PractitionerRoles.
+        let roles = self
+            .search_all(
+                cx,
+                format!("PractitionerRole?practitioner=Practitioner/{pid}&_elements=id&_count=200"),
+            )
+            .await?;
+        let mut me = vec![format!("Practitioner/{pid}")];
+        me.extend(
+            roles
+                .iter()
+                .filter_map(|r| r.get("id").and_then(Value::as_str))
+                .filter(|id| valid_id(id))
+                .map(|id| format!("PractitionerRole/{id}")),
+        );
+        let who = pct(&me.join(","));
+        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        let lookups = self.relations.iter().map(|rel| {
+            let (query, path): (String, &[&str]) = match rel {
+                Relation::GeneralPractitioner => (
+                    format!("Patient?general-practitioner={who}&_elements=id&_count=1000"),
+                    &[],
+                ),
+                Relation::EncounterParticipant => (
+                    format!("Encounter?participant={who}&_elements=subject&_count=1000"),
+                    &["subject"],
+                ),
+                Relation::CareTeamMember => (
+                    format!("CareTeam?participant={who}&_elements=subject&_count=1000"),
+                    &["subject"],
+                ),
+            };
+            let resolver = &resolver;
+            async move {
+                let found = self.search_all(cx, query).await?;
+                let mut ids = Vec::new();
+                for r in &found {
+                    if path.is_empty() {
+                        if r.get("resourceType").and_then(Value::as_str) == Some("Patient") {
+                            if let Some(id) = r.get("id").and_then(Value::as_str) {
+                                ids.push(id.to_string());
+                            }
+                        }
+                        continue;
+                    }
+                    let refs = r.get(path[0]).into_iter().flat_map(|v| match v {
+                        Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                        v => vec![v],
+                    });
+                    for rf in refs {
+                        if let Some(Target::Local(p)) = rf
+                            .get("reference")
+                            .and_then(Value::as_str)
+                            .map(|s| resolver.parse(s))
+                        {
+                            if p.is("Patient") {
+                                ids.push(p.id);
+                            }
+                        }
+                    }
+                }
+                Ok::<_, ModuleError>(ids)
+            }
+        });
+        let mut patients = BTreeSet::new();
+        for ids in futures::future::join_all(lookups).await {
+            patients.extend(ids?);
+        }
+        let patients = Arc::new(patients);
+        if self.ttl > 0 {
+            self.practitioners.insert(pid.to_string(), patients.clone());
+        }
+        Ok(patients)
+    }
+
+    /// The patients a RelatedPerson is linked to (cached).
+    async fn related_to(
+        &self,
+        rid: &str,
+        cx: &Context,
+    ) -> Result<Arc<BTreeSet<String>>, ModuleError> {
+        if self.ttl > 0 {
+            if let Some(hit) = self.related.get(rid) {
+                return Ok(hit);
+            }
+        }
+        let (status, r) = cx.fhir.get_json(&format!("RelatedPerson/{rid}")).await?;
+        let mut patients = BTreeSet::new();
+        match status {
+            200 => {
+                let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+                if let Some(Target::Local(p)) = r
+                    .pointer("/patient/reference")
+                    .and_then(Value::as_str)
+                    .map(|s| resolver.parse(s))
+                {
+                    if p.is("Patient") {
+                        patients.insert(p.id);
+                    }
+                }
+            }
+            // Gone: linked to nobody any more.
+            404 | 410 => {}
+            s => {
+                return Err(ModuleError::Unavailable(format!(
+                    "reading RelatedPerson/{rid} answered {s}"
+                )))
+            }
+        }
+        let patients = Arc::new(patients);
+        if self.ttl > 0 {
+            self.related.insert(rid.to_string(), patients.clone());
+        }
+        Ok(patients)
+    }
+
+    /// The patients whose data this caller may see.
+    async fn visible(
+        &self,
+        who: Option<Participant>,
+        cx: &Context,
+    ) -> Result<Arc<BTreeSet<String>>, ModuleError> {
+        Ok(match who {
+            Some(Participant::Patient(p)) => Arc::new(BTreeSet::from([p])),
+            Some(Participant::Practitioner(p)) => self.of_record(&p, cx).await?,
+            Some(Participant::RelatedPerson(r)) => self.related_to(&r, cx).await?,
+            None => Arc::new(BTreeSet::new()),
+        })
+    }
+}
+
+/// Allowed iff not patient data, or the caller may see one of its patients.
+fn allowed(o: &Owners, visible: &BTreeSet<String>) -> bool {
+    !o.is_patient_data() || o.patients.iter().any(|p| visible.contains(p))
+}
+
+/// A create answers with what the caller just wrote; everything else is judged.
+pub(crate) fn judged_status(req: &Request, status: u16) -> bool {
+    (200..300).contains(&status) && !(status == 201 && req.method == "POST")
+}
+
+#[async_trait]
+impl PostProcess for ParticipantFilter {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn applies(&self, req: &Request) -> bool {
+        // Every answer with a body may hold patient data (a conditional create can answer
+        // with an existing resource); only DELETE has nothing to show.
+        req.method != "DELETE"
+    }
+
+    async fn process(
+        &self,
+        req: &Request,
+        resp: &mut Response,
+        cx: &Context,
+    ) -> Result<PostOutcome, ModuleError> {
+        if cx.identity.as_ref().is_some_and(|id| self.bypasses(id)) {
+            return Ok(PostOutcome::Continue);
+        }
+        if self.style.hide_existence && resp.status == 410 {
+            // "Deleted" still says "existed".
+            *resp = filter::denied_response(&self.style);
+            return Ok(PostOutcome::Continue);
+        }
+        if !judged_status(req, resp.status) {
+            return Ok(PostOutcome::Continue);
+        }
+        let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
+            Ok(j) => j,
+            Err(answer) => {
+                *resp = answer;
+                return Ok(PostOutcome::Stop);
+            }
+        };
+        let who = match &cx.identity {
+            Some(id) => cx.links.resolve(id, cx.fhir.as_ref()).await?,
+            None => None,
+        };
+        let visible = self.visible(who, cx).await?;
+        let ownership = match (&judged, &resp.body) {
+            (filter::Judged::Fetched(v), _) => Ownership::prepare(v, &req.query, cx).await?,
+            (_, crate::processor::Body::Json(v)) => Ownership::prepare(v, &req.query, cx).await?,
+            _ => return Ok(PostOutcome::Continue),
+        };
+        let mut deny = |r: &Value| !allowed(&ownership.owners(r), &visible);
+        let mut deny_gone = |t: Option<&str>| filter::may_be_patient_data(t);
+        let applied = filter::apply_judged(
+            resp,
+            judged,
+            &self.style,
+            &mut Judge {
+                deny: &mut deny,
+                deny_resourceless: &mut deny_gone,
+            },
+        );
+        Ok(match applied {
+            filter::Applied::Denied => PostOutcome::Stop,
+            filter::Applied::Filtered(_) => PostOutcome::Continue,
+        })
+    }
+
+    fn invalidate(&self, resource_type: &str) {
+        match resource_type {
+            "Patient" | "Encounter" | "CareTeam" | "PractitionerRole" => {
+                self.practitioners.invalidate_all()
+            }
+            "RelatedPerson" => self.related.invalidate_all(),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{context_with, ScriptedClient};
+    use serde_json::json;
+
+    fn filter(s: Value) -> ParticipantFilter {
+        ParticipantFilter::new(serde_json::from_value(s).unwrap()).unwrap()
+    }
+
+    fn caller(roles: &[Role], fhir_user: &str) -> Identity {
+        Identity {
+            user_id: "u".into(),
+            roles: roles.to_vec(),
+            fhir_user: (!fhir_user.is_empty()).then(|| fhir_user.to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn get(path: &str, query: &str) -> Request {
+        Request {
+            method: "GET".into(),
+            path: path.into(),
+            query: query.into(),
+            headers: vec![],
+            body: None,
+        }
+    }
+
+    fn entry(r: Value) -> Value {
+        json!({"resource": r, "search": {"mode": "match"}})
+    }
+
+    fn obs(id: &str, subject: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "subject": {"reference": subject}})
+    }
+
+    fn searchset(entries: Vec<Value>) -> Value {
+        json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
+               "entry": entries.into_iter().map(entry).collect::<Vec<_>>()})
+    }
+
+    fn ids(resp: &Response) -> Vec<String> {
+        resp.json_body().unwrap()["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] != "outcome")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    async fn run(
+        f: &ParticipantFilter,
+        id: Identity,
+        client: ScriptedClient,
+        req: Request,
+        body: Value,
+    ) -> (Response, Arc<ScriptedClient>) {
+        let (mut cx, client) = context_with(client);
+        cx.identity = Some(id);
+        let mut resp = Response::json(200, body);
+        f.process(&req, &mut resp, &cx).await.unwrap();
+        (resp, client)
+    }
+
+    #[tokio::test]
+    async fn patient_sees_own_compartment_only() {
+        let f = filter(json!({}));
+        let body = searchset(vec![
+            obs("1", "Patient/12"),
+            obs("2", "Patient/123"),
+            obs("3", "http://fhir.internal/fhir/Patient/12/_history/4"),
+            obs("4", "https://elsewhere.example/fhir/Patient/12"),
+            json!({"resourceType": "Organization", "id": "o"}),
+        ]);
+        let (resp, client) = run(
+            &f,
+            caller(&[Role::Patient], "Patient/12"),
+            ScriptedClient::new(vec![]),
+            get("/Observation", ""),
+            body,
+        )
+        .await;
+        assert_eq!(ids(&resp), ["1", "3", "o"]);
+        assert!(resp.json_body().unwrap().get("total").is_none());
+        assert!(client.calls().is_empty(), "a patient needs no lookups");
+    }
+
+    #[tokio::test]
+    async fn single_reads_deny_with_403_or_404() {
+        let f = filter(json!({}));
+        let (resp, _) = run(
+            &f,
+            caller(&[Role::Patient], "Patient/12"),
+            ScriptedClient::new(vec![]),
+            get("/Observation/2", ""),
+            obs("2", "Patient/123"),
+        )
+        .await;
+        assert_eq!(resp.status, 403);
+        let f = filter(json!({"hide_existence": true}));
+        let (resp, _) = run(
+            &f,
+            caller(&[Role::Patient], "Patient/12"),
+            ScriptedClient::new(vec![]),
+            get("/Observation/2", ""),
+            obs("2", "Patient/123"),
+        )
+        .await;
+        assert_eq!(resp.status, 404);
+    }
+
+    #[tokio::test]
+    async fn practitioner_relations_are_read_once_and_cached() {
+        let f = filter(json!({}));
+        let client = || {
+            ScriptedClient::by_url(vec![
+                (
+                    "PractitionerRole?",
+                    200,
+                    json!({"resourceType": "Bundle", "entry": [
+                {"resource": {"resourceType": "PractitionerRole", "id": "r1"}}]}),
+                ),
+                (
+                    "Patient?",
+                    200,
+                    json!({"resourceType": "Bundle", "entry": [
+                {"resource": {"resourceType": "Patient", "id": "A"}}]}),
+                ),
+                (
+                    "Encounter?",
+                    200,
+                    json!({"resourceType": "Bundle", "entry": [
+                {"resource": {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/B"}}}]}),
+                ),
+                (
+                    "CareTeam?",
+                    200,
+                    json!({"resourceType": "Bundle", "entry": [
+                {"resource": {"resourceType": "CareTeam", "id": "c", "subject": {"reference": "Patient/C"}}}]}),
+                ),
+            ])
+        };
+        let body = searchset(vec![
+            obs("a", "Patient/A"),
+            obs("b", "Patient/B"),
+            obs("c", "Patient/C"),
+            obs("d", "Patient/D"),
+        ]);
+        let (resp, c1) = run(
+            &f,
+            caller(&[Role::Practitioner], "Practitioner/p1"),
+            client(),
+            get("/Observation", ""),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(ids(&resp), ["a", "b", "c"]);
+        let calls = c1.calls();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert!(
+            calls
+                .iter()
+                .any(|c| c
+                    .contains("general-practitioner=Practitioner%2Fp1%2CPractitionerRole%2Fr1")),
+            "{calls:?}"
+        );
+        // Warm cache: no upstream call at all.
+        let (resp, c2) = run(
+            &f,
+            caller(&[Role::Practitioner], "Practitioner/p1"),
+            client(),
+            get("/Observation", ""),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(ids(&resp), ["a", "b", "c"]);
+        assert!(c2.calls().is_empty());
+        // A CareTeam written through the gateway: asked again.
+        f.invalidate("CareTeam");
+        let (_, c3) = run(
+            &f,
+            caller(&[Role::Practitioner], "Practitioner/p1"),
+            client(),
+            get("/Observation", ""),
+            body,
+        )
+        .await;
+        assert_eq!(c3.calls().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn nobody_sees_no_patient_data_and_admins_bypass() {
+        let f = filter(json!({}));
+        let body = searchset(vec![
+            obs("1", "Patient/12"),
+            json!({"resourceType": "Medication", "id": "m"}),
+        ]);
+        // Nobody: the link lookups find nothing.
+        let reader = ScriptedClient::by_url(vec![(
+            "",
+            200,
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": []}),
+        )]);
+        let (resp, _) = run(
+            &f,
+            caller(&[Role::Reader], ""),
+            reader,
+            get("/Observation", ""),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(ids(&resp), ["m"]);
+        let (resp, c) = run(
+            &f,
+            caller(&[Role::Administrator], ""),
+            ScriptedClient::new(vec![]),
+            get("/Observation", ""),
+            body,
+        )
+        .await;
+        assert_eq!(ids(&resp), ["1", "m"]);
+        assert!(c.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn subsetted_resources_are_judged_on_their_full_version() {
+        let f = filter(json!({}));
+        let cut = |id: &str| {
+            json!({"resourceType": "Observation", "id": id,
+            "meta": {"tag": [{"code": "SUBSETTED"}]}})
+        };
+        let full = ScriptedClient::by_url(vec![(
+            "Observation?_id=",
+            200,
+            json!({"resourceType": "Bundle", "entry": [
+            {"resource": obs("1", "Patient/12")}, {"resource": obs("2", "Patient/99")}]}),
+        )]);
+        let (resp, c) = run(
+            &f,
+            caller(&[Role::Patient], "Patient/12"),
+            full,
+            get("/Observation", "_elements=id"),
+            searchset(vec![cut("1"), cut("2"), cut("3")]),
+        )
+        .await;
+        assert_eq!(ids(&resp), ["1"], "3 could not be read in full: denied");
+        assert_eq!(c.calls(), ["GET Observation?_id=1,2,3&_count=3"]);
+    }
+
+    #[tokio::test]
+    async fn lookup_failure_fails_closed() {
+        let f = filter(json!({}));
+        let (mut cx, _) = context_with(ScriptedClient::by_url(vec![(
+            "",
+            503,
+            json!({"resourceType": "OperationOutcome"}),
+        )]));
+        cx.identity = Some(caller(&[Role::Practitioner], "Practitioner/p1"));
+        let mut resp = Response::json(200, searchset(vec![obs("1", "Patient/12")]));
+        let r = f.process(&get("/Observation", ""), &mut resp, &cx).await;
+        assert!(matches!(r, Err(ModuleError::Unavailable(_))), "{r:?}");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(
+            ParticipantFilter::new(serde_json::from_value(json!({"relations": []})).unwrap())
+                .is_err()
+        );
+        assert!(ParticipantFilter::new(
+            serde_json::from_value(json!({"bypass_roles": ["Root"]})).unwrap()
+        )
+        .is_err());
+        assert!(serde_json::from_value::<Settings>(json!({"relations": ["friend"]})).is_err());
+    }
+}
