@@ -349,8 +349,15 @@ async fn long_query_strings_pass_and_longer_ones_get_414() {
 async fn routes_outside_the_api_and_hostile_paths_are_refused() {
     let gw = Gateway::in_front_of_sekmet().await;
     let c = client();
+    // /manage exists, but never without JWT auth and an Administrator.
     assert_outcome(
-        c.get(gw.url("/manage/x")).send().await.unwrap(),
+        c.get(gw.url("/manage/links")).send().await.unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_outcome(
+        c.get(gw.url("/managex")).send().await.unwrap(),
         404,
         "not-found",
     )

@@ -97,6 +97,23 @@ fn filter_bundle(b: &mut Value, style: &Style, judge: &mut Judge) -> usize {
             }
             if (judge.deny)(r) {
                 removed += 1;
+                if let Some(resp) = e
+                    .get_mut("response")
+                    .filter(|r| r.get("location").is_some())
+                {
+                    // A write's result: it happened, so its status and location stay true;
+                    // only the resource is withheld.
+                    resp["outcome"] = outcome(
+                        "suppressed",
+                        "information",
+                        format!(
+                            "{}: the result is not shown: {}",
+                            style.module, style.reason
+                        ),
+                    );
+                    e.as_object_mut().expect("entry").remove("resource");
+                    continue;
+                }
                 let status = if style.hide_existence {
                     "404 Not Found"
                 } else {
@@ -172,16 +189,37 @@ pub enum Applied {
     Denied,
 }
 
+/// Is this request a write whose answer echoes the written resource (create, update, patch)?
+/// Its result is withheld, never turned into a 403: the write did happen.
+pub fn is_write(req: &Request) -> bool {
+    match req.method.as_str() {
+        "PUT" | "PATCH" => true,
+        "POST" => !req.path.ends_with("/_search") && !req.path.contains('$'),
+        _ => false,
+    }
+}
+
 /// Applies the caller's verdicts to a 2xx JSON response.
-pub fn apply(resp: &mut Response, style: &Style, judge: &mut Judge) -> Applied {
+pub fn apply(resp: &mut Response, style: &Style, write: bool, judge: &mut Judge) -> Applied {
     let Body::Json(body) = &mut resp.body else {
         return Applied::Filtered(0);
     };
-    if body.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+    if body.get("resourceType").and_then(Value::as_str) == Some("Bundle") && !write {
         return Applied::Filtered(filter_bundle(body, style, judge));
     }
     if !(judge.deny)(body) {
         return Applied::Filtered(0);
+    }
+    if write {
+        resp.body = Body::Json(outcome(
+            "suppressed",
+            "information",
+            format!(
+                "{}: the write succeeded; its result is not shown: {}",
+                style.module, style.reason
+            ),
+        ));
+        return Applied::Filtered(1);
     }
     *resp = denied_response(style);
     Applied::Denied
@@ -359,13 +397,14 @@ pub fn apply_judged(
     resp: &mut Response,
     judged: Judged,
     style: &Style,
+    write: bool,
     judge: &mut Judge,
 ) -> Applied {
     match judged {
-        Judged::InPlace => apply(resp, style, judge),
+        Judged::InPlace => apply(resp, style, write, judge),
         Judged::Fetched(v) => {
             let mut stand_in = Response::json(200, v);
-            let a = apply(&mut stand_in, style, judge);
+            let a = apply(&mut stand_in, style, false, judge);
             if a == Applied::Denied {
                 *resp = stand_in;
                 resp.body = Body::None;
@@ -402,6 +441,7 @@ mod tests {
         let a = apply(
             &mut resp,
             style,
+            false,
             &mut Judge {
                 deny: &mut deny,
                 deny_resourceless: &mut gone,
@@ -531,5 +571,45 @@ mod tests {
         assert!(is_subsetted(&plain, "_elements=id"));
         assert!(is_subsetted(&plain, "_summary=true"));
         assert!(!is_subsetted(&plain, "_summary=false"));
+    }
+
+    #[test]
+    fn write_results_are_withheld_not_refused() {
+        let mut resp = Response::json(200, json!({"resourceType": "Observation", "id": "2"}));
+        resp.set_header("location", "http://up/fhir/Observation/2/_history/2");
+        let mut deny = |_: &Value| true;
+        let mut gone = |_: Option<&str>| true;
+        let mut judge = Judge {
+            deny: &mut deny,
+            deny_resourceless: &mut gone,
+        };
+        assert_eq!(
+            apply(&mut resp, &style(), true, &mut judge),
+            Applied::Filtered(1)
+        );
+        assert_eq!(resp.status, 200, "the write happened");
+        assert!(resp.header("location").is_some());
+        let b = resp.json_body().unwrap();
+        assert_eq!(b["resourceType"], "OperationOutcome");
+        assert!(!b.to_string().contains("\"id\":\"2\""));
+
+        let b = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"resource": {"resourceType": "Observation", "id": "9"},
+             "response": {"status": "201 Created", "location": "Observation/9/_history/1"}}]});
+        let (r, _) = run(b, &style(), &["9"]);
+        let e = &r.json_body().unwrap()["entry"][0];
+        assert!(e.get("resource").is_none());
+        assert_eq!(e["response"]["status"], "201 Created");
+        assert_eq!(e["response"]["outcome"]["issue"][0]["code"], "suppressed");
+        let post = |path: &str| Request {
+            method: "POST".into(),
+            path: path.into(),
+            query: String::new(),
+            headers: vec![],
+            body: None,
+        };
+        assert!(is_write(&post("/Observation")));
+        assert!(!is_write(&post("/Observation/_search")));
+        assert!(!is_write(&post("/Patient/1/$everything")));
     }
 }

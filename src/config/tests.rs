@@ -339,3 +339,35 @@ fn misspelt_pingora_keys_and_zero_keepalive_are_refused() {
         .iter()
         .any(|x| x.message.contains("downstream_keepalive_secs")));
 }
+
+#[test]
+fn participant_roles_need_the_participant_filter() {
+    let granted = format!("{MINIMAL}policy:\n  read: [Reader, Patient]\n");
+    let e = errors(&granted);
+    assert!(
+        e.iter()
+            .any(|e| e.message.contains("no ParticipantFilter") && e.line == Some(7)),
+        "{e:?}"
+    );
+    let filtered = format!("{granted}post:\n  - name: ParticipantFilter\n");
+    assert!(parse(&filtered, &env).is_ok());
+    // On another route too.
+    let route = format!(
+        "{MINIMAL}routes:\n  - prefix: /portal/fhir\n    policy:\n      read: [Practitioner]\n"
+    );
+    assert!(errors(&route).iter().any(|e| e
+        .message
+        .contains("routes[0].policy grants the participant role")));
+}
+
+#[test]
+fn identity_links_are_checked() {
+    let c = parse(MINIMAL, &env).unwrap();
+    assert_eq!(c.identity_links.system, "urn:fhir-gateway:identity-link");
+    let bad = format!("{MINIMAL}identity_links:\n  system: \"a|b\"\n");
+    assert!(errors(&bad)
+        .iter()
+        .any(|e| e.message.contains("identity_links.system") && e.line == Some(8)));
+    let unknown = format!("{MINIMAL}identity_links:\n  ttl: 5\n");
+    assert!(!errors(&unknown).is_empty());
+}

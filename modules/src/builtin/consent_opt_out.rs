@@ -479,6 +479,7 @@ impl PostProcess for ConsentOptOut {
             resp,
             judged,
             &self.style,
+            filter::is_write(req),
             &mut Judge {
                 deny: &mut deny,
                 deny_resourceless: &mut deny_gone,

@@ -380,6 +380,7 @@ impl PostProcess for ParticipantFilter {
             resp,
             judged,
             &self.style,
+            filter::is_write(req),
             &mut Judge {
                 deny: &mut deny,
                 deny_resourceless: &mut deny_gone,
