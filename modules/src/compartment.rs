@@ -201,6 +201,14 @@ impl Owners {
     }
 }
 
+/// The values at a dotted element path (arrays flattened at every step).
+pub fn values_at<'a>(v: &'a Value, path: &str) -> Vec<&'a Value> {
+    let segs: Vec<&str> = path.split('.').collect();
+    let mut out = Vec::new();
+    collect_at(v, &segs, &mut out);
+    out
+}
+
 fn collect_at<'a>(v: &'a Value, segs: &[&str], out: &mut Vec<&'a Value>) {
     match v {
         Value::Array(items) => items.iter().for_each(|i| collect_at(i, segs, out)),

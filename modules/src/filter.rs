@@ -194,7 +194,12 @@ pub enum Applied {
 pub fn is_write(req: &Request) -> bool {
     match req.method.as_str() {
         "PUT" | "PATCH" => true,
-        "POST" => !req.path.ends_with("/_search") && !req.path.contains('$'),
+        // POST to the base is a batch or transaction: judged entry by entry.
+        "POST" => {
+            !req.path.trim_matches('/').is_empty()
+                && !req.path.ends_with("/_search")
+                && !req.path.contains('$')
+        }
         _ => false,
     }
 }
@@ -611,5 +616,7 @@ mod tests {
         assert!(is_write(&post("/Observation")));
         assert!(!is_write(&post("/Observation/_search")));
         assert!(!is_write(&post("/Patient/1/$everything")));
+        assert!(!is_write(&post("")), "a batch is judged entry by entry");
+        assert!(!is_write(&post("/")));
     }
 }

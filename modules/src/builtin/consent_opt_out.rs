@@ -174,7 +174,15 @@ impl ConsentOptOut {
             .await?;
         let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
         let mut set = BTreeSet::from([Ref::new("Practitioner", pid)]);
-        for r in &roles {
+        let me = Ref::new("Practitioner", pid);
+        // Only roles that really are this practitioner's (a server may ignore the parameter).
+        let mine = |r: &&Value| {
+            matches!(
+                r.pointer("/practitioner/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
+                Some(Target::Local(x)) if x == me
+            )
+        };
+        for r in roles.iter().filter(mine) {
             if let Some(id) = r.get("id").and_then(Value::as_str) {
                 set.insert(Ref::new("PractitionerRole", id));
             }
@@ -691,8 +699,15 @@ mod tests {
                 (
                     "PractitionerRole?",
                     200,
-                    bundle(vec![json!({"resourceType": "PractitionerRole", "id": "r",
-                "organization": {"reference": "Organization/org1"}})]),
+                    bundle(vec![
+                        json!({"resourceType": "PractitionerRole", "id": "r",
+                               "practitioner": {"reference": "Practitioner/p1"},
+                               "organization": {"reference": "Organization/org1"}}),
+                        // Someone else's role, answered by a server that ignored the search.
+                        json!({"resourceType": "PractitionerRole", "id": "r2",
+                               "practitioner": {"reference": "Practitioner/p2"},
+                               "organization": {"reference": "Organization/org2"}}),
+                    ]),
                 ),
             ])
         };

@@ -7,14 +7,14 @@
 //! Administrator and the global roles bypass. A caller who is nobody in the FHIR server (no
 //! `fhirUser`, no link) sees no patient data. Lookups fail closed (503).
 
-use crate::compartment::Owners;
+use crate::compartment::{values_at, Owners};
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{valid_id, Identity, Role};
 use crate::links::{pct, Participant};
 use crate::processor::{
     next_link, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
 };
-use crate::reference::{Resolver, Target};
+use crate::reference::{Ref, Resolver, Target};
 use async_trait::async_trait;
 use moka::sync::Cache;
 use serde::Deserialize;
@@ -187,44 +187,67 @@ impl ParticipantFilter {
                 return Ok(hit);
             }
         }
-        // References may name the practitioner or one of their PractitionerRoles.
+        // References may name the practitioner or one of their PractitionerRoles. Every
+        // answer is checked here: a server that ignores a search parameter it does not
+        // support (SEKMET has none on CareTeam) returns everything, and trusting that would
+        // make every practitioner of record for everyone.
+        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        let practitioner = Ref::new("Practitioner", pid);
+        let names = |r: &Value, path: &str, who: &BTreeSet<Ref>| {
+            values_at(r, path).into_iter().any(|v| {
+                matches!(
+                    v.get("reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
+                    Some(Target::Local(x)) if who.contains(&x)
+                )
+            })
+        };
         let roles = self
             .search_all(
                 cx,
-                format!("PractitionerRole?practitioner=Practitioner/{pid}&_elements=id&_count=200"),
+                format!(
+                    "PractitionerRole?practitioner=Practitioner/{pid}&_elements=id,practitioner&_count=200"
+                ),
             )
             .await?;
-        let mut me = vec![format!("Practitioner/{pid}")];
+        let mut me = BTreeSet::from([practitioner.clone()]);
         me.extend(
             roles
                 .iter()
+                .filter(|r| names(r, "practitioner", &BTreeSet::from([practitioner.clone()])))
                 .filter_map(|r| r.get("id").and_then(Value::as_str))
                 .filter(|id| valid_id(id))
-                .map(|id| format!("PractitionerRole/{id}")),
+                .map(|id| Ref::new("PractitionerRole", id)),
         );
-        let who = pct(&me.join(","));
-        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        let who = pct(&me.iter().map(Ref::to_string).collect::<Vec<_>>().join(","));
         let lookups = self.relations.iter().map(|rel| {
-            let (query, path): (String, &[&str]) = match rel {
+            // (search, where the caller must be named, where the patient is; "" = itself)
+            let (query, member, patient): (String, &str, &str) = match rel {
                 Relation::GeneralPractitioner => (
-                    format!("Patient?general-practitioner={who}&_elements=id&_count=1000"),
-                    &[],
+                    format!(
+                        "Patient?general-practitioner={who}&_elements=id,generalPractitioner&_count=1000"
+                    ),
+                    "generalPractitioner",
+                    "",
                 ),
                 Relation::EncounterParticipant => (
-                    format!("Encounter?participant={who}&_elements=subject&_count=1000"),
-                    &["subject"],
+                    format!(
+                        "Encounter?participant={who}&_elements=subject,participant&_count=1000"
+                    ),
+                    "participant.individual",
+                    "subject",
                 ),
                 Relation::CareTeamMember => (
-                    format!("CareTeam?participant={who}&_elements=subject&_count=1000"),
-                    &["subject"],
+                    format!("CareTeam?participant={who}&_elements=subject,participant&_count=1000"),
+                    "participant.member",
+                    "subject",
                 ),
             };
-            let resolver = &resolver;
+            let (me, resolver, names) = (&me, &resolver, &names);
             async move {
                 let found = self.search_all(cx, query).await?;
                 let mut ids = Vec::new();
-                for r in &found {
-                    if path.is_empty() {
+                for r in found.iter().filter(|r| names(r, member, me)) {
+                    if patient.is_empty() {
                         if r.get("resourceType").and_then(Value::as_str) == Some("Patient") {
                             if let Some(id) = r.get("id").and_then(Value::as_str) {
                                 ids.push(id.to_string());
@@ -232,11 +255,7 @@ impl ParticipantFilter {
                         }
                         continue;
                     }
-                    let refs = r.get(path[0]).into_iter().flat_map(|v| match v {
-                        Value::Array(a) => a.iter().collect::<Vec<_>>(),
-                        v => vec![v],
-                    });
-                    for rf in refs {
+                    for rf in values_at(r, patient) {
                         if let Some(Target::Local(p)) = rf
                             .get("reference")
                             .and_then(Value::as_str)
@@ -525,25 +544,34 @@ mod tests {
                     "PractitionerRole?",
                     200,
                     json!({"resourceType": "Bundle", "entry": [
-                {"resource": {"resourceType": "PractitionerRole", "id": "r1"}}]}),
+                {"resource": {"resourceType": "PractitionerRole", "id": "r1",
+                              "practitioner": {"reference": "Practitioner/p1"}}},
+                {"resource": {"resourceType": "PractitionerRole", "id": "r9",
+                              "practitioner": {"reference": "Practitioner/p9"}}}]}),
                 ),
                 (
                     "Patient?",
                     200,
                     json!({"resourceType": "Bundle", "entry": [
-                {"resource": {"resourceType": "Patient", "id": "A"}}]}),
+                {"resource": {"resourceType": "Patient", "id": "A",
+                              "generalPractitioner": [{"reference": "PractitionerRole/r1"}]}}]}),
                 ),
                 (
                     "Encounter?",
                     200,
                     json!({"resourceType": "Bundle", "entry": [
-                {"resource": {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/B"}}}]}),
+                {"resource": {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/B"},
+                              "participant": [{"individual": {"reference": "Practitioner/p1"}}]}}]}),
                 ),
                 (
                     "CareTeam?",
                     200,
                     json!({"resourceType": "Bundle", "entry": [
-                {"resource": {"resourceType": "CareTeam", "id": "c", "subject": {"reference": "Patient/C"}}}]}),
+                {"resource": {"resourceType": "CareTeam", "id": "c", "subject": {"reference": "Patient/C"},
+                              "participant": [{"member": {"reference": "Practitioner/p1"}}]}},
+                // A server that ignored `participant` answers with other teams too.
+                {"resource": {"resourceType": "CareTeam", "id": "x", "subject": {"reference": "Patient/D"},
+                              "participant": [{"member": {"reference": "Practitioner/p9"}}]}}]}),
                 ),
             ])
         };
