@@ -241,5 +241,126 @@ fn chain(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, jwt, rewrite, chain);
+/// Answers the filters' relation and consent lookups, counting them.
+struct Directory {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl FhirClient for Directory {
+    async fn send(&self, r: ClientRequest) -> Result<Response, ModuleError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = r.path_and_query;
+        let entries: Vec<serde_json::Value> = if p.starts_with("Patient?") {
+            (0..20)
+                .map(|i| {
+                    json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"),
+                        "generalPractitioner": [{"reference": "Practitioner/dr"}]}})
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        Ok(Response::json(
+            200,
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": entries}),
+        ))
+    }
+}
+
+/// ParticipantFilter + ConsentOptOut over a 100-entry searchset (20 patients of the caller,
+/// 10 entries of others) with warm caches: the cost per request, and no lookups at all.
+fn data_filters(c: &mut Criterion) {
+    use fhir_gateway_modules::builtin::{build_post, consent_opt_out, participant_filter};
+    let pf = build_post(participant_filter::ParticipantFilter::NAME, &json!({})).unwrap();
+    let co = build_post(
+        consent_opt_out::ConsentOptOut::NAME,
+        &json!({"category": "http://loinc.org|59284-0"}),
+    )
+    .unwrap();
+    let client = std::sync::Arc::new(Directory {
+        calls: Default::default(),
+    });
+    let cx = Context {
+        identity: Some(fhir_gateway_modules::Identity {
+            user_id: "u".into(),
+            roles: vec![fhir_gateway_modules::Role::Practitioner],
+            fhir_user: Some("Practitioner/dr".into()),
+            ..Default::default()
+        }),
+        correlation_id: "b".into(),
+        public_base: "https://fhir.hospital.example/fhir".into(),
+        upstream_base: "http://10.0.0.5:8090/fhir".into(),
+        links: std::sync::Arc::new(fhir_gateway_modules::links::Directory::new(
+            Default::default(),
+        )),
+        fhir: client.clone(),
+        events: std::sync::Arc::new(NoSink),
+    };
+    let entries: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            let p = if i < 90 { format!("p{}", i % 20) } else { format!("other{i}") };
+            json!({"fullUrl": format!("http://10.0.0.5:8090/fhir/Observation/o{i}"),
+                   "resource": {"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                                "subject": {"reference": format!("Patient/{p}")},
+                                "performer": [{"reference": "Practitioner/dr"}],
+                                "effectiveDateTime": "2024-01-01T10:00:00Z",
+                                "valueQuantity": {"value": 72, "unit": "/min"}},
+                   "search": {"mode": "match"}})
+        })
+        .collect();
+    let body =
+        json!({"resourceType": "Bundle", "type": "searchset", "total": 100, "entry": entries});
+    let req = Request {
+        method: "GET".into(),
+        path: "/Observation".into(),
+        query: "code=8867-4&_count=100".into(),
+        headers: vec![],
+        body: None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let run = |resp: &mut Response| {
+        rt.block_on(async {
+            pf.process(&req, resp, &cx).await.unwrap();
+            co.process(&req, resp, &cx).await.unwrap();
+        })
+    };
+    // Warm the caches; then every request must be answered without a lookup.
+    let mut first = Response::json(200, body.clone());
+    run(&mut first);
+    let kept = first.json_body().unwrap()["entry"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        kept, 91,
+        "90 of the caller's patients + the filtered notice"
+    );
+    let warm = client.calls.load(std::sync::atomic::Ordering::Relaxed);
+    c.bench_function(
+        "participant+consent filters, 100-entry searchset, warm",
+        |b| {
+            b.iter_batched(
+                || Response::json(200, body.clone()),
+                |mut resp| {
+                    run(&mut resp);
+                    resp
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        },
+    );
+    let after = client.calls.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "lookups while warming: {warm}; lookups during the benchmark: {}",
+        after - warm
+    );
+    assert_eq!(after, warm, "a warm cache makes no upstream call");
+}
+
+criterion_group!(benches, jwt, rewrite, chain, data_filters);
 criterion_main!(benches);
