@@ -86,7 +86,7 @@ fn shown_type(s: &str) -> Option<String> {
 
 /// Parses a reference string. `bases` are the absolute bases that mean "our server" (the
 /// public base and the upstream base), with or without a trailing slash.
-pub fn parse(s: &str, bases: &[&str]) -> Target {
+pub fn parse<B: AsRef<str>>(s: &str, bases: &[B]) -> Target {
     let s = s.trim();
     if let Some(c) = s.strip_prefix('#') {
         return Target::Contained(c.to_string());
@@ -96,7 +96,7 @@ pub fn parse(s: &str, bases: &[&str]) -> Target {
     }
     if s.contains("://") {
         for b in bases {
-            let b = b.trim_end_matches('/');
+            let b = b.as_ref().trim_end_matches('/');
             if b.is_empty() {
                 continue;
             }
@@ -154,8 +154,7 @@ impl Resolver {
     }
 
     pub fn parse(&self, s: &str) -> Target {
-        let bases: Vec<&str> = self.bases.iter().map(String::as_str).collect();
-        match parse(s, &bases) {
+        match parse(s, &self.bases) {
             Target::Urn(u) => match self.full_urls.get(&u) {
                 Some(r) => Target::Local(r.clone()),
                 None => Target::Urn(u),
