@@ -4,6 +4,7 @@ pub mod consent_opt_out;
 pub mod date_sort;
 pub mod everything_patient;
 pub mod participant_filter;
+pub mod publish_event;
 pub mod sample_post;
 pub mod sample_pre;
 pub mod transform_bundle;
@@ -40,6 +41,7 @@ pub const POST: &[&str] = &[
     date_sort::DateSort::NAME,
     participant_filter::ParticipantFilter::NAME,
     consent_opt_out::ConsentOptOut::NAME,
+    publish_event::PublishFhirEvent::NAME,
 ];
 
 /// Builds a pre-processor; unknown names and bad settings are errors (the gateway then
@@ -88,6 +90,10 @@ pub fn build_post(name: &str, s: &Value) -> Result<Arc<dyn PostProcess>, String>
         consent_opt_out::ConsentOptOut::NAME => Arc::new(named(
             name,
             consent_opt_out::ConsentOptOut::new(settings(name, s)?),
+        )?),
+        publish_event::PublishFhirEvent::NAME => Arc::new(named(
+            name,
+            publish_event::PublishFhirEvent::new(settings(name, s)?),
         )?),
         other => {
             return Err(if PRE.contains(&other) {
