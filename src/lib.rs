@@ -4,6 +4,7 @@ pub mod auth;
 pub mod chain;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod headers;
 pub mod health;
