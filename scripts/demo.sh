@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo: the gateway (conf/demo.yaml) on 127.0.0.1:8080 in front of a real SEKMET FHIR R4
 # server on 127.0.0.1:8090, callers authenticated by a real OpenID provider on 127.0.0.1:9400.
-# Loads sample data through the gateway and shows allowed and refused calls.
+# Loads sample data through the gateway and shows allowed and refused calls, then data-level
+# security: a practitioner and two patients linked with /manage see only their own data, and an
+# opt-out Consent hides one patient's data from the practitioner on the next request.
 # Keeps running until Ctrl-C when started from a terminal (DEMO_KEEP=0 to exit at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,9 @@ curl -fsS http://127.0.0.1:8080/readyz >/dev/null || { echo "gateway did not bec
 show() { # title, then a curl command line
   echo; echo "== $1"; shift
   echo "\$ curl $*" | sed -E 's/Bearer [A-Za-z0-9._-]+/Bearer <token>/g' 
-  curl -sS "$@" | head -c 1200; echo
+  local out; out=$(mktemp)
+  curl -sS -o "$out" "$@" || true   # (not piped into head: curl fails when head stops reading)
+  head -c 1200 "$out"; rm -f "$out"; echo
 }
 
 token() { # client id → access token from the demo IdP (client credentials)
@@ -50,9 +54,11 @@ for f in tests/fixtures/fhir/*.json; do
 done
 
 show "health and readiness" http://127.0.0.1:8080/readyz
+# The steps that show patient data use admin-app (a bypass role of ParticipantFilter): reader-app is
+# nobody in the FHIR server (no fhirUser, no link), so it sees no patient data on this route.
 show "SMART discovery (anonymous)" "$GW/.well-known/smart-configuration"
-show "reader-app searches: links and fullUrls name the gateway, never the FHIR server" \
-  -H "Authorization: Bearer $READER" "$GW/Patient?_count=1&_elements=name,gender"
+show "admin-app searches: links and fullUrls name the gateway, never the FHIR server" \
+  -H "Authorization: Bearer $ADMIN" "$GW/Patient?_count=1&_elements=name,gender"
 show "writer-app creates: Location points at the gateway" -i -X POST -H "Authorization: Bearer $WRITER" \
   -H 'Content-Type: application/fhir+json' \
   -d '{"resourceType":"Patient","name":[{"family":"Demo","given":["Ada"]}]}' "$GW/Patient"
@@ -61,17 +67,115 @@ show "reader-app may not write: 403 naming the rule" -i -X POST -H "Authorizatio
 show "writer-app may not read: 403" -i -H "Authorization: Bearer $WRITER" "$GW/Patient?_count=1"
 show "no token: 401 with WWW-Authenticate" -i "$GW/Patient"
 show "a token from a tenant the gateway does not serve: 401" -i -H "Authorization: Bearer $OTHER_TENANT" "$GW/Patient"
-show "XML works too (reader-app)" -H "Authorization: Bearer $READER" "$GW/Patient?family=Demo&_format=xml"
+show "XML works too (admin-app; filtered callers get JSON only)" -H "Authorization: Bearer $ADMIN" "$GW/Patient?family=Demo&_format=xml"
 show "spoofed audit headers are replaced by the real identity (SEKMET sees oid-reader-app)" -i \
   -H "Authorization: Bearer $READER" -H 'X-MS-AZUREFHIR-AUDIT-USERID: spoof' "$GW/Patient?_count=0"
-PID=$(curl -fsS -H "Authorization: Bearer $READER" "$GW/Patient?_count=1&_elements=id" | python3 -c 'import sys,json; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
+PID=$(curl -fsS -H "Authorization: Bearer $ADMIN" "$GW/Patient?_count=1&_elements=id" | python3 -c 'import sys,json; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
 show "EverythingPatient: Patient/$PID/\$everything assembled by the gateway (first bytes)" \
-  -H "Authorization: Bearer $READER" "$GW/Patient/$PID/\$everything"
+  -H "Authorization: Bearer $ADMIN" "$GW/Patient/$PID/\$everything"
 show "DateSort: every Observation of the patient, newest first, one page" \
-  -H "Authorization: Bearer $READER" "$GW/Observation?subject=Patient/$PID&_sort=-date&_count=5&_elements=effectiveDateTime"
+  -H "Authorization: Bearer $ADMIN" "$GW/Observation?subject=Patient/$PID&_sort=-date&_count=5&_elements=effectiveDateTime"
 show "module metrics (Prometheus, 127.0.0.1:9091)" "http://127.0.0.1:9091/metrics"
 show "errors are OperationOutcomes" -i "http://127.0.0.1:8080/nothing-here"
 show "hostile paths are refused before they reach the server" --path-as-is -i -H "Authorization: Bearer $READER" "$GW/..%2fmanage"
+
+# ---- Data-level security: ParticipantFilter and ConsentOptOut (docs/modules.md) ----------------
+SEK=http://127.0.0.1:8090/fhir   # SEKMET itself: the demo seeds it directly, as a hospital system would
+TENANT=11111111-1111-1111-1111-111111111111
+PRACT=$(token practitioner-app); PATIENT=$(token patient-app); OPTOUT=$(token optout-patient-app)
+
+summary() { # reads a FHIR JSON body on stdin → "Type/id, Type/id" or the OperationOutcome's diagnostics
+  python3 -c '
+import sys, json
+raw = sys.stdin.read()
+try:
+    b = json.loads(raw)
+except ValueError:
+    print(raw[:200].strip() or "(no body)"); sys.exit()
+def rid(r): return "%s/%s" % (r.get("resourceType"), r.get("id", "-"))
+def oo(r): return "; ".join(i.get("diagnostics", i.get("code", "")) for i in r.get("issue", []))
+if b.get("resourceType") == "Bundle":
+    shown = [rid(e["resource"]) for e in b.get("entry", []) if e.get("search", {}).get("mode") != "outcome" and "resource" in e]
+    notes = [oo(e["resource"]) for e in b.get("entry", []) if e.get("search", {}).get("mode") == "outcome"]
+    print("returned: " + (", ".join(shown) or "nothing") + ("  [total %s]" % b["total"] if "total" in b else "  [no total]")
+          + "".join("\n      notice: " + n for n in notes))
+elif b.get("resourceType") == "OperationOutcome":
+    print(oo(b))
+elif "resourceType" in b:
+    print(rid(b))
+else:
+    print(json.dumps(b))
+'
+}
+
+ask() { # who token method url [json body] → one readable line: what was asked, status, ids
+  local who=$1 tok=$2 method=$3 url=$4 body=${5:-} out code
+  out=$(mktemp)
+  code=$(curl -sS -o "$out" -w '%{http_code}' -X "$method" -H "Authorization: Bearer $tok" \
+    -H 'Accept: application/fhir+json' ${body:+-H 'Content-Type: application/fhir+json' --data-binary "$body"} "$url")
+  printf '  %-19s %-6s %s\n      => %s  %s\n' "$who" "$method" "${url#http://127.0.0.1:8080}" "$code" "$(summary <"$out")"
+  rm -f "$out"
+}
+
+seed() { # Type/id json → PUT straight into SEKMET
+  local code
+  code=$(curl -sS -o /dev/null -w '%{http_code}' -X PUT -H 'Content-Type: application/fhir+json' \
+    --data-binary "$2" "$SEK/$1")
+  case $code in 200|201) echo "  PUT $SEK/$1 => $code" ;; *) echo "  PUT $SEK/$1 => $code (failed)"; exit 1 ;; esac
+}
+
+echo; echo "== data-level security: seeding SEKMET directly (fixed demo- ids, PUT: safe to re-run)"
+# A new run starts without the opt-out. Deleted straight in SEKMET, so a running gateway would keep
+# it cached up to cache_ttl_minutes; this script starts a fresh gateway every time.
+echo "  DELETE $SEK/Consent/demo-optout => $(curl -sS -o /dev/null -w '%{http_code}' -X DELETE "$SEK/Consent/demo-optout")"
+seed Practitioner/demo-dr '{"resourceType":"Practitioner","id":"demo-dr","name":[{"family":"House","given":["Gregory"],"prefix":["Dr"]}]}'
+for p in ann:Ann:Lee bob:Bob:Marley; do
+  IFS=: read -r id given family <<<"$p"
+  seed "Patient/demo-$id" "{\"resourceType\":\"Patient\",\"id\":\"demo-$id\",\"name\":[{\"family\":\"$family\",\"given\":[\"$given\"]}],\"generalPractitioner\":[{\"reference\":\"Practitioner/demo-dr\"}]}"
+  seed "Observation/demo-obs-$id" "{\"resourceType\":\"Observation\",\"id\":\"demo-obs-$id\",\"status\":\"final\",\"code\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":\"8867-4\",\"display\":\"Heart rate\"}]},\"subject\":{\"reference\":\"Patient/demo-$id\"},\"effectiveDateTime\":\"2026-01-15T09:30:00Z\",\"valueQuantity\":{\"value\":72,\"unit\":\"beats/minute\",\"system\":\"http://unitsofmeasure.org\",\"code\":\"/min\"}}"
+done
+
+echo; echo "== /manage (Administrator only): who each demo app is in the FHIR server"
+for l in practitioner-app:Practitioner/demo-dr patient-app:Patient/demo-ann optout-patient-app:Patient/demo-bob; do
+  app=${l%%:*} ref=${l#*:}
+  printf '  POST /manage/link %-19s -> %-22s => ' "$app" "$ref"
+  curl -sS -w '  %{http_code}\n' -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
+    -d "{\"tenant\":\"$TENANT\",\"oid\":\"oid-$app\",\"reference\":\"$ref\"}" http://127.0.0.1:8080/manage/link
+done
+printf '  GET  /manage/find?type=Patient&name=Marley => '
+curl -sS -H "Authorization: Bearer $ADMIN" 'http://127.0.0.1:8080/manage/find?type=Patient&name=Marley'; echo
+printf '  POST /manage/link as reader-app => '
+curl -sS -o /dev/null -w '%{http_code} (Administrator only)\n' -H "Authorization: Bearer $READER" \
+  -H 'Content-Type: application/json' -d '{"oid":"x","reference":"Patient/demo-ann"}' http://127.0.0.1:8080/manage/link
+
+HR="$GW/Observation?code=http://loinc.org%7C8867-4&_count=50"   # every heart rate, any patient
+echo; echo "== ParticipantFilter: the same search, filtered for whoever asks (Ann and Bob are Dr House's patients)"
+ask practitioner-app "$PRACT" GET "$HR"
+ask patient-app "$PATIENT" GET "$HR"
+ask patient-app "$PATIENT" GET "$GW/Observation/demo-obs-ann"
+ask patient-app "$PATIENT" GET "$GW/Observation/demo-obs-bob"
+ask reader-app "$READER" GET "$HR"
+echo "      (reader-app has no fhirUser and no link: it is nobody in the FHIR server, so no patient data)"
+
+echo; echo "== ConsentOptOut: Bob withholds his data from everyone (category LOINC 59284-0, no actor)"
+TODAY=$(date -u +%F)
+CONSENT=$(cat <<JSON
+{"resourceType":"Consent","id":"demo-optout","status":"active",
+ "scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"patient-privacy"}]},
+ "category":[{"coding":[{"system":"http://loinc.org","code":"59284-0","display":"Patient Consent"}]}],
+ "patient":{"reference":"Patient/demo-bob"},"dateTime":"$TODAY",
+ "policyRule":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"OPTOUT"}]},
+ "provision":{"type":"deny","period":{"start":"$TODAY"}}}
+JSON
+)
+# Patients have no write role here: the hospital's writer-app records Bob's decision through the
+# gateway, so every cache of this instance forgets Consents at once. The write happens; its result
+# (Bob's data) is withheld from writer-app, which is nobody in the FHIR server.
+ask writer-app "$WRITER" PUT "$GW/Consent/demo-optout" "$CONSENT"
+ask practitioner-app "$PRACT" GET "$HR"
+ask practitioner-app "$PRACT" GET "$GW/Observation/demo-obs-bob"
+ask optout-patient-app "$OPTOUT" GET "$HR"
+ask patient-app "$PATIENT" GET "$HR"
 
 echo; echo "== gateway access log (last lines)"; grep " access\]" "$PEERS/gateway-demo.log" | tail -n 5
 if [ -t 0 ] && [ "${DEMO_KEEP:-1}" != 0 ]; then

@@ -49,6 +49,10 @@ const clients = [
   client('norole-app', [], TENANT_A),
   client('tenantb-reader-app', ['Reader'], TENANT_B),
   client('other-tenant-app', ['Administrator'], TENANT_X),
+  // The demo's participants (scripts/demo.sh links them to FHIR resources with /manage/link).
+  client('practitioner-app', ['Practitioner'], TENANT_A),
+  client('patient-app', ['Patient'], TENANT_A),
+  client('optout-patient-app', ['Patient'], TENANT_A),
   // The gateway's own service identity towards the FHIR server (upstream client credentials).
   client('gateway-service', ['FhirDataContributor'], TENANT_A),
 ];
