@@ -39,7 +39,9 @@ need_apt() {
 
 install_sekmet() {
   local venv=$PEERS/sekmet-venv
-  if [ -x "$venv/bin/sekmet" ] && "$venv/bin/pip" show sekmet-fhir 2>/dev/null | grep -q "^Version: $SEKMET_VERSION$"; then
+  # Not `pip show | grep -q`: grep's early exit makes pip die of SIGPIPE, which pipefail
+  # turns into "not installed" (and a needless reinstall).
+  if [ -x "$venv/bin/sekmet" ] && [[ "$("$venv/bin/pip" show sekmet-fhir 2>/dev/null)" == *"Version: $SEKMET_VERSION"* ]]; then
     return
   fi
   log "installing sekmet-fhir==$SEKMET_VERSION"

@@ -63,6 +63,8 @@ pub struct Gateway {
     pub events: Arc<dyn EventSink>,
     /// Callers' identity links (shared by the filters and `/manage`).
     pub links: Arc<Directory>,
+    /// Some route filters by participant or consent: link identifiers are guarded.
+    pub links_in_use: bool,
     /// Client for calls the gateway makes to the FHIR server itself (buffered requests,
     /// modules): the upstream's CA and verification settings, pooled.
     pub upstream_http: reqwest::Client,
@@ -167,6 +169,11 @@ impl Gateway {
             upstream_http,
             events: Arc::new(crate::upstream::client::NullSink),
             links: Arc::new(Directory::new(cfg.identity_links.clone())),
+            links_in_use: cfg
+                .post
+                .iter()
+                .chain(cfg.routes.iter().flat_map(|r| r.post.iter()))
+                .any(|m| m.name == "ParticipantFilter" || m.name == "ConsentOptOut"),
             access_log: cfg.logging.access_log,
             health: Health::default(),
             http,

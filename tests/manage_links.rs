@@ -257,3 +257,112 @@ async fn a_link_and_an_unlink_take_effect_on_the_next_request() {
     let (s, _) = manage(&gw, &admin, "unlink", &link).await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_manage_writes_link_identifiers() {
+    let gw = jwt_gateway(CHAIN).await;
+    let admin = token("admin-app").await;
+    let writer = token("readwrite-app").await;
+    let writer_oid = claims_of(&writer)["oid"].as_str().unwrap().to_string();
+    let m = uniq();
+    let p = format!("{m}-victim");
+    put_direct(
+        &format!("Patient/{p}"),
+        json!({"resourceType": "Patient", "id": p}),
+    )
+    .await;
+    let link = |oid: &str| json!({"system": "urn:fhir-gateway:identity-link", "value": format!("{TENANT_A}/{oid}")});
+    // A Writer linking themselves to a patient: refused, nothing reaches the server.
+    for (method, path, body) in [
+        (
+            "PUT",
+            format!("Patient/{p}"),
+            json!({"resourceType": "Patient", "id": p, "identifier": [link(&writer_oid)]}),
+        ),
+        (
+            "POST",
+            "Patient".to_string(),
+            json!({"resourceType": "Patient", "identifier": [link(&writer_oid)]}),
+        ),
+        (
+            "PATCH",
+            format!("Patient/{p}"),
+            json!([{"op": "add", "path": "/identifier", "value": [link(&writer_oid)]}]),
+        ),
+    ] {
+        let rid = format!("guard-{}", uniq());
+        let r = client()
+            .request(method.parse().unwrap(), format!("{}/{path}", gw.base()))
+            .bearer_auth(&writer)
+            .header("X-Request-Id", &rid)
+            .header(
+                "Content-Type",
+                if method == "PATCH" {
+                    "application/json-patch+json"
+                } else {
+                    "application/fhir+json"
+                },
+            )
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_outcome(r, 403, "forbidden").await;
+        // At most the read that compares links, with the writer's audit headers; no write.
+        for call in sekmet_received(&rid) {
+            assert_eq!(call["method"], "GET", "{call}");
+            assert_eq!(
+                call["headers"]["x-ms-azurefhir-audit-userid"],
+                writer_oid.as_str()
+            );
+        }
+    }
+    // A link made through /manage survives an ordinary update that keeps it.
+    let oid = format!("oid-{m}");
+    let (s, _) = manage(
+        &gw,
+        &admin,
+        "link",
+        &json!({"tenant": TENANT_A, "oid": oid, "reference": format!("Patient/{p}")}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let r = client()
+        .put(format!("{}/Patient/{p}", gw.base()))
+        .bearer_auth(&writer)
+        .header("Content-Type", "application/fhir+json")
+        .body(
+            json!({"resourceType": "Patient", "id": p, "gender": "female",
+                   "identifier": [{"use": "secondary", "system": "urn:fhir-gateway:identity-link",
+                                   "value": format!("{TENANT_A}/{oid}")}]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "an update that keeps the link");
+    // ... but not one that adds a second identity.
+    let r = client()
+        .put(format!("{}/Patient/{p}", gw.base()))
+        .bearer_auth(&writer)
+        .header("Content-Type", "application/fhir+json")
+        .body(
+            json!({"resourceType": "Patient", "id": p,
+                   "identifier": [link(&oid), link(&writer_oid)]})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(r, 403, "forbidden").await;
+    // Administrators may (they can use /manage anyway).
+    let r = client()
+        .put(format!("{}/Patient/{p}", gw.base()))
+        .bearer_auth(&admin)
+        .header("Content-Type", "application/fhir+json")
+        .body(json!({"resourceType": "Patient", "id": p, "identifier": [link(&oid)]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

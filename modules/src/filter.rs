@@ -54,6 +54,14 @@ fn entry_type(e: &Value) -> Option<&str> {
         .find(|s| valid_type(s) && *s != "_history")
 }
 
+/// A search match (not an `_include`d resource, not an OperationOutcome notice).
+fn is_match(e: &Value) -> bool {
+    !matches!(
+        e.pointer("/search/mode").and_then(Value::as_str),
+        Some("include") | Some("outcome")
+    )
+}
+
 /// Whether a resource-less entry of this type may be patient data.
 pub fn may_be_patient_data(rtype: Option<&str>) -> bool {
     rtype.is_none_or(|t| t == "Patient" || patient_paths(t).is_some())
@@ -130,6 +138,7 @@ fn filter_bundle(b: &mut Value, style: &Style, judge: &mut Judge) -> usize {
         }
         return removed;
     }
+    let orig_matches = entries.iter().filter(|e| is_match(e)).count() as u64;
     let mut kept = Vec::with_capacity(entries.len());
     for mut e in entries.drain(..) {
         let denied = match e.get_mut("resource") {
@@ -153,17 +162,19 @@ fn filter_bundle(b: &mut Value, style: &Style, judge: &mut Judge) -> usize {
         }
     }
     *entries = kept;
-    // `total` counts what the server matched: keep it only when it provably equals what this
-    // caller sees (nothing removed, the whole result on this page).
-    let matches = entries
-        .iter()
-        .filter(|e| e.pointer("/search/mode").and_then(Value::as_str) != Some("outcome"))
-        .count() as u64;
-    let has_next = crate::processor::next_link(b).is_some();
+    // `total` counts what the server matched, the caller's invisible matches included. When
+    // the server says the whole result is on this page it becomes what the caller sees;
+    // otherwise (more pages, or no entries at all as with `_summary=count`) it goes: "0" next
+    // to "absent" would tell a caller whether something they may not see matched.
+    let matches = entries.iter().filter(|e| is_match(e)).count() as u64;
     let o = b.as_object_mut().expect("a Bundle is an object");
-    let total_ok =
-        removed == 0 && !has_next && o.get("total").and_then(Value::as_u64) == Some(matches);
-    if !total_ok {
+    if let Some(total) = o.get("total").and_then(Value::as_u64) {
+        if total == orig_matches && matches > 0 {
+            o.insert("total".into(), Value::from(matches));
+        } else {
+            o.remove("total");
+        }
+    } else {
         o.remove("total");
     }
     if removed > 0 && kind == "searchset" && !style.hide_existence && !style.stub {
@@ -389,6 +400,20 @@ pub async fn judged_body(
             }
         }
         Body::None => Ok(Judged::Nothing),
+        // A write happened; its non-JSON echo is withheld rather than refused.
+        Body::Raw(_) if is_write(req) => {
+            let mut r = Response {
+                status: resp.status,
+                headers: resp.headers.clone(),
+                body: Body::Json(outcome(
+                    "suppressed",
+                    "information",
+                    format!("{module}: the write succeeded; its non-JSON result is not shown"),
+                )),
+            };
+            r.set_header("content-type", "application/fhir+json");
+            Err(r)
+        }
         Body::Raw(_) => Err(Response::outcome(
             406,
             "not-supported",
@@ -472,7 +497,8 @@ mod tests {
 
     #[test]
     fn removal_drops_total_and_says_so() {
-        let b = json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
+        let b = json!({"resourceType": "Bundle", "type": "searchset", "total": 30,
+                       "link": [{"relation": "next", "url": "http://up/fhir/Observation?_offset=3"}],
                        "entry": [obs("1"), obs("2"), obs("3")]});
         let (r, a) = run(b, &style(), &["2"]);
         assert_eq!(a, Applied::Filtered(1));
@@ -492,6 +518,23 @@ mod tests {
                        "entry": [obs("1"), obs("2")]});
         let (r, _) = run(b, &style(), &[]);
         assert_eq!(r.json_body().unwrap()["total"], 2);
+        // The whole result on one page: what the caller sees.
+        let b = json!({"resourceType": "Bundle", "type": "searchset", "total": 3,
+                       "entry": [obs("1"), obs("2"), obs("3")]});
+        let (r, _) = run(b, &style(), &["2"]);
+        assert_eq!(r.json_body().unwrap()["total"], 2);
+        // Nothing matched vs. everything removed: the same answer.
+        let none = json!({"resourceType": "Bundle", "type": "searchset", "total": 0});
+        let all =
+            json!({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [obs("1")]});
+        let mut s = style();
+        s.hide_existence = true;
+        let (a, _) = run(none, &s, &[]);
+        let (b2, _) = run(all, &s, &["1"]);
+        assert_eq!(a.json_body().unwrap().get("total"), None);
+        assert_eq!(b2.json_body().unwrap().get("total"), None);
+        assert_eq!(a.json_body().unwrap().get("entry"), None);
+        assert_eq!(b2.json_body().unwrap()["entry"], json!([]));
         // More on other pages: the count could include what the caller may not see.
         let b = json!({"resourceType": "Bundle", "type": "searchset", "total": 9,
                        "link": [{"relation": "next", "url": "http://up/fhir/Observation?_offset=2"}],
@@ -549,7 +592,7 @@ mod tests {
         assert!(b["entry"][1].get("resource").is_none());
         assert_eq!(b["entry"][1]["response"]["status"], "403 Forbidden");
         let inner = &b["entry"][2]["resource"];
-        assert!(inner.get("total").is_none());
+        assert_eq!(inner["total"], 1);
         assert_eq!(ids(inner), ["Observation/3", "OperationOutcome/-"]);
     }
 

@@ -173,6 +173,10 @@ impl Directory {
             // A claim we cannot read names nobody: no patient data rather than a guess.
             return Ok(parse_fhir_user(fu).and_then(|r| Participant::from_ref(&r)));
         }
+        // A SMART launch patient without fhirUser: the caller acts for that patient only.
+        if let Some(p) = id.patient_context() {
+            return Ok(Some(Participant::Patient(p)));
+        }
         if id.user_id.is_empty() {
             return Ok(None);
         }

@@ -62,10 +62,127 @@ pub struct GatewayConfig {
     /// ConsentOptOut, `/manage`).
     #[serde(default)]
     pub identity_links: fhir_gateway_modules::links::LinkSettings,
+    /// Where PublishFHIREvent's events go: Kafka / Event Hubs (through a durable spool), or
+    /// a JSON-lines file when no broker is configured.
+    #[serde(default)]
+    pub events: EventsConfig,
     /// More public prefixes in front of the same FHIR server, each with its own chains and
     /// role policy (e.g. `/research/fhir` for analytics).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+}
+
+/// `events:`. With `kafka` set, events go queue → spool → broker; without, to `file`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// JSON lines, one event each (the default sink when no broker is configured).
+    #[serde(default = "default_events_file")]
+    pub file: String,
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
+    /// Events waiting between the request path and the spool writer. When full, an event is
+    /// dropped with an error log and `fhirgw_events_dropped_total{reason="queue_full"}`.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    #[serde(default)]
+    pub spool: SpoolSettings,
+}
+
+fn default_events_file() -> String {
+    "events.jsonl".into()
+}
+
+fn default_queue() -> usize {
+    10_000
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            file: default_events_file(),
+            kafka: None,
+            queue_capacity: default_queue(),
+            spool: SpoolSettings::default(),
+        }
+    }
+}
+
+/// The broker: Azure Event Hubs' Kafka endpoint in production, any Kafka-protocol broker.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `<namespace>.servicebus.windows.net:9093` for Event Hubs.
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// An Event Hubs connection string: sets SASL_SSL / PLAIN with `$ConnectionString`.
+    #[serde(default)]
+    pub connection_string: Option<String>,
+    /// Any librdkafka property, passed through (last word over the defaults).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// Consume the topic to drop consent/link caches when another instance saw a write.
+    #[serde(default = "default_true")]
+    pub invalidate_caches: bool,
+}
+
+/// The local durable spool between the queue and the broker.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    #[serde(default = "default_spool_dir")]
+    pub dir: String,
+    /// `always` (fsync every event), `never`, or a number of milliseconds between fsyncs.
+    #[serde(default = "default_spool_fsync")]
+    pub fsync: String,
+    /// When the spool holds this much, new events are dropped with an error log and
+    /// `fhirgw_events_dropped_total{reason="spool_full"}`.
+    #[serde(default = "default_spool_max")]
+    pub max_bytes: u64,
+    #[serde(default = "default_segment")]
+    pub segment_bytes: u64,
+}
+
+fn default_spool_dir() -> String {
+    "spool".into()
+}
+fn default_spool_fsync() -> String {
+    "100".into()
+}
+fn default_spool_max() -> u64 {
+    1 << 30
+}
+fn default_segment() -> u64 {
+    16 << 20
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        SpoolSettings {
+            dir: default_spool_dir(),
+            fsync: default_spool_fsync(),
+            max_bytes: default_spool_max(),
+            segment_bytes: default_segment(),
+        }
+    }
+}
+
+impl SpoolSettings {
+    pub fn fsync(&self) -> Result<crate::events::spool::Fsync, String> {
+        use crate::events::spool::Fsync;
+        match self.fsync.as_str() {
+            "always" => Ok(Fsync::Always),
+            "never" => Ok(Fsync::Never),
+            ms => ms
+                .parse::<u64>()
+                .ok()
+                .filter(|m| *m > 0)
+                .map(Fsync::EveryMs)
+                .ok_or_else(|| {
+                    format!("events.spool.fsync: {ms:?} is not always, never or milliseconds")
+                }),
+        }
+    }
 }
 
 /// Prometheus metrics on their own listener (keep it off the public interface).
@@ -122,6 +239,10 @@ pub struct RouteConfig {
     pub post: Vec<ModuleConfig>,
     #[serde(default)]
     pub policy: RolePolicyConfig,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_prefix() -> String {
@@ -775,6 +896,31 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
     validate_chains(&[], &cfg.pre, &cfg.post, &cfg.policy, &mut err);
     if let Err(e) = cfg.identity_links.validate() {
         err(&["identity_links", "system"], e);
+    }
+    if let Err(e) = cfg.events.spool.fsync() {
+        err(&["events", "spool", "fsync"], e);
+    }
+    if cfg.events.queue_capacity == 0 {
+        err(
+            &["events", "queue_capacity"],
+            "events.queue_capacity must be at least 1".into(),
+        );
+    }
+    if cfg.events.spool.segment_bytes == 0
+        || cfg.events.spool.segment_bytes > cfg.events.spool.max_bytes
+    {
+        err(
+            &["events", "spool", "segment_bytes"],
+            "events.spool.segment_bytes must be between 1 and max_bytes".into(),
+        );
+    }
+    if let Some(k) = &cfg.events.kafka {
+        if k.bootstrap_servers.trim().is_empty() || k.topic.trim().is_empty() {
+            err(
+                &["events", "kafka"],
+                "events.kafka needs bootstrap_servers and topic".into(),
+            );
+        }
     }
     let mut prefixes = vec![cfg.fhir_prefix.clone()];
     for (i, r) in cfg.routes.iter().enumerate() {

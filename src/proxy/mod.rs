@@ -28,11 +28,12 @@ use crate::rewrite::{Replacements, StreamRewrite};
 use crate::upstream::client::{CallIdentity, GatewayFhirClient};
 use async_trait::async_trait;
 use bytes::Bytes;
+use fhir_gateway_modules::processor::FhirClient;
 use fhir_gateway_modules::processor::{
     Body as ModBody, ClientRequest, Context, Request as ModRequest, Response as ModResponse,
 };
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
-use fhir_gateway_modules::Identity;
+use fhir_gateway_modules::{Identity, Role};
 use http::{HeaderValue, Method};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,6 +41,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -205,6 +207,29 @@ fn is_rewritable(content_type: Option<&[u8]>) -> bool {
         || ct.ends_with(b"xml")
         || ct == b"application/x-ndjson"
         || ct == b"application/fhir+ndjson"
+}
+
+/// Finds identifiers of the link `system` in a JSON tree (`found` also when the system is
+/// named some other way, e.g. a JSON Patch value); collects their values.
+fn link_values(v: &Value, system: &str, found: &mut bool, values: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) if s == system => *found = true,
+        Value::Array(a) => a.iter().for_each(|x| link_values(x, system, found, values)),
+        Value::Object(o) => {
+            if o.get("system").and_then(Value::as_str) == Some(system) {
+                *found = true;
+                values.insert(
+                    o.get("value")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+            o.values()
+                .for_each(|x| link_values(x, system, found, values));
+        }
+        _ => {}
+    }
 }
 
 impl FhirProxy {
@@ -389,6 +414,7 @@ impl FhirProxy {
         // a token).
         let anonymous = ctx.metadata;
         let mut admit = Admit::Proxy;
+        let mut guard = false;
         if gw.auth_mode == AuthMode::Jwt && !anonymous {
             let req = session.req_header();
             let identity = gw
@@ -437,6 +463,7 @@ impl FhirProxy {
                 policy::authorize_with(&identity, &request, scopes_alone, &route.policy)
                     .map_err(GatewayError::Forbidden)?;
             }
+            guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
             ctx.identity = Some(identity);
         }
 
@@ -457,12 +484,73 @@ impl FhirProxy {
         }
 
         ctx.service_auth = gw.identity.authorization().await?;
+        if guard {
+            admit = self.guard_links(session, ctx, &method, admit).await?;
+        }
 
         if matches!(admit, Admit::Proxy) && matches!(method, Method::PUT | Method::DELETE) {
             // Keep up to 64 KiB of the body so a 429/503 can be retried.
             session.enable_retry_buffering();
         }
         Ok(admit)
+    }
+
+    /// Identity links are identifiers in the FHIR server: only `/manage` (Administrators)
+    /// may write them. A write that names the link system is refused, unless it is a PUT
+    /// that keeps exactly the links the resource already has (an ordinary update).
+    async fn guard_links(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        method: &Method,
+        admit: Admit,
+    ) -> std::result::Result<Admit, GatewayError> {
+        let body = match admit {
+            Admit::Buffered(b) => b,
+            Admit::Proxy => self.read_body(session).await?,
+        };
+        let system = self.gw.links.settings().system.clone();
+        let mentioned = |b: &[u8]| -> Option<BTreeSet<String>> {
+            match serde_json::from_slice::<Value>(b) {
+                Ok(v) => {
+                    let mut found = false;
+                    let mut values = BTreeSet::new();
+                    link_values(&v, &system, &mut found, &mut values);
+                    found.then_some(values)
+                }
+                // Not JSON (XML, garbage): the text itself.
+                Err(_) => memchr::memmem::find(b, system.as_bytes()).map(|_| BTreeSet::new()),
+            }
+        };
+        let Some(new_links) = mentioned(&body) else {
+            return Ok(Admit::Buffered(body));
+        };
+        let refused = || {
+            GatewayError::Forbidden(
+                "identity links are written through /manage by an Administrator".into(),
+            )
+        };
+        let rest = ctx.rest.trim_start_matches('/');
+        let single = rest.split('/').count() == 2 && ctx.query.is_none();
+        if *method != Method::PUT || !single || new_links.is_empty() {
+            return Err(refused());
+        }
+        // The links this resource has now: the update may keep them, not add any.
+        let client = self.client_for(ctx);
+        let (status, current) = client
+            .get_json(rest)
+            .await
+            .map_err(|e| GatewayError::UpstreamUnavailable(e.to_string()))?;
+        let mut found = false;
+        let mut old_links = BTreeSet::new();
+        if status == 200 {
+            link_values(&current, &system, &mut found, &mut old_links);
+        }
+        if new_links.is_subset(&old_links) {
+            Ok(Admit::Buffered(body))
+        } else {
+            Err(refused())
+        }
     }
 
     /// Reads the whole request body, within the limit.

@@ -72,7 +72,8 @@ pub struct Settings {
     pub cache_ttl_secs: u64,
     #[serde(default = "default_bypass")]
     pub bypass_roles: Vec<String>,
-    /// Upper bound on the relations read for one practitioner (fail closed above it).
+    /// Upper bound on the resources one relation search may return for a practitioner
+    /// (fail closed above it).
     #[serde(default = "default_max_related")]
     pub max_related: usize,
 }
@@ -507,7 +508,11 @@ mod tests {
         )
         .await;
         assert_eq!(ids(&resp), ["1", "3", "o"]);
-        assert!(resp.json_body().unwrap().get("total").is_none());
+        assert_eq!(
+            resp.json_body().unwrap()["total"],
+            3,
+            "what the caller sees"
+        );
         assert!(client.calls().is_empty(), "a patient needs no lookups");
     }
 
