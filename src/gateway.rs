@@ -61,6 +61,8 @@ pub struct Gateway {
     pub http: reqwest::Client,
     /// Where modules publish events.
     pub events: Arc<dyn EventSink>,
+    /// The queue behind `events` (its background service drains it).
+    pub event_queue: Arc<crate::events::Events>,
     /// Callers' identity links (shared by the filters and `/manage`).
     pub links: Arc<Directory>,
     /// Some route filters by participant or consent: link identifiers are guarded.
@@ -121,6 +123,7 @@ impl Gateway {
             hn(&a.proxy)?,
         ];
         let rewriter = Rewriter::new(&upstream.base.spellings());
+        let event_queue = Arc::new(crate::events::Events::new(&cfg.events));
         let mut routes = vec![Route::new(
             &cfg.fhir_prefix,
             cfg.public_base_url.as_deref(),
@@ -167,7 +170,8 @@ impl Gateway {
             smart: auth_cfg.smart.clone(),
             audit,
             upstream_http,
-            events: Arc::new(crate::upstream::client::NullSink),
+            events: event_queue.clone(),
+            event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),
             links_in_use: cfg
                 .post

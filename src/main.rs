@@ -117,6 +117,14 @@ fn main() -> ExitCode {
         },
     );
     server.add_service(jwks);
+    let events = background_service(
+        "events",
+        fhir_gateway::events::EventsTask {
+            gateway: gateway.clone(),
+            events: gateway.event_queue.clone(),
+        },
+    );
+    server.add_service(events);
     let health = background_service(
         "health",
         HealthTask {

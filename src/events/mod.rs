@@ -1,4 +1,524 @@
-//! Events of successful writes on their way to Kafka / Event Hubs: the durable spool they
-//! wait in (the producer arrives with issue 6).
+//! Events of successful writes, on their way out — never on the request path:
+//!
+//! PublishFHIREvent → [`Events::publish`] (a bounded in-memory queue, `try_send`) → the spool
+//! writer thread (appends to the durable [`spool`]) → the producer loop (rdkafka, idempotent,
+//! in order; acknowledges the spool only after the broker confirmed). A broker outage only
+//! grows the spool; a restart replays it. Without a broker, events go to a JSON-lines file.
+//!
+//! Each instance also consumes the topic (partitions assigned, from the end) and drops its
+//! consent/link caches when another instance saw a write (cross-instance invalidation).
+//!
+//! Everything that talks to the broker is created in [`EventsTask`], a Pingora background
+//! service, so it exists after the daemon fork.
 
 pub mod spool;
+
+use crate::config::{EventsConfig, KafkaConfig};
+use crate::gateway::Gateway;
+use async_trait::async_trait;
+use fhir_gateway_modules::processor::EventSink;
+use log::{error, info, warn};
+use once_cell::sync::Lazy;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use prometheus::{
+    register_histogram, register_int_counter_vec, register_int_gauge, Histogram, IntCounterVec,
+    IntGauge,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use spool::{Record, Spool, SpoolConfig, SpoolError};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static EVENTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_events_total",
+        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_spool_full, written_file, invalidations",
+        &["stage"]
+    )
+    .expect("metric registers once")
+});
+
+static SPOOL_DEPTH: Lazy<IntGauge> = Lazy::new(|| {
+    register_int_gauge!(
+        "fhirgw_events_spool_depth",
+        "Events in the spool not yet confirmed by the broker"
+    )
+    .expect("metric registers once")
+});
+
+static DELIVERY_SECONDS: Lazy<Histogram> = Lazy::new(|| {
+    register_histogram!(
+        "fhirgw_events_delivery_seconds",
+        "Time from the module publishing an event to the broker confirming it",
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0]
+    )
+    .expect("metric registers once")
+});
+
+fn count(stage: &str) {
+    EVENTS.with_label_values(&[stage]).inc();
+}
+
+/// One event between the module and the spool.
+struct Queued {
+    key: String,
+    event: Value,
+}
+
+/// The sink lent to modules: a bounded queue in front of the background writer.
+pub struct Events {
+    cfg: EventsConfig,
+    tx: SyncSender<Queued>,
+    rx: Mutex<Option<Receiver<Queued>>>,
+}
+
+impl Events {
+    pub fn new(cfg: &EventsConfig) -> Events {
+        let (tx, rx) = sync_channel(cfg.queue_capacity.max(1));
+        Events {
+            cfg: cfg.clone(),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl EventSink for Events {
+    fn publish(&self, key: &str, event: Value) {
+        count("produced");
+        match self.tx.try_send(Queued {
+            key: key.to_string(),
+            event,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(q)) => {
+                count("dropped_queue_full");
+                error!(
+                    "event LOST: the event queue is full ({} events; raise events.queue_capacity or check the spool disk): key={}",
+                    self.cfg.queue_capacity, q.key
+                );
+            }
+            Err(TrySendError::Disconnected(q)) => {
+                count("dropped_queue_full");
+                error!("event LOST: the event writer is not running: key={}", q.key);
+            }
+        }
+    }
+}
+
+/// The background service that owns the writer, the producer and the consumer.
+pub struct EventsTask {
+    pub gateway: Arc<Gateway>,
+    pub events: Arc<Events>,
+}
+
+/// The librdkafka settings: ours, then Event Hubs', then the operator's (last word).
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .set("socket.keepalive.enable", "true");
+    if let Some(cs) = &k.connection_string {
+        c.set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "$ConnectionString")
+            .set("sasl.password", cs);
+    }
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    c
+}
+
+fn spool_config(cfg: &EventsConfig) -> Result<SpoolConfig, String> {
+    Ok(SpoolConfig {
+        dir: PathBuf::from(&cfg.spool.dir),
+        fsync: cfg.spool.fsync()?,
+        max_bytes: cfg.spool.max_bytes,
+        segment_bytes: cfg.spool.segment_bytes,
+    })
+}
+
+/// The spool payload: the enqueue time (for the delivery latency) and the event.
+fn encode(q: &Queued) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut out = now.to_be_bytes().to_vec();
+    out.extend(serde_json::to_vec(&q.event).expect("JSON serialises"));
+    out
+}
+
+fn decode(payload: &[u8]) -> (u64, &[u8]) {
+    if payload.len() < 8 {
+        return (0, payload);
+    }
+    let (t, rest) = payload.split_at(8);
+    (u64::from_be_bytes(t.try_into().expect("8 bytes")), rest)
+}
+
+fn since_ms(t: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(t) as f64 / 1000.0
+}
+
+/// Queue → JSON lines (no broker configured).
+fn file_writer(path: PathBuf, rx: Receiver<Queued>, stop: Arc<AtomicBool>) {
+    // Opened at the first event: a gateway that never publishes leaves no file behind.
+    let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(q) => {
+                if file.is_none() {
+                    match std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                    {
+                        Ok(f) => file = Some(std::io::BufWriter::new(f)),
+                        Err(e) => {
+                            count("dropped_file");
+                            error!("event LOST: events file {}: {e}", path.display());
+                            continue;
+                        }
+                    }
+                }
+                let f = file.as_mut().expect("opened above");
+                let line = serde_json::to_string(&q.event).expect("JSON serialises");
+                if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                    count("dropped_file");
+                    error!("event LOST: events file {}: {e}", path.display());
+                    continue;
+                }
+                count("written_file");
+            }
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::Relaxed) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Queue → spool. Wakes the producer after each append.
+fn spool_writer(
+    spool: Arc<Spool>,
+    rx: Receiver<Queued>,
+    wake: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(q) => {
+                match spool.append(&Record {
+                    key: q.key.clone(),
+                    payload: encode(&q),
+                }) {
+                    Ok(_) => {
+                        count("spooled");
+                        SPOOL_DEPTH.set(spool.depth() as i64);
+                        wake.notify_one();
+                    }
+                    Err(SpoolError::Full { bytes, max_bytes }) => {
+                        count("dropped_spool_full");
+                        error!(
+                            "event LOST: the spool is full ({bytes} of {max_bytes} bytes; is the broker down?): key={}",
+                            q.key
+                        );
+                    }
+                    Err(e) => {
+                        count("dropped_spool_full");
+                        error!("event LOST: spool: {e}: key={}", q.key);
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::Relaxed) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn new_producer(k: &KafkaConfig) -> Option<FutureProducer> {
+    match client_config(k).create::<FutureProducer>() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            error!("events: cannot create the Kafka producer: {e}");
+            None
+        }
+    }
+}
+
+/// Spool → broker, in order, acknowledging only what the broker confirmed.
+async fn produce_loop(
+    k: KafkaConfig,
+    spool: Arc<Spool>,
+    wake: Arc<tokio::sync::Notify>,
+    mut shutdown: ShutdownWatch,
+) {
+    let mut producer = new_producer(&k);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            if let Some(p) = &producer {
+                let _ = p.flush(Timeout::After(Duration::from_secs(2)));
+            }
+            return;
+        }
+        let Some(p) = producer.as_ref() else {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = shutdown.changed() => return,
+            }
+            producer = new_producer(&k);
+            continue;
+        };
+        let batch = match spool.read_from(spool.first_pending(), 500) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("events: reading the spool: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let sends = batch.iter().map(|(_, rec)| {
+            let (_, json) = decode(&rec.payload);
+            let cid = serde_json::from_slice::<Value>(json)
+                .ok()
+                .and_then(|v| {
+                    v.get("correlationid")
+                        .or_else(|| v.pointer("/data/correlationid"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "correlationid",
+                value: Some(cid.as_str()),
+            });
+            p.send(
+                FutureRecord::to(&k.topic)
+                    .key(&rec.key)
+                    .payload(json)
+                    .headers(headers),
+                Timeout::After(Duration::from_secs(5)),
+            )
+        });
+        let results = futures::future::join_all(sends).await;
+        // Acknowledge the confirmed prefix; what follows a failure is sent again (at least
+        // once: a consumer may see duplicates, never a gap).
+        let mut confirmed = None;
+        let mut failed = None;
+        for ((seq, rec), r) in batch.iter().zip(results) {
+            match r {
+                Ok(_) if failed.is_none() => {
+                    confirmed = Some(*seq);
+                    count("delivered");
+                    DELIVERY_SECONDS.observe(since_ms(decode(&rec.payload).0));
+                }
+                Ok(_) => {}
+                Err((e, _)) => {
+                    count("failed");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(seq) = confirmed {
+            if let Err(e) = spool.ack(seq) {
+                error!("events: acknowledging the spool: {e}");
+            }
+            SPOOL_DEPTH.set(spool.depth() as i64);
+        }
+        match failed {
+            None => backoff = Duration::from_millis(200),
+            Some(e) => {
+                warn!(
+                    "events: the broker did not take {} event(s) ({e}); {} wait in the spool, retrying in {:?}",
+                    batch.len(),
+                    spool.depth(),
+                    backoff
+                );
+                // An idempotent producer whose broker lost its state (a restart of an
+                // in-memory broker) is fenced for good: start a new one.
+                if p.client().fatal_error().is_some() {
+                    warn!("events: the producer hit a fatal error; creating a new one");
+                    producer = new_producer(&k);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The resource type an event (plain or CloudEvents) is about.
+fn event_type(v: &Value) -> Option<&str> {
+    v.get("resourcetype")
+        .or_else(|| v.pointer("/data/resourcetype"))
+        .and_then(Value::as_str)
+}
+
+/// Topic → cache invalidation, on a thread of its own (librdkafka polls block).
+fn consume_loop(k: KafkaConfig, gw: Arc<Gateway>, stop: Arc<AtomicBool>) {
+    let mut cfg = client_config(&k);
+    // Partitions are assigned, not subscribed: no group join (slow on some brokers), no
+    // commits; each instance reads everything from the moment it starts.
+    cfg.set("group.id", format!("fhir-gateway-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100");
+    for key in [
+        "enable.idempotence",
+        "acks",
+        "linger.ms",
+        "message.timeout.ms",
+    ] {
+        cfg.remove(key);
+    }
+    let consumer: BaseConsumer = match cfg.create() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("events: cannot create the invalidation consumer: {e}");
+            return;
+        }
+    };
+    let mut assigned = false;
+    let mut last_try = Instant::now() - Duration::from_secs(10);
+    while !stop.load(Ordering::Relaxed) {
+        if !assigned {
+            if last_try.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            last_try = Instant::now();
+            match consumer.fetch_metadata(Some(&k.topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    let mut tpl = TopicPartitionList::new();
+                    for t in md.topics().iter().filter(|t| t.name() == k.topic) {
+                        for p in t.partitions() {
+                            let _ = tpl.add_partition_offset(&k.topic, p.id(), Offset::End);
+                        }
+                    }
+                    if tpl.count() > 0 && consumer.assign(&tpl).is_ok() {
+                        info!(
+                            "events: consuming {} partition(s) of {} for cache invalidation",
+                            tpl.count(),
+                            k.topic
+                        );
+                        assigned = true;
+                    }
+                }
+                Err(e) => warn!("events: topic metadata for invalidation: {e}"),
+            }
+            continue;
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let Some(payload) = m.payload() else { continue };
+                if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+                    if let Some(t) = event_type(&v) {
+                        gw.invalidate(t);
+                        count("invalidations");
+                    }
+                }
+            }
+            Some(Err(e)) => warn!("events: invalidation consumer: {e}"),
+            None => {}
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for EventsTask {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(rx) = self.events.rx.lock().expect("events lock").take() else {
+            return;
+        };
+        let cfg = self.events.cfg.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let Some(k) = cfg.kafka.clone() else {
+            let path = PathBuf::from(&cfg.file);
+            info!(
+                "events: no broker configured; events go to {}",
+                path.display()
+            );
+            let s = stop.clone();
+            let t = std::thread::spawn(move || file_writer(path, rx, s));
+            let _ = shutdown.changed().await;
+            stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            return;
+        };
+        let spool = match spool_config(&cfg).and_then(|c| Spool::open(c).map_err(|e| e.to_string()))
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                error!(
+                    "events: cannot open the spool {}: {e}; events will be LOST",
+                    cfg.spool.dir
+                );
+                return;
+            }
+        };
+        let r = spool.recovery();
+        info!(
+            "events: spool {} opened, {} event(s) to deliver (replayed {}); broker {}, topic {}",
+            cfg.spool.dir,
+            spool.depth(),
+            r.replayed,
+            k.bootstrap_servers,
+            k.topic
+        );
+        SPOOL_DEPTH.set(spool.depth() as i64);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let writer = {
+            let (spool, wake, stop) = (spool.clone(), wake.clone(), stop.clone());
+            std::thread::spawn(move || spool_writer(spool, rx, wake, stop))
+        };
+        let consumer = k.invalidate_caches.then(|| {
+            let (k, gw, stop) = (k.clone(), self.gateway.clone(), stop.clone());
+            std::thread::spawn(move || consume_loop(k, gw, stop))
+        });
+        produce_loop(k, spool.clone(), wake, shutdown.clone()).await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = writer.join();
+            if let Some(c) = consumer {
+                let _ = c.join();
+            }
+        })
+        .await;
+        let _ = spool.sync();
+        info!(
+            "events: stopped; {} event(s) stay in the spool",
+            spool.depth()
+        );
+    }
+}
