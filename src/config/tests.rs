@@ -371,3 +371,37 @@ fn identity_links_are_checked() {
     let unknown = format!("{MINIMAL}identity_links:\n  ttl: 5\n");
     assert!(!errors(&unknown).is_empty());
 }
+
+#[test]
+fn events_settings_are_checked() {
+    let c = parse(MINIMAL, &env).unwrap();
+    assert!(c.events.kafka.is_none());
+    assert_eq!(c.events.file, "events.jsonl");
+    assert_eq!(
+        c.events.spool.fsync().unwrap(),
+        crate::events::spool::Fsync::EveryMs(100)
+    );
+    let ok = format!(
+        "{MINIMAL}events:\n  kafka:\n    bootstrap_servers: ns.servicebus.windows.net:9093\n    topic: fhir\n    connection_string: ${{UPSTREAM_TOKEN}}\n    properties: {{client.id: gw}}\n  spool: {{fsync: always}}\n"
+    );
+    let c = parse(&ok, &env).unwrap();
+    let k = c.events.kafka.unwrap();
+    assert_eq!(k.connection_string.as_deref(), Some("s3cr3t-token"));
+    assert!(k.invalidate_caches);
+    let bad = format!("{MINIMAL}events:\n  queue_capacity: 0\n  spool:\n    fsync: sometimes\n");
+    let e = errors(&bad);
+    assert!(
+        e.iter().any(|e| e.message.contains("queue_capacity")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.message.contains("events.spool.fsync") && e.line == Some(10)),
+        "{e:?}"
+    );
+    let no_topic =
+        format!("{MINIMAL}events:\n  kafka:\n    bootstrap_servers: x:9092\n    topic: \"\"\n");
+    assert!(errors(&no_topic)
+        .iter()
+        .any(|e| e.message.contains("topic")));
+}

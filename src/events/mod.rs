@@ -522,3 +522,81 @@ impl BackgroundService for EventsTask {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn kafka(cs: Option<&str>, props: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: "ns.servicebus.windows.net:9093".into(),
+            topic: "fhir-events".into(),
+            connection_string: cs.map(str::to_string),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            invalidate_caches: true,
+        }
+    }
+
+    #[test]
+    fn event_hubs_settings_and_pass_through() {
+        let c = client_config(&kafka(Some("Endpoint=sb://ns/;SharedAccessKey=x"), &[]));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(c.get("sasl.username"), Some("$ConnectionString"));
+        assert_eq!(
+            c.get("sasl.password"),
+            Some("Endpoint=sb://ns/;SharedAccessKey=x")
+        );
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        let c = client_config(&kafka(None, &[("linger.ms", "20"), ("client.id", "gw-1")]));
+        assert_eq!(
+            c.get("security.protocol"),
+            None,
+            "plaintext without a connection string"
+        );
+        assert_eq!(
+            c.get("linger.ms"),
+            Some("20"),
+            "the operator has the last word"
+        );
+        assert_eq!(c.get("client.id"), Some("gw-1"));
+    }
+
+    #[test]
+    fn spool_payload_round_trip_and_event_types() {
+        let q = Queued {
+            key: "Patient/1".into(),
+            event: json!({"action": "Created", "resourcetype": "Consent"}),
+        };
+        let enc = encode(&q);
+        let (t, body) = decode(&enc);
+        assert!(t > 1_700_000_000_000, "enqueue time in ms");
+        assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), q.event);
+        assert_eq!(event_type(&q.event), Some("Consent"));
+        let ce = json!({"specversion": "1.0", "data": {"resourcetype": "CareTeam"}});
+        assert_eq!(event_type(&ce), Some("CareTeam"));
+        assert_eq!(event_type(&json!({})), None);
+    }
+
+    #[test]
+    fn a_full_queue_drops_with_a_count_never_blocks() {
+        let cfg = EventsConfig {
+            queue_capacity: 2,
+            ..Default::default()
+        };
+        let ev = Events::new(&cfg);
+        let before = EVENTS.with_label_values(&["dropped_queue_full"]).get();
+        for i in 0..5 {
+            ev.publish("k", json!({"n": i}));
+        }
+        let after = EVENTS.with_label_values(&["dropped_queue_full"]).get();
+        assert_eq!(after - before, 3);
+        let rx = ev.rx.lock().unwrap().take().unwrap();
+        assert_eq!(rx.try_iter().count(), 2);
+    }
+}

@@ -380,8 +380,14 @@ impl PostProcess for ParticipantFilter {
         let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
             Ok(j) => j,
             Err(answer) => {
+                // A withheld write echo is still a success: later modules (events) run.
+                let write = (200..300).contains(&answer.status);
                 *resp = answer;
-                return Ok(PostOutcome::Stop);
+                return Ok(if write {
+                    PostOutcome::Continue
+                } else {
+                    PostOutcome::Stop
+                });
             }
         };
         let who = match &cx.identity {
