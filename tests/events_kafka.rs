@@ -699,3 +699,46 @@ async fn without_a_broker_events_go_to_a_json_lines_file() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_process_per_spool_the_next_one_waits_then_delivers() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let topic = format!("lock-{}", uniq());
+    create_topic(SHARED, &topic);
+    let spool = spool_dir();
+    let conf = format!(
+        "post:\n  - name: PublishFHIREvent\n{}",
+        events_yaml(SHARED, &topic, &spool)
+    );
+    let mut old = jwt_gateway(&conf).await;
+    // As during an upgrade: a second process on the same spool.
+    let new = jwt_gateway(&conf).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !new.log().contains("is in use by another process") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        new.log().contains("is in use by another process"),
+        "{}",
+        new.log()
+    );
+    let w = token("writer-app").await;
+    let (s, p, _) = send(
+        &new,
+        &w,
+        "POST",
+        "Patient",
+        Some(json!({"resourceType": "Patient"})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201);
+    // Queued in memory, not yet on the topic.
+    assert!(consume(SHARED, &topic, 1, Duration::from_secs(1)).is_empty());
+    old.child.kill().unwrap();
+    let _ = old.child.wait();
+    let got = consume(SHARED, &topic, 1, Duration::from_secs(15));
+    assert_eq!(got.len(), 1, "{}", new.log());
+    assert_eq!(got[0].1["id"], p["id"]);
+    let _ = std::fs::remove_dir_all(spool);
+}

@@ -455,6 +455,45 @@ fn consume_loop(k: KafkaConfig, gw: Arc<Gateway>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Takes the spool directory's lock (`flock` on `<dir>/lock`), waiting while another
+/// process holds it. `None` on shutdown or when the directory cannot be used.
+async fn lock_spool(dir: &str, shutdown: &mut ShutdownWatch) -> Option<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        error!("events: spool directory {dir}: {e}; events will be LOST");
+        return None;
+    }
+    let path = std::path::Path::new(dir).join("lock");
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            error!("events: {}: {e}; events will be LOST", path.display());
+            return None;
+        }
+    };
+    let mut said = false;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Some(file);
+        }
+        if !said {
+            info!("events: spool {dir} is in use by another process (an upgrade?); waiting");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for EventsTask {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -475,6 +514,12 @@ impl BackgroundService for EventsTask {
             stop.store(true, Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
             return;
+        };
+        // One process per spool: during an upgrade (`-u`) the new process waits here, its
+        // events queueing in memory, until the old one has drained and exited.
+        let _lock = match lock_spool(&cfg.spool.dir, &mut shutdown).await {
+            Some(l) => l,
+            None => return,
         };
         let spool = match spool_config(&cfg).and_then(|c| Spool::open(c).map_err(|e| e.to_string()))
         {
