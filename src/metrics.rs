@@ -53,6 +53,85 @@ static AUTH_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+static AUTH_REASONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_auth_refusals_total",
+        "Refused requests by reason (missing, expired, signature, issuer, audience, tenant, invalid_token, role, scope, links, other)",
+        &["status", "reason"]
+    )
+    .expect("metric registers once")
+});
+
+static UPSTREAM_SECONDS: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "fhirgw_upstream_seconds",
+        "Time from sending a request to the FHIR server to its response header (streamed and module paths)",
+        &["path"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]
+    )
+    .expect("metric registers once")
+});
+
+static UPSTREAM_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_upstream_connections_total",
+        "Connections used for streamed upstream requests: reused from the pool or new",
+        &["reused"]
+    )
+    .expect("metric registers once")
+});
+
+static BODY_BYTES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_body_bytes_total",
+        "Body bytes received from clients (request) and sent to them (response)",
+        &["direction"]
+    )
+    .expect("metric registers once")
+});
+
+/// A refusal's reason, from a bounded set (never the free-text diagnostics).
+pub fn refusal(status: u16, diagnostics: Option<&str>) {
+    let d = diagnostics.unwrap_or("").to_ascii_lowercase();
+    let reason = match status {
+        401 if d.is_empty() => "missing",
+        401 if d.contains("expired") => "expired",
+        401 if d.contains("signature") || d.contains("kid") || d.contains("key") => "signature",
+        401 if d.contains("issuer") => "issuer",
+        401 if d.contains("audience") => "audience",
+        401 if d.contains("tenant") => "tenant",
+        401 => "invalid_token",
+        403 if d.starts_with("role") => "role",
+        403 if d.starts_with("scope") => "scope",
+        403 if d.contains("identity links") => "links",
+        _ => "other",
+    };
+    AUTH_REASONS
+        .with_label_values(&[&status.to_string(), reason])
+        .inc();
+}
+
+pub fn upstream(path: &str, took: Duration) {
+    UPSTREAM_SECONDS
+        .with_label_values(&[path])
+        .observe(took.as_secs_f64());
+}
+
+pub fn upstream_connection(reused: bool) {
+    UPSTREAM_CONNECTIONS
+        .with_label_values(&[if reused { "true" } else { "false" }])
+        .inc();
+}
+
+pub fn body_bytes(request: u64, response: u64) {
+    if request > 0 {
+        BODY_BYTES.with_label_values(&["request"]).inc_by(request);
+    }
+    if response > 0 {
+        BODY_BYTES.with_label_values(&["response"]).inc_by(response);
+    }
+}
+
 pub fn module_call(route: &str, module: &str, kind: &str, outcome: &str, took: Duration) {
     MODULE_CALLS
         .with_label_values(&[route, module, kind, outcome])

@@ -81,6 +81,10 @@ pub struct Ctx {
     error: Option<GatewayError>,
     /// Resource types this request writes: their caches are dropped once it succeeds.
     written: Vec<String>,
+    /// When the streamed request went upstream (for the upstream latency).
+    upstream_sent: Option<Instant>,
+    /// Time to the FHIR server's response header, for the access log.
+    upstream_ms: Option<u128>,
 }
 
 /// How an admitted request continues.
@@ -669,6 +673,7 @@ impl FhirProxy {
             body = Some(self.read_body(session).await?);
         }
         req.body = body.map(|b| b.to_vec());
+        ctx.request_body_bytes += req.body.as_ref().map_or(0, |b| b.len() as u64);
         let client = Arc::new(self.client_for(ctx));
         let cx = Context {
             identity: ctx.identity.clone(),
@@ -707,6 +712,7 @@ impl FhirProxy {
                     target.push_str(&req.query);
                 }
                 ctx.attempts += 1;
+                let sent = Instant::now();
                 let r = client
                     .call(ClientRequest {
                         method: req.method.clone(),
@@ -716,6 +722,7 @@ impl FhirProxy {
                     })
                     .await?;
                 ctx.upstream_status = Some(r.status);
+                ctx.upstream_ms = Some(sent.elapsed().as_millis());
                 if (200..300).contains(&r.status) {
                     ctx.written.iter().for_each(|t| gw.invalidate(t));
                 }
@@ -1037,6 +1044,8 @@ impl ProxyHttp for FhirProxy {
             upstream_status: None,
             error: None,
             written: Vec::new(),
+            upstream_sent: None,
+            upstream_ms: None,
         }
     }
 
@@ -1171,6 +1180,20 @@ impl ProxyHttp for FhirProxy {
         e
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        crate::metrics::upstream_connection(reused);
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -1178,6 +1201,7 @@ impl ProxyHttp for FhirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let gw = &self.gw;
+        ctx.upstream_sent = Some(Instant::now());
         let down = session.req_header();
         let mut target = gw.upstream.path_for(&ctx.rest).into_bytes();
         if let Some(q) = &ctx.query {
@@ -1258,6 +1282,10 @@ impl ProxyHttp for FhirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        if let Some(t) = ctx.upstream_sent.take() {
+            crate::metrics::upstream("stream", t.elapsed());
+            ctx.upstream_ms = Some(t.elapsed().as_millis());
+        }
         if resp.status.is_success() {
             ctx.written.iter().for_each(|t| self.gw.invalidate(t));
         }
@@ -1441,6 +1469,12 @@ impl ProxyHttp for FhirProxy {
             status,
             ctx.start.elapsed(),
         );
+        match &ctx.error {
+            Some(GatewayError::Unauthorized(why)) => crate::metrics::refusal(401, why.as_deref()),
+            Some(GatewayError::Forbidden(why)) => crate::metrics::refusal(403, Some(why)),
+            _ => {}
+        }
+        crate::metrics::body_bytes(ctx.request_body_bytes, session.body_bytes_sent() as u64);
         if !self.gw.access_log {
             return;
         }
@@ -1448,7 +1482,7 @@ impl ProxyHttp for FhirProxy {
         // Path only: queries can hold patient data (names, birth dates).
         info!(
             target: "access",
-            "{} {} {} status={} upstream_status={} attempts={} ms={} id={} user={} tenant={}{}",
+            "{} {} {} status={} upstream_status={} attempts={} ms={} upstream_ms={} id={} user={} tenant={}{}",
             ctx.source.as_deref().unwrap_or("-"),
             req.method,
             req.uri.path(),
@@ -1456,6 +1490,7 @@ impl ProxyHttp for FhirProxy {
             ctx.upstream_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             ctx.attempts,
             ctx.start.elapsed().as_millis(),
+            ctx.upstream_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
             ctx.correlation_id,
             ctx.identity.as_ref().map_or("-", |i| i.user_id.as_str()),
             ctx.identity.as_ref().and_then(|i| i.tenant.as_deref()).unwrap_or("-"),

@@ -120,7 +120,9 @@ impl GatewayFhirClient {
         if let Some(b) = req.body {
             rb = rb.body(b);
         }
+        let sent = std::time::Instant::now();
         let mut resp = rb.send().await.map_err(failed)?;
+        crate::metrics::upstream("client", sent.elapsed());
         let status = resp.status().as_u16();
         let headers: Vec<(String, String)> = resp
             .headers()
