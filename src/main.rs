@@ -1,18 +1,20 @@
 //! `fhir-gateway -c <yaml> [-t] [-d] [-u]`: Pingora's command line, with `-t` validating the
 //! whole gateway configuration (not only Pingora's part) before anything binds.
 
+use async_trait::async_trait;
 use clap::Parser;
 use fhir_gateway::config;
 use fhir_gateway::health::{HealthTask, JwksTask};
 use fhir_gateway::proxy::FhirProxy;
 use fhir_gateway::Gateway;
 use pingora_core::server::configuration::Opt;
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::background::background_service;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
         },
     );
     server.add_service(events);
+    let drain_gateway = gateway.clone();
     let health = background_service(
         "health",
         HealthTask {
@@ -139,5 +142,50 @@ fn main() -> ExitCode {
         server.add_service(metrics);
     }
     server.add_service(proxy);
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Draining {
+            gateway: drain_gateway,
+            drain: Duration::from_secs(cfg.health.drain_seconds),
+        }),
+    });
+    ExitCode::SUCCESS
+}
+
+/// Pingora's signals, with a drain in front of SIGTERM: `/readyz` fails and keep-alive
+/// connections close while the listener still accepts, so a load balancer moves traffic away
+/// before anything is refused. SIGQUIT (upgrade) hands the listeners over at once; the old
+/// process closes its keep-alive connections as it answers. SIGINT: fast shutdown.
+struct Draining {
+    gateway: Arc<Gateway>,
+    drain: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Draining {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = quit.recv() => {
+                self.gateway.health.set_draining();
+                log::info!("SIGQUIT: handing the listeners to the new process");
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => {
+                self.gateway.health.set_draining();
+                log::info!(
+                    "SIGTERM: /readyz reports draining; serving {:?} more before closing the listener",
+                    self.drain
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(self.drain) => {}
+                    _ = term.recv() => {}
+                    _ = int.recv() => return ShutdownSignal::FastShutdown,
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
 }

@@ -690,12 +690,17 @@ impl Default for LoggingConfig {
 pub struct HealthConfig {
     /// How often the upstream is probed (TCP connect) for `/readyz`.
     pub upstream_check_interval_ms: u64,
+    /// On SIGTERM, how long `/readyz` answers 503 ("draining") while the gateway still
+    /// accepts and serves, so load balancers stop sending before the listener closes. Then
+    /// Pingora's grace periods apply. A second SIGTERM or a SIGINT cuts it short.
+    pub drain_seconds: u64,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             upstream_check_interval_ms: 5_000,
+            drain_seconds: 5,
         }
     }
 }

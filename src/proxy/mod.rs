@@ -1064,7 +1064,13 @@ impl ProxyHttp for FhirProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.source = self.audit_source(session, ctx.client_ip);
-        session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
+        if self.gw.health.is_draining() {
+            // Shutting down or upgrading: answer, then close, so the client's next request
+            // opens a connection to a live instance (or the new process) instead of failing.
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
+        }
 
         let path = session.req_header().uri.path().to_string();
         let route = self.gw.route_for(&path);
