@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The demo: the gateway (conf/demo.yaml) on 127.0.0.1:8080 in front of a real SEKMET FHIR R4
-# server on 127.0.0.1:8090, callers authenticated by a real OpenID provider on 127.0.0.1:9400.
+# server on 127.0.0.1:8090, callers authenticated by a real OpenID provider on 127.0.0.1:9400,
+# events of every write on a Kafka-protocol broker (tansu) on 127.0.0.1:19092.
 # Loads sample data through the gateway and shows allowed and refused calls, then data-level
 # security: a practitioner and two patients linked with /manage see only their own data, and an
-# opt-out Consent hides one patient's data from the practitioner on the next request.
+# opt-out Consent hides one patient's data from the practitioner on the next request; finally an
+# Observation is created, updated and deleted, and the events of all these writes are read back
+# from the topic fhir-events.
 # Keeps running until Ctrl-C when started from a terminal (DEMO_KEEP=0 to exit at once).
+# PEERS=<dir> keeps the peers (and their logs) somewhere else than .cache/peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GW=http://127.0.0.1:8080/fhir
 PEERS=${PEERS:-$PWD/.cache/peers}
+SPOOL=/tmp/fhir-gateway-demo-spool   # events.spool.dir of conf/demo.yaml
 
 scripts/prereqs.sh
 scripts/peers.sh install
@@ -18,13 +23,26 @@ target/debug/fhir-gateway -t -c conf/demo.yaml
 
 cleanup() {
   [ -n "${GW_PID:-}" ] && kill "$GW_PID" 2>/dev/null && wait "$GW_PID" 2>/dev/null
-  scripts/peers.sh stop sekmet oidc
+  scripts/peers.sh stop sekmet oidc kafka
+  rm -rf "$SPOOL"
 }
 trap cleanup EXIT
 if curl -s -o /dev/null http://127.0.0.1:8080/ 2>/dev/null; then
   echo "127.0.0.1:8080 is already in use: stop whatever listens there first"; exit 1
 fi
-SEKMET_LOG_INBOUND=false scripts/peers.sh start sekmet oidc
+# A peer port held by something this script did not start (another checkout's peers, a test run)
+# would be used as if it were ours: refuse instead.
+for p in sekmet:8090 oidc:9400 kafka:19092; do
+  name=${p%%:*} port=${p#*:}
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null &&
+     ! { [ -f "$PEERS/$name.pid" ] && kill -0 "$(cat "$PEERS/$name.pid")" 2>/dev/null; }; then
+    echo "127.0.0.1:$port ($name) is in use by a process not started from $PEERS: stop it first"; exit 1
+  fi
+done
+# The broker starts empty (in memory); events a previous run left in the spool would be replayed
+# into it as if they were this run's.
+rm -rf "$SPOOL"
+SEKMET_LOG_INBOUND=false scripts/peers.sh start sekmet oidc kafka
 
 target/debug/fhir-gateway -c conf/demo.yaml >"$PEERS/gateway-demo.log" 2>&1 &
 GW_PID=$!
@@ -47,8 +65,10 @@ ADMIN=$(token admin-app); READER=$(token reader-app); WRITER=$(token writer-app)
 OTHER_TENANT=$(token other-tenant-app)
 
 echo; echo "== loading sample data (tests/fixtures/fhir) through the gateway, as admin-app"
+# X-Request-Id becomes the events' correlation id: the summary at the end groups them by it.
 for f in tests/fixtures/fhir/*.json; do
   code=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $ADMIN" \
+    -H "X-Request-Id: demo-load-$(basename "$f" .json)" \
     -H 'Content-Type: application/fhir+json' --data-binary @"$f" "$GW")
   echo "POST $GW  <- $f  => $code"
 done
@@ -177,8 +197,85 @@ ask practitioner-app "$PRACT" GET "$GW/Observation/demo-obs-bob"
 ask optout-patient-app "$OPTOUT" GET "$HR"
 ask patient-app "$PATIENT" GET "$HR"
 
+# ---- Events: PublishFHIREvent → spool → Kafka topic fhir-events (docs/events.md) ------------------
+echo; echo "== PublishFHIREvent: writer-app creates, updates and deletes an Observation of Ann"
+OBS='{"resourceType":"Observation","status":"preliminary","code":{"coding":[{"system":"http://loinc.org","code":"8310-5","display":"Body temperature"}]},"subject":{"reference":"Patient/demo-ann"},"effectiveDateTime":"2026-01-16T08:00:00Z","valueQuantity":{"value":37.9,"unit":"Cel","system":"http://unitsofmeasure.org","code":"Cel"}}'
+hdrs=$(mktemp); out=$(mktemp)
+code=$(curl -sS -o "$out" -D "$hdrs" -w '%{http_code}' -X POST -H "Authorization: Bearer $WRITER" \
+  -H 'Accept: application/fhir+json' -H 'Content-Type: application/fhir+json' --data-binary "$OBS" "$GW/Observation")
+LOC=$(tr -d '\r' <"$hdrs" | sed -n 's/^[Ll]ocation: *//p')
+printf '  %-19s %-6s %s\n      => %s  %s\n      Location: %s\n' writer-app POST /fhir/Observation "$code" "$(summary <"$out")" "$LOC"
+rm -f "$hdrs" "$out"
+OBS_ID=$(echo "$LOC" | sed -E 's#.*/Observation/([^/]+)(/_history/.*)?$#\1#')
+[ "$code" = 201 ] && [ -n "$OBS_ID" ] || { echo "the create failed"; exit 1; }
+ask writer-app "$WRITER" PUT "$GW/Observation/$OBS_ID" \
+  "$(echo "$OBS" | sed "s/\"status\":\"preliminary\"/\"id\":\"$OBS_ID\",\"status\":\"final\"/")"
+ask writer-app "$WRITER" DELETE "$GW/Observation/$OBS_ID"
+echo "      (writer-app is nobody in the FHIR server: it gets back what it created, not the updated"
+echo "       resource; every write happened)"
+ask reader-app "$READER" DELETE "$GW/Observation/demo-obs-ann"
+echo "      (refused: no write, no event)"
+
+echo; echo "== the gateway's event metrics (127.0.0.1:9091) once the spool is drained"
+for _ in $(seq 100); do
+  depth=$(curl -fsS http://127.0.0.1:9091/metrics | sed -n 's/^fhirgw_events_spool_depth //p')
+  [ "$depth" = 0 ] && break; sleep 0.1
+done
+curl -fsS http://127.0.0.1:9091/metrics | grep -E '^fhirgw_events_(total|spool_depth|delivery_seconds_count)' | sed 's/^/  /'
+
+echo; echo "== the events of this demo's writes: topic fhir-events on 127.0.0.1:19092, from the beginning"
+"$PEERS/kafka-venv/bin/python" - <<'PY'
+# Partitions are assigned, not subscribed: a consumer-group join takes ~20 s on tansu.
+import collections, json, time
+from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
+c = Consumer({"bootstrap.servers": "127.0.0.1:19092", "group.id": "fhir-gateway-demo",
+              "enable.auto.commit": False})
+parts = c.list_topics("fhir-events", timeout=10).topics["fhir-events"].partitions
+c.assign([TopicPartition("fhir-events", p, OFFSET_BEGINNING) for p in sorted(parts)])
+events, quiet_since, deadline = [], time.time(), time.time() + 30
+while time.time() - quiet_since < 2 and time.time() < deadline:  # until 2 s without a message
+    m = c.poll(0.2)
+    if m is None:
+        continue
+    if m.error():
+        print("  consumer error:", m.error()); continue
+    quiet_since = time.time()
+    cid = dict((k, (v or b"").decode()) for k, v in (m.headers() or [])).get("correlationid", "")
+    events.append(((m.key() or b"").decode(), json.loads(m.value()), cid))
+c.close()
+load = collections.OrderedDict()
+for key, e, cid in events:
+    if cid.startswith("demo-load-"):
+        load.setdefault(cid, []).append((key, e))
+for cid, evs in load.items():
+    actions = collections.Counter(e["action"] for _, e in evs)
+    types = collections.Counter(e["resourcetype"] for _, e in evs)
+    keys = collections.Counter(k for k, _ in evs)
+    print("  %s (one transaction, %d events): %s" % (cid, len(evs), ", ".join("%s %d" % a for a in actions.items())))
+    print("      " + ", ".join("%s %d" % t for t in types.most_common()))
+    print("      keys: " + ", ".join("%s x%d" % k for k in keys.most_common()))
+rows = [("key", "action", "resource", "version", "patient", "user")] + [
+    (key, e["action"], "%s/%s" % (e["resourcetype"], e["id"] or "-"), e.get("version") or "-",
+     e.get("patient") or "-", e.get("user") or "-")
+    for key, e, cid in events if not cid.startswith("demo-load-")]
+widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+for r in rows:
+    print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+print("  %d events in all" % len(events))
+updated = [(k, e, cid) for k, e, cid in events if e["action"] == "Updated"]
+if updated:
+    k, e, cid = updated[-1]
+    print("  the update's event in full (key %s, header correlationid %s):" % (k, cid))
+    print("  " + json.dumps(e))
+PY
+echo "  (the sample data's entries, writer-app's Patient, the Consent, then the Observation's create,"
+echo "   update and delete; nothing for reads, refused writes, /manage, or what was seeded into SEKMET"
+echo "   directly. The delete is keyed Observation/<id>, not Patient/demo-ann: SEKMET answers a delete"
+echo "   with an OperationOutcome, not the resource, so the gateway cannot tell whose Observation it was.)"
+
 echo; echo "== gateway access log (last lines)"; grep " access\]" "$PEERS/gateway-demo.log" | tail -n 5
 if [ -t 0 ] && [ "${DEMO_KEEP:-1}" != 0 ]; then
-  echo; echo "The gateway is on $GW (FHIR server on 127.0.0.1:8090). Ctrl-C stops both."
+  echo; echo "The gateway is on $GW (FHIR server on 127.0.0.1:8090, events on 127.0.0.1:19092 topic"
+  echo "fhir-events). Ctrl-C stops them all."
   wait "$GW_PID"
 fi

@@ -138,7 +138,14 @@ impl Resolver {
         };
         for e in entries {
             let Some(r) = e.get("resource") else { continue };
-            if let (Some(fu), Some(t), Some(id)) = (
+            // Absolute fullUrls resolve through the bases already; only `urn:` ones need a
+            // table (and most answers have none: nothing to allocate).
+            let urn = e
+                .get("fullUrl")
+                .and_then(Value::as_str)
+                .is_some_and(|f| f.starts_with("urn:"));
+            if let (true, Some(fu), Some(t), Some(id)) = (
+                urn,
                 e.get("fullUrl").and_then(Value::as_str),
                 r.get("resourceType").and_then(Value::as_str),
                 r.get("id").and_then(Value::as_str),
