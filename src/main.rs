@@ -40,7 +40,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let conf_name = cli.conf.display().to_string();
-    let cfg = match config::load(&cli.conf) {
+    let mut cfg = match config::load(&cli.conf) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors.0 {
@@ -56,6 +56,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `-d` changes the working directory to `/`: relative paths are fixed now.
+    if let Ok(cwd) = std::env::current_dir() {
+        cfg.events.absolutize(&cwd);
+    }
+    if let Err(e) = fhir_gateway::events::check(&cfg.events) {
+        eprintln!("{conf_name}: {e}");
+        return ExitCode::from(2);
+    }
     let gateway = match Gateway::new(&cfg) {
         Ok(g) => Arc::new(g),
         Err(e) => {

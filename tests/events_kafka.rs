@@ -371,10 +371,11 @@ async fn every_write_shape_publishes_exactly_its_events() {
         ("Created", "Observation", minimal_id, pk.clone()),
         ("Created", "Observation", batch_created, pk.clone()),
         (
+            // Keyed by the patient too (from the last version): same partition, in order.
             "Deleted",
             "Observation",
             oid.clone(),
-            format!("Observation/{oid}"),
+            pk.clone(),
         ),
         (
             "Created",
@@ -740,5 +741,27 @@ async fn one_process_per_spool_the_next_one_waits_then_delivers() {
     let got = consume(SHARED, &topic, 1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", new.log());
     assert_eq!(got[0].1["id"], p["id"]);
+    let _ = std::fs::remove_dir_all(spool);
+}
+
+#[test]
+fn config_check_catches_what_librdkafka_would_refuse() {
+    let spool = spool_dir();
+    let base = format!(
+        "listen:\n  - addr: 127.0.0.1:1\nupstream:\n  url: http://127.0.0.1:8090/fhir\nauth:\n  mode: insecure_dev\nevents:\n  kafka:\n    bootstrap_servers: 127.0.0.1:19092\n    topic: t\n  spool:\n    dir: {}\n",
+        spool.display()
+    );
+    let (code, out, err) = check_config(&base, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let bad = base.replace(
+        "    topic: t\n",
+        "    topic: t\n    properties: {lingr.ms: \"5\"}\n",
+    );
+    let (code, _, err) = check_config(&bad, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("events.kafka") && err.contains("lingr.ms"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(spool);
 }

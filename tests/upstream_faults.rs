@@ -331,3 +331,50 @@ async fn binary_bodies_pass_untouched_and_compressed_text_is_refused() {
         .unwrap();
     assert_outcome(r, 502, "transient").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_module_path_retries_like_the_proxy_path() {
+    // A post module applies (the body is buffered and the gateway calls the server itself):
+    // the same retry rules hold.
+    let up = ScriptedUpstream::start(|req, n| {
+        if req.method == "POST" || n == 0 {
+            Reply::Full {
+                status: 503,
+                headers: vec![("x-ms-retry-after-ms".into(), "20".into())],
+                body: vec![],
+            }
+        } else {
+            Reply::json(200, r#"{"resourceType":"Patient","id":"p1"}"#)
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "{}post:\n  - name: PublishFHIREvent\n",
+        conf(
+            &up.base(),
+            "  retries:\n    max_attempts: 3\n    base_delay_ms: 10\n"
+        )
+    ))
+    .await;
+    let r = client()
+        .put(format!("{}/Patient/p1", gw.base()))
+        .header("Content-Type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","id":"p1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", gw.log());
+    let got = up.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].body, got[0].body, "the PUT is replayed whole");
+    let r = client()
+        .post(format!("{}/Patient", gw.base()))
+        .header("Content-Type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let posts = up.received().iter().filter(|r| r.method == "POST").count();
+    assert_eq!(posts, 1, "POST is never retried");
+}

@@ -82,7 +82,7 @@ pub struct EventsConfig {
     #[serde(default)]
     pub kafka: Option<KafkaConfig>,
     /// Events waiting between the request path and the spool writer. When full, an event is
-    /// dropped with an error log and `fhirgw_events_dropped_total{reason="queue_full"}`.
+    /// dropped with an error log and `fhirgw_events_total{stage="dropped_queue_full"}`.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
     #[serde(default)]
@@ -95,6 +95,17 @@ fn default_events_file() -> String {
 
 fn default_queue() -> usize {
     10_000
+}
+
+impl EventsConfig {
+    /// Makes the file and spool paths absolute against `base`.
+    pub fn absolutize(&mut self, base: &Path) {
+        for p in [&mut self.file, &mut self.spool.dir] {
+            if Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        }
+    }
 }
 
 impl Default for EventsConfig {
@@ -136,7 +147,7 @@ pub struct SpoolSettings {
     #[serde(default = "default_spool_fsync")]
     pub fsync: String,
     /// When the spool holds this much, new events are dropped with an error log and
-    /// `fhirgw_events_dropped_total{reason="spool_full"}`.
+    /// `fhirgw_events_total{stage="dropped_spool_full"}`.
     #[serde(default = "default_spool_max")]
     pub max_bytes: u64,
     #[serde(default = "default_segment")]

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 static EVENTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "fhirgw_events_total",
-        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_spool_full, written_file, invalidations",
+        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_no_writer, dropped_spool_full, dropped_spool_error, dropped_file, written_file, invalidations",
         &["stage"]
     )
     .expect("metric registers once")
@@ -94,6 +94,13 @@ impl Events {
     }
 }
 
+impl Events {
+    /// Whether events reach other instances (a broker is configured).
+    pub fn has_broker(&self) -> bool {
+        self.cfg.kafka.is_some()
+    }
+}
+
 impl EventSink for Events {
     fn publish(&self, key: &str, event: Value) {
         count("produced");
@@ -110,11 +117,27 @@ impl EventSink for Events {
                 );
             }
             Err(TrySendError::Disconnected(q)) => {
-                count("dropped_queue_full");
+                count("dropped_no_writer");
                 error!("event LOST: the event writer is not running: key={}", q.key);
             }
         }
     }
+}
+
+/// What can be checked before the daemon forks: librdkafka accepts the properties (a
+/// misspelt one would otherwise only show as a producer that never starts), and the spool
+/// directory can be created.
+pub fn check(cfg: &EventsConfig) -> Result<(), String> {
+    let Some(k) = &cfg.kafka else {
+        return Ok(());
+    };
+    // Creating and dropping a client before the fork is safe: its threads end with it.
+    client_config(k)
+        .create::<rdkafka::producer::BaseProducer>()
+        .map_err(|e| format!("events.kafka: {e}"))?;
+    std::fs::create_dir_all(&cfg.spool.dir)
+        .map_err(|e| format!("events.spool.dir {}: {e}", cfg.spool.dir))?;
+    Ok(())
 }
 
 /// The background service that owns the writer, the producer and the consumer.
@@ -133,6 +156,8 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
         .set("message.timeout.ms", "30000")
         .set("socket.keepalive.enable", "true");
     if let Some(cs) = &k.connection_string {
+        // The bundled OpenSSL does not know Debian's CA store; librdkafka finds it.
+        c.set("ssl.ca.location", "probe");
         c.set("security.protocol", "SASL_SSL")
             .set("sasl.mechanism", "PLAIN")
             .set("sasl.username", "$ConnectionString")
@@ -244,7 +269,7 @@ fn spool_writer(
                         );
                     }
                     Err(e) => {
-                        count("dropped_spool_full");
+                        count("dropped_spool_error");
                         error!("event LOST: spool: {e}: key={}", q.key);
                     }
                 }
@@ -267,26 +292,14 @@ fn new_producer(k: &KafkaConfig) -> Option<FutureProducer> {
 }
 
 /// Spool → broker, in order, acknowledging only what the broker confirmed.
-async fn produce_loop(
-    k: KafkaConfig,
-    spool: Arc<Spool>,
-    wake: Arc<tokio::sync::Notify>,
-    mut shutdown: ShutdownWatch,
-) {
+/// It runs until the process ends, graceful shutdown included: requests still in flight
+/// publish, and what is not confirmed stays in the spool for the next start.
+async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::Notify>) {
     let mut producer = new_producer(&k);
     let mut backoff = Duration::from_millis(200);
     loop {
-        if *shutdown.borrow() {
-            if let Some(p) = &producer {
-                let _ = p.flush(Timeout::After(Duration::from_secs(2)));
-            }
-            return;
-        }
         let Some(p) = producer.as_ref() else {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                _ = shutdown.changed() => return,
-            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
             producer = new_producer(&k);
             continue;
         };
@@ -302,7 +315,6 @@ async fn produce_loop(
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.changed() => {}
             }
             continue;
         }
@@ -317,10 +329,19 @@ async fn produce_loop(
                         .map(str::to_string)
                 })
                 .unwrap_or_default();
-            let headers = OwnedHeaders::new().insert(Header {
+            let mut headers = OwnedHeaders::new().insert(Header {
                 key: "correlationid",
                 value: Some(cid.as_str()),
             });
+            if json.starts_with(b"{\"data\"")
+                && memchr::memmem::find(json, b"\"specversion\"").is_some()
+            {
+                // Structured-mode CloudEvents (Kafka protocol binding).
+                headers = headers.insert(Header {
+                    key: "content-type",
+                    value: Some("application/cloudevents+json; charset=UTF-8"),
+                });
+            }
             p.send(
                 FutureRecord::to(&k.topic)
                     .key(&rec.key)
@@ -369,10 +390,7 @@ async fn produce_loop(
                     warn!("events: the producer hit a fatal error; creating a new one");
                     producer = new_producer(&k);
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => {}
-                }
+                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
@@ -501,18 +519,15 @@ impl BackgroundService for EventsTask {
             return;
         };
         let cfg = self.events.cfg.clone();
-        let stop = Arc::new(AtomicBool::new(false));
         let Some(k) = cfg.kafka.clone() else {
             let path = PathBuf::from(&cfg.file);
             info!(
                 "events: no broker configured; events go to {}",
                 path.display()
             );
-            let s = stop.clone();
-            let t = std::thread::spawn(move || file_writer(path, rx, s));
-            let _ = shutdown.changed().await;
-            stop.store(true, Ordering::Relaxed);
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            // Writes until the process ends (requests finishing during a graceful
+            // shutdown still publish).
+            std::thread::spawn(move || file_writer(path, rx, Arc::new(AtomicBool::new(false))));
             return;
         };
         // One process per spool: during an upgrade (`-u`) the new process waits here, its
@@ -543,28 +558,24 @@ impl BackgroundService for EventsTask {
         );
         SPOOL_DEPTH.set(spool.depth() as i64);
         let wake = Arc::new(tokio::sync::Notify::new());
-        let writer = {
-            let (spool, wake, stop) = (spool.clone(), wake.clone(), stop.clone());
-            std::thread::spawn(move || spool_writer(spool, rx, wake, stop))
-        };
-        let consumer = k.invalidate_caches.then(|| {
-            let (k, gw, stop) = (k.clone(), self.gateway.clone(), stop.clone());
-            std::thread::spawn(move || consume_loop(k, gw, stop))
-        });
-        produce_loop(k, spool.clone(), wake, shutdown.clone()).await;
-        stop.store(true, Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = writer.join();
-            if let Some(c) = consumer {
-                let _ = c.join();
-            }
-        })
-        .await;
-        let _ = spool.sync();
-        info!(
-            "events: stopped; {} event(s) stay in the spool",
-            spool.depth()
-        );
+        {
+            // The writer is never told to stop: it spools until the process ends.
+            let (spool, wake) = (spool.clone(), wake.clone());
+            std::thread::spawn(move || {
+                spool_writer(spool, rx, wake, Arc::new(AtomicBool::new(false)))
+            });
+        }
+        if k.invalidate_caches {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (k, gw, s) = (k.clone(), self.gateway.clone(), stop.clone());
+            std::thread::spawn(move || consume_loop(k, gw, s));
+            let mut sd = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = sd.changed().await;
+                stop.store(true, Ordering::Relaxed);
+            });
+        }
+        produce_loop(k, spool, wake).await;
     }
 }
 

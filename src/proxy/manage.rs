@@ -107,11 +107,28 @@ impl FhirProxy {
                         "expected {{\"tenant\", \"oid\", \"reference\"}}: {e}"
                     ))
                 })?;
-                if path == "/manage/link" {
+                let r = if path == "/manage/link" {
                     links.link(&client, &link).await
                 } else {
                     links.unlink(&client, &link).await
+                };
+                if (200..300).contains(&r.status) && gw.event_queue.has_broker() {
+                    // Other instances drop their link caches when they see it.
+                    if let Some((t, id)) = link.reference.split_once('/') {
+                        let who = ctx.identity.as_ref();
+                        gw.events.publish(
+                            &link.reference,
+                            serde_json::json!({
+                                "action": "Updated", "resourcetype": t, "id": id,
+                                "version": null, "lastupdated": null, "source": "/manage",
+                                "tenant": who.and_then(|i| i.tenant.clone()),
+                                "user": who.map(|i| i.user_id.clone()),
+                                "correlationid": ctx.correlation_id, "patient": null,
+                            }),
+                        );
+                    }
                 }
+                r
             }
             (_, "/manage/find" | "/manage/links" | "/manage/link" | "/manage/unlink") => {
                 return Err(GatewayError::MethodNotAllowed(format!(

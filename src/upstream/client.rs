@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use fhir_gateway_modules::processor::{Body, ClientRequest, FhirClient, ModuleError, Response};
 use http::{HeaderName, HeaderValue};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Who a call is made for.
 #[derive(Clone)]
@@ -64,11 +65,26 @@ impl GatewayFhirClient {
     }
 }
 
+const CONNECT_FAILED: &str = "connection failed";
+
+/// `x-ms-retry-after-ms`, else `Retry-After` in seconds.
+fn retry_after(r: &Response) -> Option<Duration> {
+    if let Some(ms) = r
+        .header("x-ms-retry-after-ms")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Duration::from_millis(ms));
+    }
+    r.header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 fn failed(e: reqwest::Error) -> GatewayError {
     if e.is_timeout() {
         GatewayError::UpstreamTimeout("no answer in time".into())
     } else if e.is_connect() {
-        GatewayError::UpstreamUnavailable("connection failed".into())
+        GatewayError::UpstreamUnavailable(CONNECT_FAILED.into())
     } else {
         GatewayError::UpstreamUnavailable("request failed".into())
     }
@@ -87,8 +103,37 @@ impl FhirClient for GatewayFhirClient {
 }
 
 impl GatewayFhirClient {
-    /// One call to the FHIR server, errors as the gateway renders them.
+    /// A call to the FHIR server with the proxy path's retry rules: only GET/HEAD/PUT/DELETE,
+    /// on a failed connection or a 429/503, honouring `Retry-After` / `x-ms-retry-after-ms` up
+    /// to `max_delay_ms` (a longer wait goes back to the client). POST and PATCH: once.
     pub async fn call(&self, req: ClientRequest) -> Result<Response, GatewayError> {
+        let r = self.gw.retries;
+        let idempotent = matches!(req.method.as_str(), "GET" | "HEAD" | "PUT" | "DELETE");
+        let attempts = if idempotent { r.max_attempts.max(1) } else { 1 };
+        let mut n = 1;
+        loop {
+            let out = self.call_once(req.clone()).await;
+            if n >= attempts {
+                return out;
+            }
+            let wait = match &out {
+                Err(GatewayError::UpstreamUnavailable(m)) if m == CONNECT_FAILED => {
+                    Duration::from_millis(r.base_delay_ms)
+                }
+                Ok(resp) if resp.status == 429 || resp.status == 503 => match retry_after(resp) {
+                    Some(d) if d > Duration::from_millis(r.max_delay_ms) => return out,
+                    Some(d) => d,
+                    None => Duration::from_millis(r.base_delay_ms),
+                },
+                _ => return out,
+            };
+            tokio::time::sleep(wait).await;
+            n += 1;
+        }
+    }
+
+    /// One call to the FHIR server, errors as the gateway renders them.
+    async fn call_once(&self, req: ClientRequest) -> Result<Response, GatewayError> {
         let gw = &self.gw;
         let url = self
             .upstream_url(&req.path_and_query)

@@ -236,7 +236,13 @@ impl PostProcess for PublishFhirEvent {
         cx: &Context,
     ) -> Result<PostOutcome, ModuleError> {
         let bases = [cx.public_base.as_str(), cx.upstream_base.as_str()];
-        for w in extract(req, resp, &bases) {
+        for mut w in extract(req, resp, &bases) {
+            if w.action == Action::Deleted && w.patient.is_none() {
+                // A delete answers without the resource: its last version says whose it was,
+                // so the event is keyed like the create and updates before it (one patient's
+                // events stay in order on one partition).
+                w.patient = deleted_owner(&w, &bases, cx).await;
+            }
             let event = self.event(&w, cx);
             let event = if self.cloudevents {
                 self.envelope(&w, event, cx)
@@ -247,6 +253,33 @@ impl PostProcess for PublishFhirEvent {
         }
         Ok(PostOutcome::Continue)
     }
+}
+
+/// The patient of a deleted resource, from its last version before the delete (best effort:
+/// without it the event is keyed `Type/id`).
+async fn deleted_owner(w: &Write, bases: &[&str], cx: &Context) -> Option<String> {
+    let id = w.id.as_deref()?;
+    crate::compartment::patient_paths(&w.rtype)?;
+    let (status, h) = cx
+        .fhir
+        .get_json(&format!("{}/{id}/_history?_count=5", w.rtype))
+        .await
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let last = h
+        .get("entry")?
+        .as_array()?
+        .iter()
+        .find_map(|e| e.get("resource"))?;
+    let resolver = crate::reference::Resolver::new(bases);
+    let owners = crate::compartment::owners(last, &resolver);
+    owners
+        .patients
+        .iter()
+        .next()
+        .map(|p| format!("Patient/{p}"))
 }
 
 /// A create, update, patch or delete on a type or instance, or a Bundle POSTed to the base —
@@ -1385,5 +1418,30 @@ mod tests {
         assert_eq!(s("204"), Some(204));
         assert_eq!(s("2001"), None);
         assert_eq!(s("OK"), None);
+    }
+
+    #[tokio::test]
+    async fn a_delete_is_keyed_by_the_patient_of_its_last_version() {
+        let (mut cx, client) =
+            crate::testing::context_with(crate::testing::ScriptedClient::by_url(vec![(
+                "Observation/o9/_history",
+                200,
+                json!({"resourceType": "Bundle", "type": "history", "entry": [
+                {"request": {"method": "DELETE", "url": "Observation/o9"}},
+                {"resource": {"resourceType": "Observation", "id": "o9",
+                              "subject": {"reference": "Patient/p7"}}}]}),
+            )]));
+        let sink = std::sync::Arc::new(crate::testing::MemorySink::default());
+        cx.events = sink.clone();
+        let m = module(false);
+        let rq = req("DELETE", "/Observation/o9", "", None);
+        let mut rs = resp(204, &[], None);
+        m.process(&rq, &mut rs, &cx).await.unwrap();
+        let got = sink.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "Patient/p7");
+        assert_eq!(got[0].1["patient"], "Patient/p7");
+        assert_eq!(got[0].1["action"], "Deleted");
+        assert_eq!(client.calls(), ["GET Observation/o9/_history?_count=5"]);
     }
 }
