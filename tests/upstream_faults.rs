@@ -348,12 +348,15 @@ async fn the_module_path_retries_like_the_proxy_path() {
         }
     })
     .await;
+    // Events to a temp file, not the working directory.
+    let events = std::env::temp_dir().join(format!("fgw-retry-events-{}.jsonl", free_port()));
     let gw = Gateway::start(&format!(
-        "{}post:\n  - name: PublishFHIREvent\n",
+        "{}post:\n  - name: PublishFHIREvent\nevents:\n  file: {}\n",
         conf(
             &up.base(),
             "  retries:\n    max_attempts: 3\n    base_delay_ms: 10\n"
-        )
+        ),
+        events.display()
     ))
     .await;
     let r = client()
@@ -377,4 +380,5 @@ async fn the_module_path_retries_like_the_proxy_path() {
     assert_eq!(r.status(), 503);
     let posts = up.received().iter().filter(|r| r.method == "POST").count();
     assert_eq!(posts, 1, "POST is never retried");
+    let _ = std::fs::remove_file(events);
 }
