@@ -13,6 +13,8 @@ use std::time::Duration;
 pub struct Health {
     upstream_ok: AtomicBool,
     draining: AtomicBool,
+    /// Keep-alive connections are closed after their answer (draining or upgrading).
+    closing: AtomicBool,
 }
 
 impl Health {
@@ -31,8 +33,14 @@ impl Health {
         }
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+    /// Whether keep-alive connections should close after their answer.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed)
+    }
+
+    /// An upgrade: connections move to the new process, readiness unchanged.
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     pub fn set_draining(&self) {

@@ -100,7 +100,10 @@ fn main() -> ExitCode {
         conf: None,
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
-    server.bootstrap();
+    // Bootstrap (taking over an old process's sockets with -u) runs as a service, after the
+    // daemon fork: that is what lets `daemon_wait_for_ready` release the -d parent when the
+    // child is up, before it asks the old process for its listeners.
+    let bootstrap = server.bootstrap_as_a_service();
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -147,9 +150,9 @@ fn main() -> ExitCode {
     if let Some(addr) = &cfg.metrics.listen {
         let mut metrics = pingora_prometheus::prometheus_http_service();
         metrics.add_tcp(addr);
-        server.add_service(metrics);
+        server.add_service(metrics).add_dependency(&bootstrap);
     }
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&bootstrap);
     server.run(RunArgs {
         shutdown_signal: Box::new(Draining {
             gateway: drain_gateway,
@@ -176,7 +179,9 @@ impl ShutdownSignalWatch for Draining {
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = quit.recv() => {
-                self.gateway.health.set_draining();
+                // Still ready (the new process shares the sockets); only keep-alive
+                // connections close, so clients move to the new process.
+                self.gateway.health.set_closing();
                 log::info!("SIGQUIT: handing the listeners to the new process");
                 ShutdownSignal::GracefulUpgrade
             }

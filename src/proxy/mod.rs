@@ -1064,7 +1064,7 @@ impl ProxyHttp for FhirProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.source = self.audit_source(session, ctx.client_ip);
-        if self.gw.health.is_draining() {
+        if self.gw.health.is_closing() {
             // Shutting down or upgrading: answer, then close, so the client's next request
             // opens a connection to a live instance (or the new process) instead of failing.
             session.set_keepalive(None);
