@@ -169,32 +169,57 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn spool_config(cfg: &EventsConfig) -> Result<SpoolConfig, String> {
-    Ok(SpoolConfig {
-        dir: PathBuf::from(&cfg.spool.dir),
-        fsync: cfg.spool.fsync()?,
-        max_bytes: cfg.spool.max_bytes,
-        segment_bytes: cfg.spool.segment_bytes,
-    })
+/// The spool settings, and whether the writer commits in groups: `fsync: always` means "durable
+/// before the writer takes the next events", one fsync per batch drained from the queue rather
+/// than per event (the request path never waits for it either way).
+fn spool_config(cfg: &EventsConfig) -> Result<(SpoolConfig, bool), String> {
+    let fsync = cfg.spool.fsync()?;
+    let group = fsync == spool::Fsync::Always;
+    Ok((
+        SpoolConfig {
+            dir: PathBuf::from(&cfg.spool.dir),
+            // Closed segments are still synced when they roll over.
+            fsync: if group { spool::Fsync::EveryMs(1000) } else { fsync },
+            max_bytes: cfg.spool.max_bytes,
+            segment_bytes: cfg.spool.segment_bytes,
+        },
+        group,
+    ))
 }
 
-/// The spool payload: the enqueue time (for the delivery latency) and the event.
+/// The spool payload: the enqueue time (for the delivery latency), the correlation id (a Kafka
+/// header, without parsing the event again), then the event.
 fn encode(q: &Queued) -> Vec<u8> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let cid = q
+        .event
+        .get("correlationid")
+        .or_else(|| q.event.pointer("/data/correlationid"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let cid = &cid.as_bytes()[..cid.len().min(u16::MAX as usize)];
     let mut out = now.to_be_bytes().to_vec();
+    out.extend((cid.len() as u16).to_be_bytes());
+    out.extend(cid);
     out.extend(serde_json::to_vec(&q.event).expect("JSON serialises"));
     out
 }
 
-fn decode(payload: &[u8]) -> (u64, &[u8]) {
-    if payload.len() < 8 {
-        return (0, payload);
+/// (enqueue time, correlation id, event JSON).
+fn decode(payload: &[u8]) -> (u64, &[u8], &[u8]) {
+    if payload.len() < 10 {
+        return (0, b"", payload);
     }
-    let (t, rest) = payload.split_at(8);
-    (u64::from_be_bytes(t.try_into().expect("8 bytes")), rest)
+    let t = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+    let n = u16::from_be_bytes(payload[8..10].try_into().expect("2 bytes")) as usize;
+    match payload.get(10 + n) {
+        Some(b'{') => (t, &payload[10..10 + n], &payload[10 + n..]),
+        // An entry spooled before the correlation id was stored: time, then the event.
+        _ => (t, b"", &payload[8..]),
+    }
 }
 
 fn since_ms(t: u64) -> f64 {
@@ -242,41 +267,49 @@ fn file_writer(path: PathBuf, rx: Receiver<Queued>, stop: Arc<AtomicBool>) {
     }
 }
 
-/// Queue → spool. Wakes the producer after each append.
+/// Queue → spool, in batches: everything waiting is appended, then (group commit) synced once,
+/// then the producer is woken.
 fn spool_writer(
     spool: Arc<Spool>,
     rx: Receiver<Queued>,
     wake: Arc<tokio::sync::Notify>,
-    stop: Arc<AtomicBool>,
+    group_commit: bool,
 ) {
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(q) => {
-                match spool.append(&Record {
-                    key: q.key.clone(),
-                    payload: encode(&q),
-                }) {
-                    Ok(_) => {
-                        count("spooled");
-                        SPOOL_DEPTH.set(spool.depth() as i64);
-                        wake.notify_one();
-                    }
-                    Err(SpoolError::Full { bytes, max_bytes }) => {
-                        count("dropped_spool_full");
-                        error!(
-                            "event LOST: the spool is full ({bytes} of {max_bytes} bytes; is the broker down?): key={}",
-                            q.key
-                        );
-                    }
-                    Err(e) => {
-                        count("dropped_spool_error");
-                        error!("event LOST: spool: {e}: key={}", q.key);
-                    }
+        let first = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(q) => q,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut appended = 0;
+        for q in std::iter::once(first).chain(rx.try_iter().take(1023)) {
+            match spool.append(&Record {
+                key: q.key.clone(),
+                payload: encode(&q),
+            }) {
+                Ok(_) => appended += 1,
+                Err(SpoolError::Full { bytes, max_bytes }) => {
+                    count("dropped_spool_full");
+                    error!(
+                        "event LOST: the spool is full ({bytes} of {max_bytes} bytes; is the broker down?): key={}",
+                        q.key
+                    );
+                }
+                Err(e) => {
+                    count("dropped_spool_error");
+                    error!("event LOST: spool: {e}: key={}", q.key);
                 }
             }
-            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::Relaxed) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if group_commit && appended > 0 {
+            if let Err(e) = spool.sync() {
+                error!("events: spool fsync failed: {e}");
+            }
+        }
+        if appended > 0 {
+            EVENTS.with_label_values(&["spooled"]).inc_by(appended);
+            SPOOL_DEPTH.set(spool.depth() as i64);
+            wake.notify_one();
         }
     }
 }
@@ -319,19 +352,11 @@ async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::
             continue;
         }
         let sends = batch.iter().map(|(_, rec)| {
-            let (_, json) = decode(&rec.payload);
-            let cid = serde_json::from_slice::<Value>(json)
-                .ok()
-                .and_then(|v| {
-                    v.get("correlationid")
-                        .or_else(|| v.pointer("/data/correlationid"))
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
+            let (_, cid, json) = decode(&rec.payload);
+            let cid = std::str::from_utf8(cid).unwrap_or("");
             let mut headers = OwnedHeaders::new().insert(Header {
                 key: "correlationid",
-                value: Some(cid.as_str()),
+                value: Some(cid),
             });
             if json.starts_with(b"{\"data\"")
                 && memchr::memmem::find(json, b"\"specversion\"").is_some()
@@ -536,8 +561,14 @@ impl BackgroundService for EventsTask {
             Some(l) => l,
             None => return,
         };
-        let spool = match spool_config(&cfg).and_then(|c| Spool::open(c).map_err(|e| e.to_string()))
-        {
+        let (spool_cfg, group_commit) = match spool_config(&cfg) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("events: {e}; events will be LOST");
+                return;
+            }
+        };
+        let spool = match Spool::open(spool_cfg) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 error!(
@@ -561,9 +592,7 @@ impl BackgroundService for EventsTask {
         {
             // The writer is never told to stop: it spools until the process ends.
             let (spool, wake) = (spool.clone(), wake.clone());
-            std::thread::spawn(move || {
-                spool_writer(spool, rx, wake, Arc::new(AtomicBool::new(false)))
-            });
+            std::thread::spawn(move || spool_writer(spool, rx, wake, group_commit));
         }
         if k.invalidate_caches {
             let stop = Arc::new(AtomicBool::new(false));
@@ -630,9 +659,22 @@ mod tests {
             event: json!({"action": "Created", "resourcetype": "Consent"}),
         };
         let enc = encode(&q);
-        let (t, body) = decode(&enc);
+        let (t, cid, body) = decode(&enc);
+        assert_eq!(cid, b"");
         assert!(t > 1_700_000_000_000, "enqueue time in ms");
         assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), q.event);
+        let q2 = Queued {
+            key: "k".into(),
+            event: json!({"correlationid": "c-1", "id": "x"}),
+        };
+        let enc = encode(&q2);
+        let (_, cid, body) = decode(&enc);
+        assert_eq!(cid, b"c-1");
+        assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), q2.event);
+        // The earlier layout (time, event) still reads.
+        let mut old = 7u64.to_be_bytes().to_vec();
+        old.extend(br#"{"id":"y"}"#);
+        assert_eq!(decode(&old), (7, &b""[..], &br#"{"id":"y"}"#[..]));
         assert_eq!(event_type(&q.event), Some("Consent"));
         let ce = json!({"specversion": "1.0", "data": {"resourcetype": "CareTeam"}});
         assert_eq!(event_type(&ce), Some("CareTeam"));
