@@ -1,5 +1,5 @@
 // A real OpenID provider (panva oidc-provider) for tests and the demo.
-// Client-credentials clients carry roles/upn/oid/tid that end up as access-token claims.
+// Client-credentials clients carry roles/upn/oid/tid (and fhirUser when set) that end up as access-token claims.
 // Env: PORT (9400), ISSUER, AUDIENCE (api://fhir-gateway), TOKEN_TTL (300 s), KEYS_FILE.
 // The signing key is persisted in KEYS_FILE so its kid survives restarts; delete the file to rotate.
 import fs from 'node:fs';
@@ -53,6 +53,8 @@ const clients = [
   client('practitioner-app', ['Practitioner'], TENANT_A),
   client('patient-app', ['Patient'], TENANT_A),
   client('optout-patient-app', ['Patient'], TENANT_A),
+  // load-tests/run.sh P2: a patient identified by the fhirUser claim (no identity link needed).
+  client('bench-patient-app', ['Patient'], TENANT_A, { fhirUser: 'Patient/p1' }),
   // The gateway's own service identity towards the FHIR server (upstream client credentials).
   client('gateway-service', ['FhirDataContributor'], TENANT_A),
 ];
@@ -61,7 +63,7 @@ const jwks = await loadKeys();
 const configuration = {
   clients,
   jwks,
-  extraClientMetadata: { properties: ['roles', 'upn', 'oid', 'tid'] },
+  extraClientMetadata: { properties: ['roles', 'upn', 'oid', 'tid', 'fhirUser'] },
   scopes: ['openid', 'system/*.read', 'system/*.write', 'system/*.*', 'user/*.read', 'user/*.write',
     'patient/*.read', 'patient/Observation.read', 'fhir.read'],
   features: {
@@ -84,7 +86,9 @@ const configuration = {
   async extraTokenClaims(ctx, token) {
     const c = await ctx.oidc.provider.Client.find(token.clientId);
     if (!c) return {};
-    return { roles: c.roles, upn: c.upn, oid: c.oid, tid: c.tid, scp: token.scope, azp: token.clientId };
+    const claims = { roles: c.roles, upn: c.upn, oid: c.oid, tid: c.tid, scp: token.scope, azp: token.clientId };
+    if (c.fhirUser) claims.fhirUser = c.fhirUser; // only clients that have one (bench-patient-app)
+    return claims;
   },
 };
 
