@@ -179,7 +179,11 @@ fn spool_config(cfg: &EventsConfig) -> Result<(SpoolConfig, bool), String> {
         SpoolConfig {
             dir: PathBuf::from(&cfg.spool.dir),
             // Closed segments are still synced when they roll over.
-            fsync: if group { spool::Fsync::EveryMs(1000) } else { fsync },
+            fsync: if group {
+                spool::Fsync::EveryMs(1000)
+            } else {
+                fsync
+            },
             max_bytes: cfg.spool.max_bytes,
             segment_bytes: cfg.spool.segment_bytes,
         },
