@@ -445,6 +445,46 @@ pub fn apply_judged(
     }
 }
 
+/// Every page of a security lookup (relations, roles, Consents) as the entries' resources.
+/// Fails closed: a non-200 page is `Unavailable`, more than `max` resources is `Failed`.
+pub async fn lookup_all(
+    cx: &Context,
+    first: String,
+    max: usize,
+    what: &str,
+) -> Result<Vec<Value>, ModuleError> {
+    let mut out = Vec::new();
+    let mut next = Some(first);
+    while let Some(url) = next.take() {
+        let (status, b) = cx.fhir.get_json(&url).await?;
+        if status != 200 {
+            return Err(ModuleError::Unavailable(format!(
+                "{what} lookup answered {status}"
+            )));
+        }
+        for e in b
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
+                continue;
+            }
+            if let Some(r) = e.get("resource") {
+                out.push(r.clone());
+            }
+        }
+        if out.len() > max {
+            return Err(ModuleError::Failed(format!(
+                "more than {max} resources in a {what} lookup for one caller"
+            )));
+        }
+        next = crate::processor::next_link(&b);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

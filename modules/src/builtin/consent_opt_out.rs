@@ -8,9 +8,7 @@
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{Identity, Role};
 use crate::links::{pct, Participant};
-use crate::processor::{
-    next_link, Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
-};
+use crate::processor::{Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response};
 use crate::reference::{Ref, Resolver, Target};
 use async_trait::async_trait;
 use moka::sync::Cache;
@@ -115,39 +113,9 @@ impl ConsentOptOut {
         self.bypass.iter().any(|r| id.has(*r))
     }
 
+    /// Every page of a Consent or PractitionerRole search (fail closed above 10,000).
     async fn search_all(&self, cx: &Context, first: String) -> Result<Vec<Value>, ModuleError> {
-        let mut out = Vec::new();
-        let mut next = Some(first);
-        let mut pages = 0;
-        while let Some(url) = next.take() {
-            pages += 1;
-            if pages > 100 {
-                return Err(ModuleError::Failed(
-                    "more than 100 pages of Consents or roles".into(),
-                ));
-            }
-            let (status, b) = cx.fhir.get_json(&url).await?;
-            if status != 200 {
-                return Err(ModuleError::Unavailable(format!(
-                    "consent lookup answered {status}"
-                )));
-            }
-            for e in b
-                .get("entry")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
-                    continue;
-                }
-                if let Some(r) = e.get("resource") {
-                    out.push(r.clone());
-                }
-            }
-            next = next_link(&b);
-        }
-        Ok(out)
+        filter::lookup_all(cx, first, 10_000, "consent").await
     }
 
     /// Who the caller counts as when Consents name actors.

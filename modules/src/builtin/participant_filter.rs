@@ -11,9 +11,7 @@ use crate::compartment::{values_at, Owners};
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{valid_id, Identity, Role};
 use crate::links::{pct, Participant};
-use crate::processor::{
-    next_link, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
-};
+use crate::processor::{Context, ModuleError, PostOutcome, PostProcess, Request, Response};
 use crate::reference::{Ref, Resolver, Target};
 use async_trait::async_trait;
 use moka::sync::Cache;
@@ -142,39 +140,9 @@ impl ParticipantFilter {
         self.bypass.iter().any(|r| id.has(*r))
     }
 
-    /// Every page of a search, as entries' resources; fail closed above `max_related`.
+    /// Every page of a relation search; fail closed above `max_related`.
     async fn search_all(&self, cx: &Context, first: String) -> Result<Vec<Value>, ModuleError> {
-        let mut out = Vec::new();
-        let mut next = Some(first);
-        while let Some(url) = next.take() {
-            let (status, b) = cx.fhir.get_json(&url).await?;
-            if status != 200 {
-                return Err(ModuleError::Unavailable(format!(
-                    "relation lookup answered {status}"
-                )));
-            }
-            for e in b
-                .get("entry")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
-                    continue;
-                }
-                if let Some(r) = e.get("resource") {
-                    out.push(r.clone());
-                }
-            }
-            if out.len() > self.max_related {
-                return Err(ModuleError::Failed(format!(
-                    "more than max_related ({}) relations to read for one caller",
-                    self.max_related
-                )));
-            }
-            next = next_link(&b);
-        }
-        Ok(out)
+        filter::lookup_all(cx, first, self.max_related, "relation").await
     }
 
     /// The patients a practitioner is of record for (cached).
