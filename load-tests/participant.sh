@@ -8,10 +8,11 @@
 #   SKIP_BUILD=1 CRITERION=0 load-tests/participant.sh
 #
 # Knobs:
-#   N           measured requests per path and case (default 300), split into RUNS rounds
-#   RUNS        rounds (default 3): the paths take turns round by round, so drift on a shared
-#               machine hits them alike; the statistics pool all N samples of a path
-#   WARMUP      unrecorded requests per path and case before the first round (default 20)
+#   N           measured iterations per case (default 300); one iteration = one request to each
+#               path in turn (lockstep), so a shared SEKMET's changing speed hits all paths alike
+#   RUNS        rounds the N iterations are split into (default 3; p50 per round in the report);
+#               the statistics pool all N samples of a path
+#   WARMUP      unrecorded iterations per case before the first round (default 20)
 #   DURATION    not used (this benchmark counts requests, it does not run for a time)
 #   SKIP_BUILD  1 = use target/release/fhir-gateway as it is (default: cargo build --release)
 #   CRITERION   1 = also run `cargo bench --bench hot_path -- participant` (default 1)
@@ -503,8 +504,8 @@ measure() { # measure <case> <n> <tag> <path=client>...
 check() { # check <path> <case> <client> <want match> <want outcome>
   local f=$RAW/check$3-$1-$2.tsv
   measure "$2" 1 "check$3" "$1=$3"
-  local rid ms st m o bytes leak
-  IFS=$'\t' read -r rid ms st m o bytes leak <"$f"
+  local st m o bytes leak
+  IFS=$'\t' read -r _ _ st m o bytes leak <"$f"
   [[ $st == 200 && $m == "$4" && $o == "$5" ]] ||
     die "$1, case $2, as ${3:-nobody}: HTTP $st, $m match + $o outcome entries; expected 200, $4 + $5"
   [[ $1 == direct || $leak == 0 ]] || die "$1: the body still holds 127.0.0.1:$FHIR_PORT"

@@ -285,8 +285,11 @@ fn spool_writer(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // Linger a moment so a busy gateway spools (and wakes the producer) once per batch,
+        // not once per event: the wake-ups, not the work, were the cost under load.
+        std::thread::sleep(Duration::from_millis(2));
         let mut appended = 0;
-        for q in std::iter::once(first).chain(rx.try_iter().take(1023)) {
+        for q in std::iter::once(first).chain(rx.try_iter().take(4095)) {
             match spool.append(&Record {
                 key: q.key.clone(),
                 payload: encode(&q),
@@ -350,7 +353,10 @@ async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::
         };
         if batch.is_empty() {
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = wake.notified() => {
+                    // As librdkafka's linger.ms: let a batch gather.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             continue;
