@@ -9,6 +9,9 @@
 //!
 //! Run: `cargo test --test leak_suite -- --nocapture` (peers: `scripts/peers.sh start sekmet oidc`).
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod check;
 mod corpus;
 mod harness;
