@@ -467,20 +467,42 @@ async fn a_broker_outage_loses_no_event() {
         events_yaml(&broker.addr(), "events", &spool)
     ))
     .await;
-    let metric = |name: &'static str| async move {
-        let text = client()
-            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let log_path = gw.log_path();
+    let metric = |name: &'static str| {
+        let log_path = log_path.clone();
+        async move {
+            // A refused connection is retried briefly; if the listener stays away, the gateway's
+            // log says why.
+            let mut last = None;
+            let mut text = None;
+            for _ in 0..10 {
+                match client()
+                    .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+                    .send()
+                    .await
+                {
+                    Ok(r) => {
+                        text = Some(r.text().await.unwrap());
+                        break;
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            let text = text.unwrap_or_else(|| {
+                panic!(
+                    "metrics listener: {last:?}\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            });
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
     };
     let w = token("writer-app").await;
     broker.stop();

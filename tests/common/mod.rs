@@ -131,6 +131,10 @@ impl Gateway {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("gw.log")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("gw.log")).unwrap_or_default()
     }
