@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 static EVENTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "fhirgw_events_total",
-        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_no_writer, dropped_spool_full, dropped_spool_error, dropped_file, written_file, invalidations",
+        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_no_writer, dropped_spool_full, dropped_spool_error, dropped_file, written_file, invalidations, producer_reset (a new producer after the broker lost its state)",
         &["stage"]
     )
     .expect("metric registers once")
@@ -337,6 +337,7 @@ fn new_producer(k: &KafkaConfig) -> Option<FutureProducer> {
 async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::Notify>) {
     let mut producer = new_producer(&k);
     let mut backoff = Duration::from_millis(200);
+    let mut failed_rounds = 0u32;
     loop {
         let Some(p) = producer.as_ref() else {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -411,8 +412,12 @@ async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::
             SPOOL_DEPTH.set(spool.depth() as i64);
         }
         match failed {
-            None => backoff = Duration::from_millis(200),
+            None => {
+                backoff = Duration::from_millis(200);
+                failed_rounds = 0;
+            }
             Some(e) => {
+                failed_rounds += 1;
                 warn!(
                     "events: the broker did not take {} event(s) ({e}); {} wait in the spool, retrying in {:?}",
                     batch.len(),
@@ -420,16 +425,44 @@ async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::
                     backoff
                 );
                 // An idempotent producer whose broker lost its state (a restart of an
-                // in-memory broker) is fenced for good: start a new one.
-                if p.client().fatal_error().is_some() {
-                    warn!("events: the producer hit a fatal error; creating a new one");
+                // in-memory broker, a failover) can stay fenced or time out for good while
+                // the broker itself is fine: a new producer gets a new producer id. What the
+                // old one had in flight is still in the spool and is sent again.
+                let fenced = p.client().fatal_error().is_some() || producer_state_lost(&e);
+                if fenced || failed_rounds >= 2 {
+                    warn!(
+                        "events: creating a new producer ({})",
+                        if fenced {
+                            "the broker refused its producer state"
+                        } else {
+                            "two rounds failed in a row"
+                        }
+                    );
+                    count("producer_reset");
                     producer = new_producer(&k);
+                    failed_rounds = 0;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// Errors that mean the broker no longer knows (or accepts) this producer's id and sequence.
+fn producer_state_lost(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::UnknownProducerId
+                | C::OutOfOrderSequenceNumber
+                | C::InvalidProducerIdMapping
+                | C::Unknown
+        )
+    )
 }
 
 /// The resource type an event (plain or CloudEvents) is about.
@@ -455,57 +488,112 @@ fn consume_loop(k: KafkaConfig, gw: Arc<Gateway>, stop: Arc<AtomicBool>) {
     ] {
         cfg.remove(key);
     }
-    let consumer: BaseConsumer = match cfg.create() {
-        Ok(c) => c,
-        Err(e) => {
-            error!("events: cannot create the invalidation consumer: {e}");
-            return;
+    let mut last_warn: Option<Instant> = None;
+    let mut warn_limited = |what: &str| {
+        // librdkafka reports every failed reconnect: say it once per 30 s.
+        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            warn!("events: invalidation consumer: {what}");
+            last_warn = Some(Instant::now());
         }
     };
-    let mut assigned = false;
-    let mut last_try = Instant::now() - Duration::from_secs(10);
+    let mut first = true;
     while !stop.load(Ordering::Relaxed) {
-        if !assigned {
-            if last_try.elapsed() < Duration::from_secs(2) {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+        let Some(consumer) = assigned_consumer(&cfg, &k, &stop, &mut warn_limited) else {
+            return;
+        };
+        if !first {
+            // Changes published while we were away were not seen: forget everything cached.
+            for t in crate::gateway::CACHED_TYPES {
+                gw.invalidate(t);
             }
-            last_try = Instant::now();
-            match consumer.fetch_metadata(Some(&k.topic), Duration::from_secs(5)) {
-                Ok(md) => {
-                    let mut tpl = TopicPartitionList::new();
-                    for t in md.topics().iter().filter(|t| t.name() == k.topic) {
-                        for p in t.partitions() {
-                            let _ = tpl.add_partition_offset(&k.topic, p.id(), Offset::End);
+        }
+        first = false;
+        while !stop.load(Ordering::Relaxed) {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let Some(payload) = m.payload() else { continue };
+                    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+                        if let Some(t) = event_type(&v) {
+                            gw.invalidate(t);
+                            count("invalidations");
                         }
                     }
-                    if tpl.count() > 0 && consumer.assign(&tpl).is_ok() {
-                        info!(
-                            "events: consuming {} partition(s) of {} for cache invalidation",
-                            tpl.count(),
-                            k.topic
-                        );
-                        assigned = true;
-                    }
                 }
-                Err(e) => warn!("events: topic metadata for invalidation: {e}"),
-            }
-            continue;
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let Some(payload) = m.payload() else { continue };
-                if let Ok(v) = serde_json::from_slice::<Value>(payload) {
-                    if let Some(t) = event_type(&v) {
-                        gw.invalidate(t);
-                        count("invalidations");
+                Some(Err(e)) => {
+                    warn_limited(&e.to_string());
+                    if broker_lost(&e) {
+                        // A consumer that outlives its broker keeps stale topic ids, and
+                        // librdkafka 2.12 crashes (NULL topic name) on a Fetch reply that
+                        // names a new leader by a zero topic id, as a restarted tansu sends.
+                        // A fresh consumer starts from fresh metadata.
+                        break;
                     }
+                    std::thread::sleep(Duration::from_millis(200));
                 }
+                None => {}
             }
-            Some(Err(e)) => warn!("events: invalidation consumer: {e}"),
-            None => {}
         }
     }
+}
+
+fn broker_lost(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::UnknownTopicId
+        )
+    )
+}
+
+/// A new consumer assigned to the end of every partition of the topic, retried every 2 s
+/// until the broker answers; `None` on shutdown or when librdkafka refuses the settings.
+fn assigned_consumer(
+    cfg: &ClientConfig,
+    k: &KafkaConfig,
+    stop: &AtomicBool,
+    warn_limited: &mut impl FnMut(&str),
+) -> Option<BaseConsumer> {
+    while !stop.load(Ordering::Relaxed) {
+        let consumer: BaseConsumer = match cfg.create() {
+            Ok(c) => c,
+            Err(e) => {
+                error!("events: cannot create the invalidation consumer: {e}");
+                return None;
+            }
+        };
+        match consumer.fetch_metadata(Some(&k.topic), Duration::from_secs(5)) {
+            Ok(md) => {
+                let mut tpl = TopicPartitionList::new();
+                for t in md.topics().iter().filter(|t| t.name() == k.topic) {
+                    for p in t.partitions() {
+                        let _ = tpl.add_partition_offset(&k.topic, p.id(), Offset::End);
+                    }
+                }
+                if tpl.count() > 0 && consumer.assign(&tpl).is_ok() {
+                    info!(
+                        "events: consuming {} partition(s) of {} for cache invalidation",
+                        tpl.count(),
+                        k.topic
+                    );
+                    return Some(consumer);
+                }
+            }
+            Err(e) => warn_limited(&format!("topic metadata: {e}")),
+        }
+        drop(consumer);
+        for _ in 0..20 {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    None
 }
 
 /// Takes the spool directory's lock (`flock` on `<dir>/lock`), waiting while another
