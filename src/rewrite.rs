@@ -82,24 +82,18 @@ impl Rewriter {
         )
     }
 
-    /// Earliest (then longest) match at or after `from`: (start, pattern index).
-    fn next_match(&self, data: &[u8], from: usize) -> Option<(usize, usize)> {
-        let mut best: Option<(usize, usize)> = None;
-        for (i, f) in self.finders.iter().enumerate() {
-            if let Some(p) = f.find(&data[from..]) {
-                let p = p + from;
-                let better = match best {
-                    None => true,
-                    Some((bp, bi)) => {
-                        p < bp || (p == bp && f.needle().len() > self.finders[bi].needle().len())
-                    }
-                };
-                if better {
-                    best = Some((p, i));
-                }
-            }
+    /// Every match in `data`, left to right, without overlaps.
+    fn matches<'a>(&'a self, data: &'a [u8]) -> Matches<'a> {
+        Matches {
+            rw: self,
+            data,
+            pos: 0,
+            next: self
+                .finders
+                .iter()
+                .map(|f| f.find(data).unwrap_or(NONE))
+                .collect(),
         }
-        best
     }
 
     /// Index from which `data` must be held back: the earliest position in its last
@@ -123,7 +117,7 @@ impl Rewriter {
     pub fn rewrite_all(&self, data: &[u8], to: &Replacements) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         let mut pos = 0;
-        while let Some((m, i)) = self.next_match(data, pos) {
+        for (m, i) in self.matches(data) {
             let o = out.get_or_insert_with(|| Vec::with_capacity(data.len() + 64));
             o.extend_from_slice(&data[pos..m]);
             o.extend_from_slice(&to.0[i]);
@@ -133,6 +127,52 @@ impl Rewriter {
             o.extend_from_slice(&data[pos..]);
         }
         out
+    }
+}
+
+const NONE: usize = usize::MAX;
+
+/// Iterator over matches. Each pattern's next position is remembered and searched again only
+/// when an earlier, overlapping match has passed it: the body is scanned once per pattern,
+/// not once per pattern per match.
+struct Matches<'a> {
+    rw: &'a Rewriter,
+    data: &'a [u8],
+    pos: usize,
+    /// Per pattern: its next match at or after some earlier `pos`, or `NONE`.
+    next: Vec<usize>,
+}
+
+impl Iterator for Matches<'_> {
+    /// (start, pattern index): the earliest match, the longest pattern on a tie.
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let finders = &self.rw.finders;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, f) in finders.iter().enumerate() {
+            if self.next[i] != NONE && self.next[i] < self.pos {
+                self.next[i] = f
+                    .find(&self.data[self.pos..])
+                    .map_or(NONE, |p| p + self.pos);
+            }
+            let p = self.next[i];
+            if p == NONE {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some((bp, bi)) => {
+                    p < bp || (p == bp && f.needle().len() > finders[bi].needle().len())
+                }
+            };
+            if better {
+                best = Some((p, i));
+            }
+        }
+        let (m, i) = best?;
+        self.pos = m + finders[i].needle().len();
+        Some((m, i))
     }
 }
 
@@ -147,24 +187,31 @@ impl StreamRewrite {
     pub fn push(&mut self, rw: &Rewriter, to: &Replacements, chunk: Bytes) -> Bytes {
         if self.carry.is_empty() {
             // Fast path: nothing held back, so the chunk itself may go out untouched.
-            if rw.next_match(&chunk, 0).is_none() {
+            let mut found = rw.matches(&chunk).peekable();
+            if found.peek().is_none() {
                 let hold = rw.hold_from(&chunk, 0);
                 if hold < chunk.len() {
                     self.carry.extend_from_slice(&chunk[hold..]);
                 }
                 return chunk.slice(..hold);
             }
-            return self.rewrite(rw, to, &chunk);
+            return self.rewrite(rw, to, &chunk, found);
         }
         let mut data = std::mem::take(&mut self.carry);
         data.extend_from_slice(&chunk);
-        self.rewrite(rw, to, &data)
+        self.rewrite(rw, to, &data, rw.matches(&data))
     }
 
-    fn rewrite(&mut self, rw: &Rewriter, to: &Replacements, data: &[u8]) -> Bytes {
+    fn rewrite(
+        &mut self,
+        rw: &Rewriter,
+        to: &Replacements,
+        data: &[u8],
+        found: impl Iterator<Item = (usize, usize)>,
+    ) -> Bytes {
         let mut out = Vec::with_capacity(data.len() + 64);
         let mut pos = 0;
-        while let Some((m, i)) = rw.next_match(data, pos) {
+        for (m, i) in found {
             out.extend_from_slice(&data[pos..m]);
             out.extend_from_slice(&to.0[i]);
             pos = m + rw.finders[i].needle().len();
@@ -219,6 +266,56 @@ mod tests {
         assert!(out.contains("https%3A%2F%2Ffhir.example.org%2Fapi%2Ffhir%2FY"));
         assert!(out.contains("https%3a%2f%2ffhir.example.org%2fapi%2ffhir"));
         assert!(r.rewrite_all(b"nothing here", &to).is_none());
+    }
+
+    /// Position by position, longest pattern first: slow and obviously right.
+    fn naive(r: &Rewriter, to: &Replacements, data: &[u8]) -> Vec<u8> {
+        let mut by_len: Vec<usize> = (0..r.finders.len()).collect();
+        by_len.sort_by_key(|&i| std::cmp::Reverse(r.finders[i].needle().len()));
+        let mut out = Vec::new();
+        let mut pos = 0;
+        'scan: while pos < data.len() {
+            for &i in &by_len {
+                if data[pos..].starts_with(r.finders[i].needle()) {
+                    out.extend_from_slice(&to.0[i]);
+                    pos += r.finders[i].needle().len();
+                    continue 'scan;
+                }
+            }
+            out.push(data[pos]);
+            pos += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn many_mixed_matches_equal_the_naive_rewrite() {
+        let (r, to) = rw();
+        let forms = [
+            UP.to_string(),
+            UP.replace('/', "\\/"),
+            UP.replace(':', "%3A").replace('/', "%2F"),
+            UP.replace(':', "%3a").replace('/', "%2f"),
+            "http://10.0.0.5:80".to_string(), // a prefix that never completes
+        ];
+        // A deterministic mix: forms interleaved with filler of varying length.
+        let mut body = Vec::new();
+        let mut x: u32 = 7;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            body.extend_from_slice(forms[(x >> 8) as usize % forms.len()].as_bytes());
+            body.extend(std::iter::repeat_n(
+                b'a' + (x >> 20) as u8 % 26,
+                (x >> 12) as usize % 40,
+            ));
+        }
+        let want = naive(&r, &to, &body);
+        assert_eq!(r.rewrite_all(&body, &to).unwrap(), want);
+        for size in [1000, 4096, 65_536] {
+            let chunks: Vec<&[u8]> = body.chunks(size).collect();
+            assert_eq!(stream(&chunks), want, "chunks of {size}");
+        }
+        assert!(!String::from_utf8_lossy(&want).contains("10.0.0.5:8090"));
     }
 
     #[test]
