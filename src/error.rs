@@ -40,6 +40,9 @@ pub enum GatewayError {
     },
     /// 500 `exception`.
     Internal(String),
+    /// 499 (nginx's "client closed request"; never sent, only logged): the client left
+    /// before the answer was ready.
+    ClientGone,
 }
 
 impl GatewayError {
@@ -62,6 +65,7 @@ impl GatewayError {
             } => 503,
             Module { .. } => 500,
             Internal(_) => 500,
+            ClientGone => 499,
         }
     }
 
@@ -82,6 +86,7 @@ impl GatewayError {
             } => "transient",
             Module { .. } => "exception",
             Internal(_) => "exception",
+            ClientGone => "incomplete",
         }
     }
 
@@ -128,6 +133,7 @@ impl fmt::Display for GatewayError {
                 module, message, ..
             } => write!(f, "module {module}: {message}"),
             Internal(m) => write!(f, "internal error: {m}"),
+            ClientGone => f.write_str("the client closed the connection before the answer"),
         }
     }
 }

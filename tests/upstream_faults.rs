@@ -382,3 +382,104 @@ async fn the_module_path_retries_like_the_proxy_path() {
     assert_eq!(posts, 1, "POST is never retried");
     let _ = std::fs::remove_file(events);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_module_path_stops_when_the_client_leaves() {
+    use tokio::io::AsyncWriteExt;
+    let up = ScriptedUpstream::start(|_, _| {
+        Reply::Delay(
+            Duration::from_secs(3),
+            Box::new(Reply::json(
+                200,
+                r#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#,
+            )),
+        )
+    })
+    .await;
+    let gw = Gateway::start(&conf(
+        &up.base(),
+        "post:\n  - name: DateSort\n    settings: {max: 100}\n",
+    ))
+    .await;
+    let id = "left-before-the-answer-1";
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET /fhir/Observation?_sort=date HTTP/1.1\r\nHost: x\r\nX-Request-Id: {id}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Wait until the gateway is waiting on the FHIR server, then leave.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.received().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    // The exchange is abandoned (logged as 499), not finished for nobody.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = gw.log();
+        if let Some(l) = log.lines().find(|l| l.contains(&format!("id={id}"))) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no access log line\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("status=499"), "{line}");
+    assert_eq!(up.received().len(), 1);
+    // And the gateway is fine.
+    let r = client().get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_answered_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = ScriptedUpstream::start(|r, _| {
+        let id = &r.target[r.target.len() - 1..];
+        let body = if r.target.contains("Observation") {
+            format!(r#"{{"resourceType":"Bundle","id":"{id}","type":"searchset","entry":[]}}"#)
+        } else {
+            format!(r#"{{"resourceType":"Patient","id":"{id}"}}"#)
+        };
+        Reply::Delay(
+            Duration::from_millis(300),
+            Box::new(Reply::json(200, &body)),
+        )
+    })
+    .await;
+    let streamed = ("", "/fhir/Patient/");
+    let module = (
+        "post:\n  - name: DateSort\n    settings: {max: 100}\n",
+        "/fhir/Observation?_sort=date&_id=",
+    );
+    for (post, path) in [streamed, module] {
+        let gw = Gateway::start(&conf(&up.base(), post)).await;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        // Both requests in one write: the second arrives while the first is upstream.
+        s.write_all(
+            format!(
+                "GET {path}a HTTP/1.1\r\nHost: x\r\n\r\nGET {path}b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(
+            text.matches("HTTP/1.1 200").count(),
+            2,
+            "both answered ({path}):\n{text}"
+        );
+        let (a, b) = (text.find(r#""id":"a""#), text.find(r#""id":"b""#));
+        assert!(a.is_some() && b.is_some() && a < b, "in order:\n{text}");
+    }
+}

@@ -85,6 +85,24 @@ pub struct Ctx {
     upstream_sent: Option<Instant>,
     /// Time to the FHIR server's response header, for the access log.
     upstream_ms: Option<u128>,
+    /// The client left before the module path answered (logged as 499).
+    client_gone: bool,
+}
+
+/// Resolves when the client closes its side of the connection (read side at EOF or reset).
+/// Bytes of a pipelined next request are kept for it (pipelining is on), not treated as a
+/// close.
+async fn client_gone(session: &mut Session) {
+    loop {
+        if session
+            .downstream_session
+            .read_body_or_idle(true)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// How an admitted request continues.
@@ -684,54 +702,78 @@ impl FhirProxy {
             events: gw.events.clone(),
             links: gw.links.clone(),
         };
-        let mut resp = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
-            PreResult::Reply(mut r) => {
-                tag_outcome(&mut r, &ctx.correlation_id);
-                self.write_module_response(session, ctx, r).await?;
-                return Ok(true);
-            }
-            PreResult::Stop(mut r) => {
-                tag_outcome(&mut r, &ctx.correlation_id);
-                r
-            }
-            PreResult::Continue if !buffered => {
-                // Only the path or query changed: the exchange can still stream.
-                check_path(req.path.as_bytes()).map_err(|why| {
-                    GatewayError::Internal(format!("a module produced a bad path: {why}"))
-                })?;
-                self.authorize_final(ctx, &req)?;
-                ctx.rest = req.path.clone();
-                ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
-                return Ok(false);
-            }
-            PreResult::Continue => {
-                self.authorize_final(ctx, &req)?;
-                let mut target = req.path.clone();
-                if !req.query.is_empty() {
-                    target.push('?');
-                    target.push_str(&req.query);
+        // The work below owns no part of the session, so it can race the client leaving: a
+        // buffered exchange (fetches, parsing, filtering, rewriting) stops when nobody is
+        // left to answer. Only when the request body was read (or there is none), so the
+        // watch cannot swallow body bytes.
+        let work = async {
+            let mut resp = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
+                PreResult::Reply(mut r) => {
+                    tag_outcome(&mut r, &ctx.correlation_id);
+                    return Ok(Some(r));
                 }
-                ctx.attempts += 1;
-                let sent = Instant::now();
-                let r = client
-                    .call(ClientRequest {
-                        method: req.method.clone(),
-                        path_and_query: target,
-                        headers: req.headers.clone(),
-                        body: req.body.clone(),
-                    })
-                    .await?;
-                ctx.upstream_status = Some(r.status);
-                ctx.upstream_ms = Some(sent.elapsed().as_millis());
-                if (200..300).contains(&r.status) {
-                    ctx.written.iter().for_each(|t| gw.invalidate(t));
+                PreResult::Stop(mut r) => {
+                    tag_outcome(&mut r, &ctx.correlation_id);
+                    r
                 }
-                r
-            }
+                PreResult::Continue if !buffered => {
+                    // Only the path or query changed: the exchange can still stream.
+                    check_path(req.path.as_bytes()).map_err(|why| {
+                        GatewayError::Internal(format!("a module produced a bad path: {why}"))
+                    })?;
+                    self.authorize_final(ctx, &req)?;
+                    ctx.rest = req.path.clone();
+                    ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
+                    return Ok(None);
+                }
+                PreResult::Continue => {
+                    self.authorize_final(ctx, &req)?;
+                    let mut target = req.path.clone();
+                    if !req.query.is_empty() {
+                        target.push('?');
+                        target.push_str(&req.query);
+                    }
+                    ctx.attempts += 1;
+                    let sent = Instant::now();
+                    let r = client
+                        .call(ClientRequest {
+                            method: req.method.clone(),
+                            path_and_query: target,
+                            headers: req.headers.clone(),
+                            body: req.body.clone(),
+                        })
+                        .await?;
+                    ctx.upstream_status = Some(r.status);
+                    ctx.upstream_ms = Some(sent.elapsed().as_millis());
+                    if (200..300).contains(&r.status) {
+                        ctx.written.iter().for_each(|t| gw.invalidate(t));
+                    }
+                    r
+                }
+            };
+            chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+            Ok::<_, GatewayError>(Some(resp))
         };
-        chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
-        self.write_module_response(session, ctx, resp).await?;
-        Ok(true)
+        let outcome = if buffered {
+            tokio::select! {
+                r = work => r,
+                _ = client_gone(session) => Err(GatewayError::ClientGone),
+            }
+        } else {
+            work.await
+        };
+        match outcome {
+            Ok(Some(resp)) => {
+                self.write_module_response(session, ctx, resp).await?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(GatewayError::ClientGone) => {
+                ctx.client_gone = true;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// What goes upstream is authorised, not only what the caller sent: a pre module that
@@ -1046,11 +1088,16 @@ impl ProxyHttp for FhirProxy {
             written: Vec::new(),
             upstream_sent: None,
             upstream_ms: None,
+            client_gone: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.start = Instant::now();
+        // RFC 9112 §9.3.2: a request pipelined behind this one waits for it, instead of
+        // failing this one (Pingora's default treats early bytes as a protocol error), and
+        // `client_gone` can tell a pipelined request from a close.
+        session.downstream_session.set_pipelining_enabled(true);
         let req = session.req_header();
         ctx.correlation_id = [REQUEST_ID, MS_REQUEST_ID]
             .iter()
@@ -1463,7 +1510,7 @@ impl ProxyHttp for FhirProxy {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+            .unwrap_or(if ctx.client_gone { 499 } else { 0 });
         let route = match ctx.routed {
             true => self.gw.routes[ctx.route].prefix.as_str(),
             // Health probes and requests outside every route.
