@@ -165,8 +165,9 @@ impl FhirClient for NoClient {
 }
 
 struct NoSink;
+#[async_trait::async_trait]
 impl EventSink for NoSink {
-    fn publish(&self, _k: &str, _e: serde_json::Value) {}
+    async fn publish(&self, _k: &str, _e: serde_json::Value) {}
 }
 
 /// A 1,000-entry searchset: streamed as bytes (no module), through three no-op post modules

@@ -200,9 +200,11 @@ pub trait FhirClient: Send + Sync {
     }
 }
 
-/// Where events go (the Kafka producer, a file, or nowhere). Must not block.
+/// Where events go (the Kafka producer, a file, or nowhere). Waits only when its queue is
+/// full: a slower write beats a lost event.
+#[async_trait]
 pub trait EventSink: Send + Sync {
-    fn publish(&self, key: &str, event: Value);
+    async fn publish(&self, key: &str, event: Value);
 }
 
 /// Everything a module may use for one request.

@@ -76,8 +76,9 @@ impl FhirClient for ScriptedClient {
 #[derive(Default)]
 pub struct MemorySink(pub Mutex<Vec<(String, Value)>>);
 
+#[async_trait::async_trait]
 impl EventSink for MemorySink {
-    fn publish(&self, key: &str, event: Value) {
+    async fn publish(&self, key: &str, event: Value) {
         self.0.lock().unwrap().push((key.to_string(), event));
     }
 }

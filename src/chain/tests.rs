@@ -16,8 +16,9 @@ impl FhirClient for NoClient {
 }
 
 struct NoSink;
+#[async_trait::async_trait]
 impl EventSink for NoSink {
-    fn publish(&self, _key: &str, _event: serde_json::Value) {}
+    async fn publish(&self, _key: &str, _event: serde_json::Value) {}
 }
 
 fn cx() -> Context {

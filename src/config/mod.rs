@@ -85,6 +85,10 @@ pub struct EventsConfig {
     /// dropped with an error log and `fhirgw_events_total{stage="dropped_queue_full"}`.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// How long a write's response waits for room in a full queue before its event is
+    /// dropped (backpressure: under overload writes slow down instead of losing events).
+    #[serde(default = "default_queue_full_wait_ms")]
+    pub queue_full_wait_ms: u64,
     #[serde(default)]
     pub spool: SpoolSettings,
 }
@@ -94,6 +98,10 @@ fn default_events_file() -> String {
 }
 
 fn default_queue() -> usize {
+    10_000
+}
+
+fn default_queue_full_wait_ms() -> u64 {
     10_000
 }
 
@@ -114,6 +122,7 @@ impl Default for EventsConfig {
             file: default_events_file(),
             kafka: None,
             queue_capacity: default_queue(),
+            queue_full_wait_ms: default_queue_full_wait_ms(),
             spool: SpoolSettings::default(),
         }
     }

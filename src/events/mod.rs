@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 static EVENTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "fhirgw_events_total",
-        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), dropped_queue_full, dropped_no_writer, dropped_spool_full, dropped_spool_error, dropped_file, written_file, invalidations, producer_reset (a new producer after the broker lost its state)",
+        "Events by stage: produced (queued by a module), spooled, delivered, failed (a delivery attempt), queue_full_waits (a write held because the queue was full), dropped_queue_full (still full after events.queue_full_wait_ms), dropped_no_writer, dropped_spool_full, dropped_spool_error, dropped_file, written_file, invalidations, producer_reset (a new producer after the broker lost its state)",
         &["stage"]
     )
     .expect("metric registers once")
@@ -101,22 +101,46 @@ impl Events {
     }
 }
 
+#[async_trait]
 impl EventSink for Events {
-    fn publish(&self, key: &str, event: Value) {
+    async fn publish(&self, key: &str, event: Value) {
         count("produced");
-        match self.tx.try_send(Queued {
+        let mut q = Queued {
             key: key.to_string(),
             event,
-        }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(q)) => {
+        };
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.queue_full_wait_ms);
+        let mut waited = false;
+        loop {
+            match self.tx.try_send(q) {
+                Ok(()) => return,
+                // The writer is behind: hold this write's response (backpressure) rather
+                // than drop its event. Polling is fine, it only happens under overload.
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    if !waited {
+                        count("queue_full_waits");
+                        waited = true;
+                    }
+                    q = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return self.lost(e),
+            }
+        }
+    }
+}
+
+impl Events {
+    fn lost(&self, e: TrySendError<Queued>) {
+        match e {
+            TrySendError::Full(q) => {
                 count("dropped_queue_full");
                 error!(
-                    "event LOST: the event queue is full ({} events; raise events.queue_capacity or check the spool disk): key={}",
-                    self.cfg.queue_capacity, q.key
+                    "event LOST: the event queue stayed full for {} ms ({} events; raise events.queue_capacity or check the spool disk): key={}",
+                    self.cfg.queue_full_wait_ms, self.cfg.queue_capacity, q.key
                 );
             }
-            Err(TrySendError::Disconnected(q)) => {
+            TrySendError::Disconnected(q) => {
                 count("dropped_no_writer");
                 error!("event LOST: the event writer is not running: key={}", q.key);
             }
@@ -153,7 +177,9 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
+        // Unconfirmed events stay in the spool, so librdkafka need not hold them long: a
+        // short timeout makes a stuck producer visible (and replaced) sooner.
+        .set("message.timeout.ms", "10000")
         .set("socket.keepalive.enable", "true");
     if let Some(cs) = &k.connection_string {
         // The bundled OpenSSL does not know Debian's CA store; librdkafka finds it.
@@ -779,20 +805,36 @@ mod tests {
         assert_eq!(event_type(&json!({})), None);
     }
 
-    #[test]
-    fn a_full_queue_drops_with_a_count_never_blocks() {
+    #[tokio::test]
+    async fn a_full_queue_holds_the_write_then_drops_with_a_count() {
         let cfg = EventsConfig {
             queue_capacity: 2,
+            queue_full_wait_ms: 50,
             ..Default::default()
         };
-        let ev = Events::new(&cfg);
-        let before = EVENTS.with_label_values(&["dropped_queue_full"]).get();
-        for i in 0..5 {
-            ev.publish("k", json!({"n": i}));
-        }
-        let after = EVENTS.with_label_values(&["dropped_queue_full"]).get();
-        assert_eq!(after - before, 3);
+        let ev = Arc::new(Events::new(&cfg));
         let rx = ev.rx.lock().unwrap().take().unwrap();
-        assert_eq!(rx.try_iter().count(), 2);
+        let dropped = || EVENTS.with_label_values(&["dropped_queue_full"]).get();
+        let before = dropped();
+        // A writer that frees room within the wait: nothing is lost.
+        ev.publish("k", json!({"n": 0})).await;
+        ev.publish("k", json!({"n": 1})).await;
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let first = rx.recv().unwrap();
+            (first, rx)
+        });
+        ev.publish("k", json!({"n": 2})).await;
+        let (first, rx) = reader.join().unwrap();
+        assert_eq!(first.event["n"], 0);
+        assert_eq!(dropped(), before);
+        // No room for longer than the wait: dropped, counted.
+        ev.publish("k", json!({"n": 3})).await;
+        assert_eq!(dropped() - before, 1);
+        let left: Vec<_> = rx
+            .try_iter()
+            .map(|q| q.event["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(left, vec![1, 2]);
     }
 }

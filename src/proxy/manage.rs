@@ -116,16 +116,18 @@ impl FhirProxy {
                     // Other instances drop their link caches when they see it.
                     if let Some((t, id)) = link.reference.split_once('/') {
                         let who = ctx.identity.as_ref();
-                        gw.events.publish(
-                            &link.reference,
-                            serde_json::json!({
-                                "action": "Updated", "resourcetype": t, "id": id,
-                                "version": null, "lastupdated": null, "source": "/manage",
-                                "tenant": who.and_then(|i| i.tenant.clone()),
-                                "user": who.map(|i| i.user_id.clone()),
-                                "correlationid": ctx.correlation_id, "patient": null,
-                            }),
-                        );
+                        gw.events
+                            .publish(
+                                &link.reference,
+                                serde_json::json!({
+                                    "action": "Updated", "resourcetype": t, "id": id,
+                                    "version": null, "lastupdated": null, "source": "/manage",
+                                    "tenant": who.and_then(|i| i.tenant.clone()),
+                                    "user": who.map(|i| i.user_id.clone()),
+                                    "correlationid": ctx.correlation_id, "patient": null,
+                                }),
+                            )
+                            .await;
                     }
                 }
                 r

@@ -211,6 +211,7 @@ impl GatewayFhirClient {
 /// Events go nowhere until a sink is configured (the events issue brings Kafka and files).
 pub struct NullSink;
 
+#[async_trait::async_trait]
 impl fhir_gateway_modules::processor::EventSink for NullSink {
-    fn publish(&self, _key: &str, _event: serde_json::Value) {}
+    async fn publish(&self, _key: &str, _event: serde_json::Value) {}
 }

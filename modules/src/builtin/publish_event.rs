@@ -249,7 +249,7 @@ impl PostProcess for PublishFhirEvent {
             } else {
                 event
             };
-            cx.events.publish(&w.key(), event);
+            cx.events.publish(&w.key(), event).await;
         }
         Ok(PostOutcome::Continue)
     }
