@@ -1486,6 +1486,9 @@ impl ProxyHttp for FhirProxy {
         } else {
             let status = ge.status();
             let body = ge.to_outcome(&ctx.correlation_id);
+            // The connection is not reused after a failed proxy (its request body may be half
+            // read): say so, or a client reusing it loses its next request.
+            session.set_keepalive(None);
             if let Err(we) = self
                 .respond(session, ctx, status, "application/fhir+json", body)
                 .await
