@@ -21,6 +21,10 @@ pub enum GatewayError {
     QueryTooLong(usize),
     /// 415 `not-supported`.
     UnsupportedMediaType(String),
+    /// 408 `timeout`: the client was too slow sending its request.
+    RequestTimeout(String),
+    /// 431 `too-costly`: request headers over the limit (count or bytes).
+    HeadersTooLarge(String),
     /// 502 `transient`: upstream refused, reset, or answered garbage.
     UpstreamUnavailable(String),
     /// 504 `timeout`.
@@ -57,6 +61,8 @@ impl GatewayError {
             RequestTooLarge(_) => 413,
             QueryTooLong(_) => 414,
             UnsupportedMediaType(_) => 415,
+            RequestTimeout(_) => 408,
+            HeadersTooLarge(_) => 431,
             UpstreamUnavailable(_) | ResponseTooLarge(_) => 502,
             ServiceIdentity(_) | NotReady(_) => 503,
             UpstreamTimeout(_) => 504,
@@ -78,7 +84,10 @@ impl GatewayError {
             Forbidden(_) => "forbidden",
             NotFound(_) => "not-found",
             MethodNotAllowed(_) | UnsupportedMediaType(_) => "not-supported",
-            RequestTooLarge(_) | QueryTooLong(_) | ResponseTooLarge(_) => "too-costly",
+            RequestTooLarge(_) | QueryTooLong(_) | ResponseTooLarge(_) | HeadersTooLarge(_) => {
+                "too-costly"
+            }
+            RequestTimeout(_) => "timeout",
             UpstreamUnavailable(_) | ServiceIdentity(_) | NotReady(_) => "transient",
             UpstreamTimeout(_) => "timeout",
             Module {
@@ -109,9 +118,12 @@ impl fmt::Display for GatewayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use GatewayError::*;
         match self {
-            BadRequest(m) | NotFound(m) | MethodNotAllowed(m) | UnsupportedMediaType(m) => {
-                f.write_str(m)
-            }
+            BadRequest(m)
+            | NotFound(m)
+            | MethodNotAllowed(m)
+            | UnsupportedMediaType(m)
+            | RequestTimeout(m)
+            | HeadersTooLarge(m) => f.write_str(m),
             Unauthorized(None) => {
                 f.write_str("authentication required: send 'Authorization: Bearer <token>'")
             }

@@ -95,20 +95,17 @@ impl KeyStore {
         }
     }
 
-    /// Refetch for an unknown `kid`, at most once per `min_refetch`. Returns whether a fetch
-    /// happened and succeeded.
+    /// Refetch for an unknown `kid`, at most once per `min_refetch`. Returns whether the key
+    /// set may have changed (a fetch succeeded, by this call or one it waited for), so the
+    /// caller should look the key up again.
     pub async fn refetch_for_unknown_kid(&self, http: &reqwest::Client) -> bool {
-        {
-            let last = self.last_fetch.lock().expect("fetch time lock");
-            if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
-                return false;
-            }
-        }
+        // The lock first: a request arriving while another one's fetch (of a rotated key) is
+        // in flight waits for it instead of failing on the old key set.
         let _g = self.fetch_lock.lock().await;
         {
             let last = self.last_fetch.lock().expect("fetch time lock");
             if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
-                // Someone else just fetched while we waited.
+                // Fetched recently (maybe while we waited): look again, do not fetch again.
                 return true;
             }
         }

@@ -254,7 +254,8 @@ impl Authenticator {
         if let Some(q) = query {
             let has_token = q.split(|&b| b == b'&').any(|p| {
                 let k = p.split(|&b| b == b'=').next().unwrap_or(&[]);
-                k.eq_ignore_ascii_case(b"access_token")
+                // Compared as the FHIR server will read it: `access%5Ftoken` is the same key.
+                percent_decoded(k).eq_ignore_ascii_case(b"access_token")
             });
             if has_token {
                 return Err(AuthError::Invalid(
@@ -345,6 +346,12 @@ impl Authenticator {
     async fn verify(&self, token: &str) -> Result<(Identity, u64, usize, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token header".into()))?;
+        if header.crit.is_some() {
+            // RFC 7515 §4.1.11: extensions we do not implement must make the token invalid.
+            return Err(AuthError::Invalid(
+                "critical header extensions are not supported".into(),
+            ));
+        }
         let (idx, issuer, iss) = self.issuer_of(token)?;
         let generation = issuer.keys.generation();
         let alg = header.alg;
@@ -472,4 +479,35 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `%XX` escapes decoded, repeatedly (a double-encoded key is still the key to someone).
+fn percent_decoded(k: &[u8]) -> Vec<u8> {
+    let mut cur = k.to_vec();
+    for _ in 0..3 {
+        let mut out = Vec::with_capacity(cur.len());
+        let mut i = 0;
+        while i < cur.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            match (
+                cur[i],
+                cur.get(i + 1).and_then(|&b| hex(b)),
+                cur.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        if out == cur {
+            break;
+        }
+        cur = out;
+    }
+    cur
 }

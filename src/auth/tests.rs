@@ -261,3 +261,11 @@ async fn offload_needs_the_proof_header() {
         "expired"
     );
 }
+
+#[test]
+fn query_keys_are_compared_decoded() {
+    assert_eq!(super::percent_decoded(b"access%5Ftoken"), b"access_token");
+    assert_eq!(super::percent_decoded(b"%61ccess_token"), b"access_token");
+    assert_eq!(super::percent_decoded(b"access%255Ftoken"), b"access_token");
+    assert_eq!(super::percent_decoded(b"a%zz%4"), b"a%zz%4");
+}

@@ -460,6 +460,10 @@ pub struct LimitsConfig {
     pub max_buffered_response_bytes: usize,
     /// Idle keep-alive of downstream connections, seconds.
     pub downstream_keepalive_secs: u64,
+    /// Most request header bytes (names + values) accepted (431 above it).
+    pub max_header_bytes: usize,
+    /// Most request header fields accepted (431 above it).
+    pub max_headers: usize,
 }
 
 impl Default for LimitsConfig {
@@ -469,6 +473,8 @@ impl Default for LimitsConfig {
             max_request_body_bytes: 32 * 1024 * 1024,
             max_buffered_response_bytes: 64 * 1024 * 1024,
             downstream_keepalive_secs: 60,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! 8. `fail_to_proxy`: every failure becomes an OperationOutcome.
 //! 9. `logging`: one access-log line.
 
+mod json_guard;
 mod manage;
 #[cfg(test)]
 mod tests;
@@ -87,6 +88,8 @@ pub struct Ctx {
     upstream_ms: Option<u128>,
     /// The client left before the module path answered (logged as 499).
     client_gone: bool,
+    /// A JSON write body streamed upstream is checked on its way.
+    json_guard: Option<json_guard::JsonGuard>,
 }
 
 /// Resolves when the client closes its side of the connection (read side at EOF or reset).
@@ -171,10 +174,21 @@ pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
     if rest.iter().any(|&b| b < 0x21 || b == 0x7f || b == b'\\') {
         return Err("control characters, spaces or backslashes in the path");
     }
+    if rest.iter().any(|&b| b >= 0x80 || b == b';') {
+        // `;` path parameters (`..;/`) are stripped by some servers before resolving `..`.
+        return Err("non-ASCII bytes or ';' in the path");
+    }
     let lower = rest.to_ascii_lowercase();
-    for bad in [&b"%2f"[..], b"%5c", b"%2e", b"%00"] {
+    for bad in [&b"%2f"[..], b"%5c", b"%2e", b"%00", b"%25", b"%3b"] {
         if memchr::memmem::find(&lower, bad).is_some() {
-            return Err("encoded '/', '\\', '.' or NUL in the path");
+            return Err("encoded '/', '\\', '.', '%', ';' or NUL in the path");
+        }
+    }
+    // Escapes of bytes >= 0x80: FHIR paths are ASCII, and overlong UTF-8 (`%c0%ae`) decodes
+    // to '.' or '/' on lenient servers.
+    for i in memchr::memchr_iter(b'%', &lower) {
+        if lower.get(i + 1).is_some_and(|c| b"89abcdef".contains(c)) {
+            return Err("percent-encoded non-ASCII bytes in the path");
         }
     }
     if rest
@@ -190,12 +204,61 @@ pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
+/// Request body media types the FHIR REST API takes (besides raw content for Binary).
+fn fhir_media_type(m: &str) -> bool {
+    matches!(
+        m,
+        "application/fhir+json"
+            | "application/json"
+            | "application/json+fhir"
+            | "application/fhir+xml"
+            | "application/xml"
+            | "application/xml+fhir"
+            | "text/xml"
+            | "application/json-patch+json"
+            | "application/x-www-form-urlencoded"
+            | "application/fhir+ndjson"
+            | "application/x-ndjson"
+    )
+}
+
 /// A `Host` / `X-Forwarded-Host` value safe to build URLs from.
 pub(crate) fn valid_authority(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 255
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+    if h.is_empty() || h.len() > 255 {
+        return false;
+    }
+    // host [":" port], RFC 9112 §3.2 / RFC 3986 §3.2: the port is digits, once.
+    let (host, port) = if let Some(v6) = h.strip_prefix('[') {
+        let Some((addr, after)) = v6.split_once(']') else {
+            return false;
+        };
+        if addr.is_empty()
+            || !addr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
+        {
+            return false;
+        }
+        match after {
+            "" => return true,
+            p => match p.strip_prefix(':') {
+                Some(p) => ("v6", p),
+                None => return false,
+            },
+        }
+    } else {
+        match h.split_once(':') {
+            Some((host, port)) => (host, port),
+            None => (h, "0"),
+        }
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        && !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `Retry-After` seconds or `x-ms-retry-after-ms`.
@@ -361,6 +424,34 @@ impl FhirProxy {
         let gw = &self.gw;
         let req = session.req_header();
         let method = req.method.clone();
+        // Request smuggling: a message with both framings is refused, and its connection
+        // is not reused (RFC 9112 §6.1).
+        if req.headers.contains_key(http::header::CONTENT_LENGTH)
+            && req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
+            session.set_keepalive(None);
+            return Err(GatewayError::BadRequest(
+                "both Content-Length and Transfer-Encoding".into(),
+            ));
+        }
+        let req = session.req_header();
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if req.headers.len() > gw.limits.max_headers {
+            return Err(GatewayError::HeadersTooLarge(format!(
+                "more than {} request header fields",
+                gw.limits.max_headers
+            )));
+        }
+        if header_bytes > gw.limits.max_header_bytes {
+            return Err(GatewayError::HeadersTooLarge(format!(
+                "request headers larger than {} bytes",
+                gw.limits.max_header_bytes
+            )));
+        }
         if !is_fhir_method(&method) {
             return Err(GatewayError::MethodNotAllowed(format!(
                 "method {method} is not part of the FHIR REST API"
@@ -411,6 +502,35 @@ impl FhirProxy {
                 return Err(GatewayError::RequestTooLarge(
                     gw.limits.max_request_body_bytes,
                 ));
+            }
+        }
+        let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
+            || req
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body && matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+            // A FHIR body says what it is; only Binary takes raw content.
+            let binary = rest.split('/').nth(1) == Some("Binary");
+            let media = req
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                });
+            if !binary && !media.as_deref().is_some_and(fhir_media_type) {
+                return Err(GatewayError::UnsupportedMediaType(format!(
+                    "Content-Type {} is not a FHIR format (application/fhir+json, application/fhir+xml, JSON Patch, or a form for _search)",
+                    media.as_deref().unwrap_or("(none)")
+                )));
+            }
+            if !binary && media.as_deref().is_some_and(|m| m.contains("json")) {
+                ctx.json_guard = Some(json_guard::JsonGuard::default());
             }
         }
         if let Some(ce) = req.headers.get(http::header::CONTENT_ENCODING) {
@@ -1043,6 +1163,9 @@ impl FhirProxy {
         use ErrorType::*;
         match e.etype() {
             ConnectTimedout => GatewayError::UpstreamTimeout("connect timed out".into()),
+            ReadTimedout if *e.esource() == ErrorSource::Downstream => {
+                GatewayError::RequestTimeout("the client did not send its request in time".into())
+            }
             ReadTimedout => {
                 GatewayError::UpstreamTimeout("no response within the read timeout".into())
             }
@@ -1089,6 +1212,7 @@ impl ProxyHttp for FhirProxy {
             upstream_sent: None,
             upstream_ms: None,
             client_gone: false,
+            json_guard: None,
         }
     }
 
@@ -1115,7 +1239,9 @@ impl ProxyHttp for FhirProxy {
             // Shutting down or upgrading: answer, then close, so the client's next request
             // opens a connection to a live instance (or the new process) instead of failing.
             session.set_keepalive(None);
-        } else {
+        } else if session.downstream_session.get_keepalive().is_some() {
+            // Only where HTTP allows it: HTTP/1.0 without keep-alive and `Connection: close`
+            // stay closing (Pingora decided that from the request).
             session.set_keepalive(Some(self.gw.limits.downstream_keepalive_secs));
         }
 
@@ -1288,9 +1414,9 @@ impl ProxyHttp for FhirProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(b) = body {
@@ -1298,6 +1424,15 @@ impl ProxyHttp for FhirProxy {
             let max = self.gw.limits.max_request_body_bytes;
             if ctx.request_body_bytes > max {
                 return Err(ctx.fail(GatewayError::RequestTooLarge(max)));
+            }
+        }
+        if let Some(g) = ctx.json_guard.as_mut() {
+            let chunk = body.as_deref().unwrap_or_default();
+            if let Err(why) = g.feed(chunk, end_of_stream) {
+                // Failing here drops the upstream connection before the body is complete:
+                // the server writes nothing.
+                session.set_keepalive(None);
+                return Err(ctx.fail(GatewayError::BadRequest(why.into())));
             }
         }
         Ok(())
@@ -1474,7 +1609,16 @@ impl ProxyHttp for FhirProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let ge = ctx.error.take().unwrap_or_else(|| self.classify(e));
+        let ge = ctx.error.take().unwrap_or_else(|| {
+            if *e.etype() == ErrorType::ReadTimedout && !session.downstream_session.is_body_done() {
+                // The server was still waiting for the rest of the body: the client stalled.
+                GatewayError::RequestTimeout(
+                    "the client did not send its request body in time".into(),
+                )
+            } else {
+                self.classify(e)
+            }
+        });
         let downstream_dead = *e.esource() == ErrorSource::Downstream
             && matches!(
                 e.etype(),

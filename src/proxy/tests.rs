@@ -9,6 +9,8 @@ fn paths_that_could_escape_the_base_are_rejected() {
         b"/Patient/123/_history/2",
         b"/Patient/$everything",
         b"/_search",
+        b"/Patient/a-b.c",
+        b"/Observation/%41",
     ] {
         assert!(check_path(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
     }
@@ -24,6 +26,15 @@ fn paths_that_could_escape_the_base_are_rejected() {
         b"/a%00",
         b"//Patient",
         b"/Patient\r\n",
+        b"/..%252fmanage",
+        b"/%252e%252e/manage",
+        b"/..;/manage",
+        b"/Patient/..%3b/x",
+        b"/%c0%ae%c0%ae/manage",
+        b"/..%c0%af",
+        b"/%e0%80%ae",
+        b"/..%C1%9C",
+        b"/Patient/\xc3\xa9",
     ] {
         assert!(check_path(bad).is_err(), "{}", String::from_utf8_lossy(bad));
     }
@@ -37,6 +48,15 @@ fn authorities() {
     assert!(!valid_authority(""));
     assert!(!valid_authority("evil.com/\"}"));
     assert!(!valid_authority("a b"));
+    assert!(valid_authority("[::1]"));
+    assert!(valid_authority("localhost"));
+    assert!(!valid_authority("127.0.0.1:http"));
+    assert!(!valid_authority("127.0.0.1:80:80"));
+    assert!(!valid_authority("127.0.0.1:"));
+    assert!(!valid_authority(":80"));
+    assert!(!valid_authority("[::1]x"));
+    assert!(!valid_authority("[]:80"));
+    assert!(!valid_authority("127.0.0.1:123456"));
 }
 
 #[test]
