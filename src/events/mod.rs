@@ -433,7 +433,10 @@ async fn produce_loop(k: KafkaConfig, spool: Arc<Spool>, wake: Arc<tokio::sync::
         }
         if let Some(seq) = confirmed {
             if let Err(e) = spool.ack(seq) {
+                // Delivered events are not sent again (the spool moved on in memory); only
+                // a restart before the cursor is written would replay them. Do not spin.
                 error!("events: acknowledging the spool: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             SPOOL_DEPTH.set(spool.depth() as i64);
         }

@@ -905,7 +905,13 @@ impl Spool {
                 ),
             ));
         }
-        write_cursor(&cfg.dir, upto_seq + 1, cfg.fsync != Fsync::Never)?;
+        let durable = cfg.fsync != Fsync::Never;
+        let persisted = write_cursor(&cfg.dir, upto_seq + 1, durable);
+        // In memory regardless: what the broker confirmed is not sent again by this process.
+        // If the cursor could not be written (a full disk), deleting the delivered segments
+        // below frees the space it needs; a crash before it is written only means those
+        // segments' events are not replayed (they are gone), and later ones are (at least
+        // once). `open` takes the later of cursor and first segment.
         inner.first_pending = upto_seq + 1;
         while let Some(front) = inner.segments.front() {
             if front.end() > inner.first_pending {
@@ -930,7 +936,10 @@ impl Spool {
                 inner.bytes -= s.size;
             }
         }
-        Ok(())
+        match persisted {
+            Ok(()) => Ok(()),
+            Err(_) => write_cursor(&cfg.dir, upto_seq + 1, durable),
+        }
     }
 
     /// Records appended and not yet acknowledged.
