@@ -185,3 +185,58 @@ async fn jwks_down_at_start_denies_then_recovers() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(status_with(&gw, &t).await, 200);
 }
+
+/// A failed key fetch (the IdP restarting) must not hold off a rotated key for the whole
+/// refetch interval: the soak saw ~7 s of `unknown signing key` 401s when the periodic refresh
+/// fell into the IdP's restart for a key rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fetch_does_not_hold_off_a_rotated_key() {
+    require_peer(&format!("{IDP}/.well-known/openid-configuration")).await;
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let real: serde_json::Value = client()
+        .get(format!("{IDP}/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Before the rotation the JWKS holds only a key the tokens do not use.
+    let mut before = real.clone();
+    for k in before["keys"].as_array_mut().unwrap() {
+        k["kid"] = format!("retired-{}", k["kid"].as_str().unwrap()).into();
+    }
+    // 0: the old key set, 1: down, 2: the new key set.
+    let state = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s2 = state.clone();
+    let jwks = ScriptedUpstream::start(move |_, _| {
+        let body = match s2.load(Ordering::SeqCst) {
+            0 => before.to_string(),
+            1 => return Reply::Close,
+            _ => real.to_string(),
+        };
+        Reply::Full {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.into_bytes(),
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: jwt\n  jwks:\n    min_refetch_secs: 10\n  issuers:\n    - name: hospital\n      issuer: {IDP}\n      jwks_url: http://{}/jwks\n      audiences: [\"{AUDIENCE}\"]\n",
+        sekmet_url(),
+        jwks.addr
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let t = token("reader-app").await;
+    // Past the refetch interval of the start-up fetch, the IdP is down: the unknown kid's
+    // fetch fails, the token is refused.
+    tokio::time::sleep(Duration::from_millis(10_200)).await;
+    state.store(1, Ordering::SeqCst);
+    assert_eq!(status_with(&gw, &t).await, 401);
+    // The IdP is back with the new key: accepted well within the 10 s interval.
+    state.store(2, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(status_with(&gw, &t).await, 200, "{}", gw.log());
+}

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+/// How soon an unknown `kid` may try again after a failed fetch.
+const FAILED_REFETCH: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyFamily {
     Rsa,
@@ -43,7 +46,8 @@ pub struct KeyStore {
     /// gone are not reused from the token cache.
     generation: AtomicU64,
     loaded: AtomicBool,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the last fetch ended, and whether it succeeded.
+    last_fetch: Mutex<Option<(Instant, bool)>>,
     fetch_lock: tokio::sync::Mutex<()>,
     min_refetch: Duration,
 }
@@ -104,9 +108,15 @@ impl KeyStore {
         let _g = self.fetch_lock.lock().await;
         {
             let last = self.last_fetch.lock().expect("fetch time lock");
-            if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+            match *last {
                 // Fetched recently (maybe while we waited): look again, do not fetch again.
-                return true;
+                Some((t, true)) if t.elapsed() < self.min_refetch => return true,
+                // A failed fetch (the IdP restarting, say) holds off retries only briefly, or
+                // a key rotated during the blip would be refused for the whole interval.
+                Some((t, false)) if t.elapsed() < self.min_refetch.min(FAILED_REFETCH) => {
+                    return false
+                }
+                _ => {}
             }
         }
         self.fetch(http).await.is_ok()
@@ -115,7 +125,12 @@ impl KeyStore {
     /// Discovery (when configured) and JWKS; replaces the key set on success. Old keys are
     /// dropped: a key removed at the IdP stops being accepted.
     pub async fn fetch(&self, http: &reqwest::Client) -> Result<usize, String> {
-        *self.last_fetch.lock().expect("fetch time lock") = Some(Instant::now());
+        let r = self.fetch_once(http).await;
+        *self.last_fetch.lock().expect("fetch time lock") = Some((Instant::now(), r.is_ok()));
+        r
+    }
+
+    async fn fetch_once(&self, http: &reqwest::Client) -> Result<usize, String> {
         if let Some(d) = &self.discovery_url {
             match get_json(http, d).await {
                 Ok(doc) => {
