@@ -109,7 +109,7 @@ fn rewrite(c: &mut Criterion) {
             for chunk in bytes.chunks(16 * 1024) {
                 n += s.push(&rw, &to, Bytes::copy_from_slice(chunk)).len();
             }
-            n + s.finish().len()
+            n + s.finish(&rw, &to).len()
         })
     });
     let plain = Bytes::from(
@@ -220,7 +220,7 @@ fn chain(c: &mut Criterion) {
             for chunk in bytes.chunks(16 * 1024) {
                 n += s.push(&rw, &to, Bytes::copy_from_slice(chunk)).len();
             }
-            n + s.finish().len()
+            n + s.finish(&rw, &to).len()
         })
     });
     g.bench_function("three_noop_post_modules_one_parse", |b| {

@@ -96,6 +96,14 @@ impl Rewriter {
         }
     }
 
+    /// Whether `tail` (the rest of the data from a match) is a proper prefix of a longer
+    /// pattern, so more data could turn the match into a longer one.
+    fn could_grow(&self, tail: &[u8]) -> bool {
+        self.finders
+            .iter()
+            .any(|f| f.needle().len() > tail.len() && f.needle().starts_with(tail))
+    }
+
     /// Index from which `data` must be held back: the earliest position in its last
     /// `max_len - 1` bytes where the rest of `data` is a proper prefix of some pattern.
     fn hold_from(&self, data: &[u8], not_before: usize) -> usize {
@@ -211,21 +219,33 @@ impl StreamRewrite {
     ) -> Bytes {
         let mut out = Vec::with_capacity(data.len() + 64);
         let mut pos = 0;
+        let mut held = None;
         for (m, i) in found {
+            if rw.could_grow(&data[m..]) {
+                // A spelling that is a prefix of a longer one (`https://h` of `https://h:443`)
+                // matched at the very end: the next chunk decides which one it is.
+                held = Some(m);
+                break;
+            }
             out.extend_from_slice(&data[pos..m]);
             out.extend_from_slice(&to.0[i]);
             pos = m + rw.finders[i].needle().len();
         }
-        let hold = rw.hold_from(data, pos);
+        let hold = held.unwrap_or_else(|| rw.hold_from(data, pos));
         out.extend_from_slice(&data[pos..hold]);
         self.carry.clear();
         self.carry.extend_from_slice(&data[hold..]);
         Bytes::from(out)
     }
 
-    /// End of body: whatever was held back cannot be a match any more.
-    pub fn finish(&mut self) -> Bytes {
-        Bytes::from(std::mem::take(&mut self.carry))
+    /// End of body: what was held back is final now (a held prefix is text, a held short
+    /// spelling is a match).
+    pub fn finish(&mut self, rw: &Rewriter, to: &Replacements) -> Bytes {
+        let carry = std::mem::take(&mut self.carry);
+        match rw.rewrite_all(&carry, to) {
+            Some(v) => Bytes::from(v),
+            None => Bytes::from(carry),
+        }
     }
 }
 
@@ -249,7 +269,7 @@ mod tests {
         for c in chunks {
             out.extend_from_slice(&s.push(&r, &to, Bytes::copy_from_slice(c)));
         }
-        out.extend_from_slice(&s.finish());
+        out.extend_from_slice(&s.finish(&r, &to));
         out
     }
 
@@ -371,6 +391,23 @@ mod tests {
             out,
             b"https://gw.example/fhir/Patient/1 https://gw.example/fhir/Patient/2"
         );
+        // Streamed, cut anywhere (found by the rewrite_stream fuzz target: a cut right after
+        // the short spelling gave `https://gw.example/fhir:443/...`), JSON-escaped too.
+        for body in [
+            &b"{\"url\":\"https://up.example:443/Patient/1\"} https://up.example"[..],
+            b"https:\\/\\/up.example:443\\/Patient https:\\/\\/up.example",
+        ] {
+            let want = r.rewrite_all(body, &to).unwrap();
+            for cut in 0..=body.len() {
+                let mut s = StreamRewrite::default();
+                let mut got = s
+                    .push(&r, &to, Bytes::copy_from_slice(&body[..cut]))
+                    .to_vec();
+                got.extend_from_slice(&s.push(&r, &to, Bytes::copy_from_slice(&body[cut..])));
+                got.extend_from_slice(&s.finish(&r, &to));
+                assert_eq!(got, want, "cut at {cut}");
+            }
+        }
     }
 
     #[test]

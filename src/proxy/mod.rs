@@ -1595,7 +1595,7 @@ impl ProxyHttp for FhirProxy {
             None => Bytes::new(),
         };
         if end_of_stream {
-            let tail = rw.finish();
+            let tail = rw.finish(&self.gw.rewriter, &to);
             if !tail.is_empty() {
                 out = if out.is_empty() {
                     tail
