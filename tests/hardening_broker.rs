@@ -159,7 +159,7 @@ impl Drop for Broker {
     }
 }
 
-/// The resource ids of every message on partition 0 of `topic`, in order, duplicates kept. Reads
+/// The resource ids of every message on every partition of `topic`, in order, duplicates kept. Reads
 /// until `target` distinct ids have arrived and the topic has been quiet for 2 s (to count late
 /// duplicates too), or until `within`; at most `READ_CAP_PER_EVENT` messages per wanted event
 /// (a gateway re-sending in a loop floods the topic).
@@ -170,9 +170,19 @@ fn topic_ids(bootstrap: &str, topic: &str, target: usize, within: Duration) -> V
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+    // Every partition: a producer that reached the restarted broker before the test created
+    // the topic had it auto-created with the broker's default partition count.
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+    }
+    assert!(tpl.count() > 0, "topic {topic} has no partitions");
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
