@@ -108,8 +108,17 @@ async fn run_corpus(relations: &'static [&'static str]) {
     let gw = filtered_gateway_with(false, &extra).await;
     let admin = token("admin-app").await;
     let p1_oid = format!("{}-oid-p1", s.run);
-    let (st, body) = manage_link(&gw, &admin, &p1_oid, &s.k("P1")).await;
-    // Both corpus tests link the same oid to the same resource: linking again is idempotent.
+    // Both corpus tests link the same oid to the same resource: linking again is idempotent,
+    // and two links at once are optimistic writers, one of which gets 409 "try again".
+    let mut attempt = 0;
+    let (st, body) = loop {
+        let (st, body) = manage_link(&gw, &admin, &p1_oid, &s.k("P1")).await;
+        attempt += 1;
+        if st != 409 || attempt == 5 {
+            break (st, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     assert!(
         st == 201 || st == 200,
         "POST /manage/link P1: {st} {body}\n{}",
