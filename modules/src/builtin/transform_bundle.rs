@@ -54,14 +54,14 @@ fn rewrite_references(v: &mut Value, refs: &HashMap<String, String>) {
     match v {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
-                if k == "reference" {
-                    if let Value::String(s) = child {
+                match child {
+                    Value::String(s) if k == "reference" => {
                         if let Some(new) = refs.get(s.as_str()) {
                             *s = new.clone();
                         }
                     }
-                } else {
-                    rewrite_references(child, refs);
+                    // Also a `reference` that is itself a Reference (Consent.provision.data).
+                    _ => rewrite_references(child, refs),
                 }
             }
         }
@@ -288,7 +288,9 @@ mod tests {
         let mut r = req(tx(json!([
             {"fullUrl":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
             {"fullUrl":"urn:uuid:bbbbbbbb-0000-0000-0000-000000000002","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"},"hasMember":[{"reference":"urn:uuid:unknown"}]},"request":{"method":"POST","url":"Observation"}},
-            {"request":{"method":"DELETE","url":"Patient/old"}}
+            {"request":{"method":"DELETE","url":"Patient/old"}},
+            // A Reference under a key named `reference` (found by the bundle_transform fuzzer).
+            {"resource":{"resourceType":"Consent","provision":{"data":[{"meaning":"instance","reference":{"reference":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"}}]}},"request":{"method":"POST","url":"Consent"}}
         ])));
         let (cx, _) = context_with(ScriptedClient::new(vec![]));
         assert!(matches!(
@@ -315,6 +317,10 @@ mod tests {
             "urn:uuid:unknown"
         );
         assert_eq!(b["entry"][2]["request"]["method"], "DELETE");
+        assert_eq!(
+            b["entry"][3]["resource"]["provision"]["data"][0]["reference"]["reference"],
+            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
+        );
     }
 
     #[tokio::test]
