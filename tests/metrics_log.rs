@@ -53,14 +53,23 @@ async fn metrics_and_access_log_describe_the_traffic() {
             .status(),
         403
     );
-    let text = c
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Counted in the logging hook, which runs just after the answer is sent: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let text = c
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let role = "fhirgw_auth_refusals_total{reason=\"role\",status=\"403\"}";
+        if value(&text, role) >= 1.0 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(
         value(
             &text,
