@@ -13,8 +13,8 @@
 //! refused before the searches; every `urn:uuid:` entry turned into a PUT has a valid id and
 //! no reference to it is left.
 //!
-//! Known bug (fuzz/regressions/bundle_transform/): a `reference` whose value is a Reference
-//! object is not searched, so a `urn:uuid:` inside it stays. Reported only with FUZZ_STRICT=1.
+//! Regression: fuzz/regressions/bundle_transform/ (a `urn:uuid:` inside a Reference under a
+//! key named `reference`, R4 `Consent.provision.data.reference`; fixed in 7060f32).
 #![no_main]
 
 use async_trait::async_trait;
@@ -87,21 +87,14 @@ fn setup() -> &'static (Context, Arc<FakeServer>) {
 
 const METHODS: [&str; 6] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 
-fn strict() -> bool {
-    static S: OnceLock<bool> = OnceLock::new();
-    *S.get_or_init(|| std::env::var_os("FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
-
-/// Every string under a `reference` key. A `reference` whose value is itself a Reference
-/// (R4 `Consent.provision.data.reference`) is not walked by the module: the strings inside
-/// it are the known bug of fuzz/regressions/bundle_transform/, counted only with FUZZ_STRICT=1.
+/// Every string under a `reference` key, including inside a `reference` that is itself a
+/// Reference (R4 `Consent.provision.data.reference`).
 fn references(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             for (k, c) in m {
                 match (k.as_str(), c) {
                     ("reference", Value::String(s)) => out.push(s.clone()),
-                    ("reference", _) if !strict() => {}
                     _ => references(c, out),
                 }
             }

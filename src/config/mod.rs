@@ -783,7 +783,7 @@ pub fn parse(
 ) -> Result<GatewayConfig, ConfigErrors> {
     let expanded = expand_env(text, env).map_err(ConfigErrors)?;
     let cfg: GatewayConfig = serde_yaml::from_str(&expanded).map_err(|e| {
-        let line = e.location().map(|l| l.line());
+        let line = e.location().map(|l| newline_line(&expanded, l.line()));
         ConfigErrors(vec![ConfigError {
             line,
             message: e.to_string(),
@@ -795,6 +795,28 @@ pub fn parse(
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// YAML also breaks lines at a lone CR, NEL, LS and PS, but editors (and `-t`'s `file:line`)
+/// count only LF: maps YAML line `yaml_line` of `text` to the LF-counted line it starts on, so an
+/// error never names a line past the end of the file.
+fn newline_line(text: &str, yaml_line: usize) -> usize {
+    let (mut yaml, mut lf) = (1, 1);
+    let mut chars = text.chars().peekable();
+    while yaml < yaml_line {
+        match chars.next() {
+            None => break,
+            Some('\n') => lf += 1,
+            Some('\r') if chars.peek() == Some(&'\n') => {
+                chars.next();
+                lf += 1;
+            }
+            Some('\r' | '\u{85}' | '\u{2028}' | '\u{2029}') => {}
+            Some(_) => continue,
+        }
+        yaml += 1;
+    }
+    lf
 }
 
 /// Replaces `${NAME}` with the environment's value, line by line so line numbers stay true.

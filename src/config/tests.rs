@@ -77,6 +77,26 @@ fn broken_yaml_names_the_line() {
 }
 
 #[test]
+fn yaml_line_breaks_other_than_lf_do_not_shift_the_named_line() {
+    // Found by fuzz/regressions/config_load/: a lone CR made the error name line 2 of a
+    // one-line file.
+    let e = errors("\r{");
+    assert_eq!(e[0].line, Some(1), "{e:?}");
+    // A CR, a NEL and an LS inside a quoted scalar on the second line; the error is on the
+    // third LF line.
+    let text = "listen:\n  - addr: \"127.0.0.1:8080\rb\u{85}c\u{2028}d\"\nupstream: 5\n";
+    let e = errors(text);
+    assert_eq!(e[0].line, Some(3), "{e:?}");
+    assert_eq!(newline_line("a\r\nb\r\nc", 3), 3, "CRLF is one break");
+    assert_eq!(newline_line("a\rb\nc", 3), 2);
+    assert_eq!(
+        newline_line("a", 9),
+        1,
+        "past the end stays on the last line"
+    );
+}
+
+#[test]
 fn env_vars_are_expanded() {
     let text = MINIMAL.replace(
         "  url: http://127.0.0.1:8090/fhir/\n",
