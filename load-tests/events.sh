@@ -12,12 +12,19 @@
 #            without events: separates that cost from the event pipeline's
 #   on       post: [PublishFHIREvent], events → queue → spool (fsync every 100 ms) → Kafka
 #   always   the same with spool fsync: always
+#   down     like on, but its bootstrap server is a port nobody listens on (DOWN_PORT): a broker
+#            outage for the whole run; every event waits in the spool. Its p50/p99 against on's
+#            is what an outage costs the clients.
 #
 # Knobs: RUNS (3), DURATION (10s), CONNS (16), MODES ("off modpath on always"), SKIP_BUILD=1,
 #   GW_CPU (1) / LOADGEN_CPU (0), AUTH (jwt: a writer-app token from the IdP at OIDC_PORT, 9400;
 #   or insecure_dev), KAFKA (own: a private tansu on KAFKA_PORT 19192 started and stopped by
 #   this script; shared: the peers' tansu on 19092 — other runs restart it), DRAIN_TIMEOUT (120 s),
-#   ports: UP_PORT (18290, nginx upstream), GW_PORT (18291..18294 in MODES order; metrics +1000).
+#   ports: UP_PORT (18290, nginx upstream), GW_PORT (18291.. in MODES order; metrics +1000),
+#   DOWN_PORT (19199, must be free: the down mode's broker that never answers),
+#   UPSTREAM (nginx: a canned 201 in microseconds, the harshest case for the event pipeline's
+#   share; sekmet: the real SEKMET FHIR server at SEKMET_URL, http://127.0.0.1:8090/fhir, which
+#   stores every write), OUT (results file, default results/events.md or events-sekmet.md).
 #
 # Writes load-tests/results/events.md. Everything it starts is stopped by PID on exit; its temp
 # folder (spools included) is removed.
@@ -26,7 +33,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=$HERE/results
-OUT=$RESULTS/events.md
+UPSTREAM=${UPSTREAM:-nginx}
+SEKMET_URL=${SEKMET_URL:-http://127.0.0.1:8090/fhir}
+if [[ $UPSTREAM == sekmet ]]; then OUT=${OUT:-$RESULTS/events-sekmet.md}; else OUT=${OUT:-$RESULTS/events.md}; fi
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10s}
@@ -41,6 +50,7 @@ KAFKA=${KAFKA:-own}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-120}
 UP_PORT=${UP_PORT:-18290}
 GW_PORT=${GW_PORT:-18291}
+DOWN_PORT=${DOWN_PORT:-19199}
 if [[ $KAFKA == own ]]; then
   KAFKA_PORT=${KAFKA_PORT:-19192}
 else
@@ -60,7 +70,7 @@ die() {
 }
 
 # ---------------------------------------------------------------- arguments
-for v in RUNS CONNS DRAIN_TIMEOUT UP_PORT GW_PORT KAFKA_PORT OIDC_PORT; do
+for v in RUNS CONNS DRAIN_TIMEOUT UP_PORT GW_PORT KAFKA_PORT OIDC_PORT DOWN_PORT; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 if [[ $DURATION =~ ^([1-9][0-9]*)s?$ ]]; then
@@ -75,16 +85,18 @@ read -r -a MODE_LIST <<<"$MODES"
 declare -A PORT MPORT
 i=0
 for m in "${MODE_LIST[@]}"; do
-  [[ $m =~ ^(off|modpath|on|always)$ ]] || die "unknown mode '$m' in MODES (off, modpath, on, always)"
+  [[ $m =~ ^(off|modpath|on|always|down)$ ]] || die "unknown mode '$m' in MODES (off, modpath, on, always, down)"
   PORT[$m]=$((GW_PORT + i))
   MPORT[$m]=$((GW_PORT + i + 1000))
   i=$((i + 1))
 done
 [[ $AUTH == jwt || $AUTH == insecure_dev ]] || die "AUTH must be jwt or insecure_dev"
+[[ $UPSTREAM == nginx || $UPSTREAM == sekmet ]] || die "UPSTREAM must be nginx or sekmet"
 [[ $KAFKA == own || $KAFKA == shared ]] || die "KAFKA must be own or shared"
 NCPU=$(nproc)
 ((GW_CPU < NCPU && LOADGEN_CPU < NCPU)) || die "GW_CPU/LOADGEN_CPU need a CPU this machine lacks (nproc=$NCPU)"
-has_events() { [[ $1 == on || $1 == always ]]; }
+has_events() { [[ $1 == on || $1 == always || $1 == down ]]; }
+reaches_broker() { [[ $1 == on || $1 == always ]]; } # down's events stay in its spool
 ANY_EVENTS=0
 for m in "${MODE_LIST[@]}"; do has_events "$m" && ANY_EVENTS=1; done
 
@@ -197,9 +209,11 @@ median() {
     if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
-PORTS=("$UP_PORT")
+PORTS=()
+[[ $UPSTREAM != nginx ]] || PORTS+=("$UP_PORT")
 for m in "${MODE_LIST[@]}"; do PORTS+=("${PORT[$m]}" "${MPORT[$m]}"); done
 [[ $KAFKA == own && $ANY_EVENTS == 1 ]] && PORTS+=("$KAFKA_PORT")
+for m in "${MODE_LIST[@]}"; do [[ $m != down ]] || PORTS+=("$DOWN_PORT"); done
 for p in "${PORTS[@]}"; do
   ! port_busy "$p" || die "127.0.0.1:$p is already in use"
 done
@@ -225,7 +239,13 @@ BIN=$TMP/fhir-gateway # a copy: a rebuild by someone else mid-run cannot change 
 cp "$BIN_SRC" "$BIN"
 BIN_DATE=$(date -u -r "$BIN_SRC" '+%Y-%m-%d %H:%M UTC')
 
-# ---------------------------------------------------------------- upstream nginx
+# ---------------------------------------------------------------- upstream
+if [[ $UPSTREAM == sekmet ]]; then
+  UP_URL=$SEKMET_URL
+  [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$UP_URL/metadata" || true) == 200 ]] ||
+    die "no FHIR server at $UP_URL (scripts/peers.sh start sekmet)"
+else
+UP_URL=http://127.0.0.1:$UP_PORT/fhir
 USER_LINE=""
 [[ $EUID != 0 ]] || USER_LINE="user $(id -un) $(id -gn);"
 mkdir -p "$TMP/up"
@@ -264,6 +284,7 @@ nginx -t -q -p "$TMP/up" -e stderr -c "$TMP/up/nginx.conf" 2>"$TMP/up/test.log" 
   die "nginx config invalid: $(cat "$TMP/up/test.log")"
 start_bg upstream "$LOADGEN_CPU" nginx -p "$TMP/up" -e stderr -c "$TMP/up/nginx.conf"
 wait_http upstream "http://127.0.0.1:$UP_PORT/fhir/metadata"
+fi
 
 # ---------------------------------------------------------------- broker and topics
 STAMP=$(date +%s)
@@ -277,6 +298,7 @@ if ((ANY_EVENTS)); then
   for m in "${MODE_LIST[@]}"; do
     has_events "$m" || continue
     TOPIC[$m]=bench-events-$STAMP-$m
+    reaches_broker "$m" || continue
     "$TANSU" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions 1 "${TOPIC[$m]}" \
       >>"$TMP/topics.log" 2>&1 || die "tansu topic create ${TOPIC[$m]} failed: $(tail -5 "$TMP/topics.log")"
     log "topic ${TOPIC[$m]} on 127.0.0.1:$KAFKA_PORT"
@@ -290,7 +312,7 @@ gw_config() { # gw_config <mode>
 listen:
   - addr: 127.0.0.1:${PORT[$m]}
 upstream:
-  url: http://127.0.0.1:$UP_PORT/fhir
+  url: $UP_URL
 logging:
   level: warn
   access_log: false
@@ -325,7 +347,7 @@ EOF
       echo "  - name: SamplePostProcess"
       echo "    settings: {system: urn:bench, code: modpath}"
       ;;
-    on | always)
+    on | always | down)
       echo "post:"
       echo "  - name: PublishFHIREvent"
       ;;
@@ -335,7 +357,7 @@ EOF
   if has_events "$m"; then
     cat <<EOF
   kafka:
-    bootstrap_servers: 127.0.0.1:$KAFKA_PORT
+    bootstrap_servers: 127.0.0.1:$([[ $m == down ]] && echo "$DOWN_PORT" || echo "$KAFKA_PORT")
     topic: ${TOPIC[$m]}
     invalidate_caches: false
   spool:
@@ -399,7 +421,7 @@ for m in "${MODE_LIST[@]}"; do
   code=$(curl -s --max-time 10 "${AUTH_H[@]}" -H 'Content-Type: application/fhir+json' --data-binary "$REQUEST_JSON" \
     -o "$TMP/body.$m" -D "$TMP/headers.$m" -w '%{http_code}' "http://127.0.0.1:${PORT[$m]}/fhir/Observation")
   [[ $code == 201 ]] || die "gateway-$m: POST answered $code: $(head -c 300 "$TMP/body.$m")"
-  grep -qi "^location: http://127.0.0.1:${PORT[$m]}/fhir/Observation/bench-1/_history/1" "$TMP/headers.$m" ||
+  grep -qiE "^location: http://127.0.0.1:${PORT[$m]}/fhir/Observation/[A-Za-z0-9.-]+/_history/1" "$TMP/headers.$m" ||
     die "gateway-$m: Location not rewritten: $(grep -i '^location' "$TMP/headers.$m")"
   if [[ $AUTH == jwt ]]; then
     code=$(curl -s --max-time 5 -o /dev/null -w '%{http_code}' -H 'Content-Type: application/fhir+json' \
@@ -407,15 +429,20 @@ for m in "${MODE_LIST[@]}"; do
     [[ $code == 401 ]] || die "gateway-$m: POST without a token answered $code, expected 401"
   fi
   if has_events "$m"; then
+    stage=delivered
+    reaches_broker "$m" || stage=spooled
     for ((i = 0; i < 100; i++)); do
       scrape "$m" >"$TMP/m.txt"
-      (($(metric "$TMP/m.txt" delivered) >= 1)) && break
+      (($(metric "$TMP/m.txt" $stage) >= 1)) && break
       sleep 0.1
     done
-    (($(metric "$TMP/m.txt" delivered) >= 1)) ||
-      die "gateway-$m: the event of the test write was not delivered within 10 s: $(tr '\n' ' ' <"$TMP/m.txt"); $(tail -5 "$TMP/gateway-$m.log")"
+    (($(metric "$TMP/m.txt" $stage) >= 1)) ||
+      die "gateway-$m: the event of the test write was not $stage within 10 s: $(tr '\n' ' ' <"$TMP/m.txt"); $(tail -5 "$TMP/gateway-$m.log")"
+    if [[ $m == down ]] && (($(metric "$TMP/m.txt" delivered) > 0)); then
+      die "gateway-down delivered an event: something answers on 127.0.0.1:$DOWN_PORT"
+    fi
   fi
-  log "  ok: gateway-$m: 201, Location rewritten$([[ $AUTH == jwt ]] && echo ", 401 without a token")$(has_events "$m" && echo ", the event delivered")"
+  log "  ok: gateway-$m: 201, Location rewritten$([[ $AUTH == jwt ]] && echo ", 401 without a token")$(has_events "$m" && echo ", the event $stage")"
 done
 
 # ---------------------------------------------------------------- measure
@@ -478,7 +505,7 @@ RUNS_TSV=$TMP/runs.tsv # mode run rps p50 p99 requests produced delivered_during
 log "warm-up: 2 s of wrk per gateway"
 for m in "${MODE_LIST[@]}"; do
   run_wrk "$m" 2 "$TMP/warmup.txt" "ev$STAMP-$m-warmup"
-  if has_events "$m"; then
+  if reaches_broker "$m"; then
     d=$(drain "$m")
     [[ $d != timeout ]] || die "gateway-$m: the warm-up's events did not drain in $DRAIN_TIMEOUT s"
   fi
@@ -505,8 +532,11 @@ for ((r = 1; r <= RUNS; r++)); do
       spooled=$(delta "$TMP/before.txt" "$TMP/after.txt" spooled)
       depth=$(metric "$TMP/after.txt" depth)
       evs=$(awk -v n="$deliv" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }')
-      dr=$(drain "$m")
-      [[ $dr != timeout ]] || dr="timeout (> $DRAIN_TIMEOUT s)"
+      dr=-
+      if reaches_broker "$m"; then
+        dr=$(drain "$m")
+        [[ $dr != timeout ]] || dr="timeout (> $DRAIN_TIMEOUT s)"
+      fi
       scrape "$m" >"$TMP/final.txt"
       dropped=$(($(delta "$TMP/before.txt" "$TMP/final.txt" dropped_queue_full) + $(delta "$TMP/before.txt" "$TMP/final.txt" dropped_spool_full)))
       failed=$(delta "$TMP/before.txt" "$TMP/final.txt" failed)
@@ -550,6 +580,11 @@ PY
     scrape "$m" >"$TMP/end.txt"
     TOT_PRODUCED[$m]=$(metric "$TMP/end.txt" produced)
     TOT_DELIVERED[$m]=$(metric "$TMP/end.txt" delivered)
+    if ! reaches_broker "$m"; then
+      TOT_TOPIC[$m]="not read (no broker): $(metric "$TMP/end.txt" spooled) spooled, spool depth $(metric "$TMP/end.txt" depth), dropped $(($(metric "$TMP/end.txt" dropped_queue_full) + $(metric "$TMP/end.txt" dropped_spool_full)))"
+      log "  $m: produced ${TOT_PRODUCED[$m]}, ${TOT_TOPIC[$m]}"
+      continue
+    fi
     if read -r n distinct dups < <(timeout 300 "$KPY" "$TMP/count.py" "127.0.0.1:$KAFKA_PORT" "${TOPIC[$m]}" "${TOT_DELIVERED[$m]}" 2>"$TMP/count.err"); then
       TOT_TOPIC[$m]="$n messages, $distinct distinct correlation ids, $dups seen twice or more"
     else
@@ -583,6 +618,7 @@ declare -A DESC=(
   [modpath]="\`SamplePostProcess\` (module path, no events)"
   [on]="\`PublishFHIREvent\` → Kafka, spool fsync every 100 ms"
   [always]="\`PublishFHIREvent\` → Kafka, spool \`fsync: always\`"
+  [down]="\`PublishFHIREvent\` → Kafka, broker unreachable for the whole run (events wait in the spool, fsync every 100 ms)"
 )
 COMMIT=$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 git -C "$REPO" diff --quiet HEAD -- src modules Cargo.toml Cargo.lock 2>/dev/null ||
@@ -597,15 +633,16 @@ mkdir -p "$RESULTS"
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "- Machine: nproc=$NCPU, CPU: ${CPU_MODEL:-unknown}, kernel $(uname -r); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- Git commit: $COMMIT; binary built $BIN_DATE (release)"
-  echo "- Command: \`RUNS=$RUNS DURATION=$DURATION CONNS=$CONNS MODES=\"$MODES\" AUTH=$AUTH KAFKA=$KAFKA load-tests/events.sh\`"
+  echo "- Command: \`RUNS=$RUNS DURATION=$DURATION CONNS=$CONNS MODES=\"$MODES\" AUTH=$AUTH KAFKA=$KAFKA UPSTREAM=$UPSTREAM load-tests/events.sh\`"
   echo
   echo "## Method"
   echo
-  echo "- Upstream: nginx (1 worker, CPU $LOADGEN_CPU) answering \`POST /fhir/Observation\` with 201, \`Location: http://127.0.0.1:$UP_PORT/fhir/Observation/bench-1/_history/1\` and a $(printf %s "$UPSTREAM_JSON" | wc -c)-byte \`application/fhir+json\` Observation (id, meta.versionId, lastUpdated, subject Patient/p1)."
+  [[ $UPSTREAM != sekmet ]] || echo "- Upstream: the real SEKMET FHIR R4 server at $SEKMET_URL (not pinned; it stores every write, so its own time per write is most of a write's time here)."
+  [[ $UPSTREAM != nginx ]] || echo "- Upstream: nginx (1 worker, CPU $LOADGEN_CPU) answering \`POST /fhir/Observation\` with 201, \`Location: http://127.0.0.1:$UP_PORT/fhir/Observation/bench-1/_history/1\` and a $(printf %s "$UPSTREAM_JSON" | wc -c)-byte \`application/fhir+json\` Observation (id, meta.versionId, lastUpdated, subject Patient/p1)."
   echo "- Gateways: release \`fhir-gateway\`, one per mode, all running the whole time, \`pingora.threads: 1\`, all pinned to CPU $GW_CPU (librdkafka's and the spool writer's threads included), logging warn, no access log. Auth: $([[ $AUTH == jwt ]] && echo "\`jwt\` against the IdP at $IDP, every request with one writer-app client-credentials token (verified once, then cached)" || echo "\`insecure_dev\` (no caller authentication; the auth cost is the same in every mode)")."
   echo "- Broker: $KAFKA_DESC; one topic per events mode (1 partition), \`invalidate_caches: false\`; producer settings are the gateway's (idempotent, acks=all, linger.ms=5)."
   echo "- Load: \`$WRK_DESC\` on CPU $LOADGEN_CPU, a Lua script sets the method, the body, Content-Type and a unique \`X-Request-Id\` per write (it becomes the event's \`correlationid\`, so the topic can be checked for lost and duplicated events); every answer must be 201. $RUNS round(s), the modes take turns in each; a 2-s unrecorded warm-up per mode first. Figures are medians of the runs."
-  echo "- Events: the gateway's metrics listener is read before and after each run: \`fhirgw_events_total{stage=produced|delivered|dropped_*|failed}\` and \`fhirgw_events_spool_depth\`. events/s = delivered during the run ÷ run time; after each run the script waits until the spool is empty and every produced event is delivered (drain time, from the end of the load) before the next mode starts. Gateway defaults otherwise: \`events.queue_capacity\` 10000 (a full queue drops events, counted in \`dropped_queue_full\`), spool max 1 GiB."
+  echo "- Events: the gateway's metrics listener is read before and after each run: \`fhirgw_events_total{stage=produced|delivered|dropped_*|failed}\` and \`fhirgw_events_spool_depth\`. events/s = delivered during the run ÷ run time; after each run the script waits until the spool is empty and every produced event is delivered (drain time, from the end of the load) before the next mode starts; \`down\` is not drained (its broker never answers): its events stay spooled, and its spool depth grows run by run. Gateway defaults otherwise: \`events.queue_capacity\` 10000 (a full queue drops events, counted in \`dropped_queue_full\`), spool max 1 GiB."
   echo
   echo "## Writes/s"
   echo
@@ -615,7 +652,7 @@ mkdir -p "$RESULTS"
     echo "| $m | ${DESC[$m]} | $(awk -v a="${RPS[$m]}" 'BEGIN { printf "%.0f", a }') | $(loss "$m") | $(round_loss "$m") | $(col_median "$m" 4) | $(col_median "$m" 5) |"
   done
   echo
-  for m in on always; do
+  for m in on always down; do
     [[ -n ${RPS[$m]:-} && -n ${RPS[off]:-} ]] || continue
     line="- events $m vs off: **$(loss "$m")** writes/s (median of the per-round ratios: $(round_loss "$m"); goal: no worse than −5 %)"
     if [[ -n ${RPS[modpath]:-} ]]; then
@@ -623,6 +660,9 @@ mkdir -p "$RESULTS"
     fi
     echo "$line"
   done
+  if [[ -n ${RPS[down]:-} && -n ${RPS[on]:-} ]]; then
+    echo "- broker outage vs broker up (down vs on): writes/s $(awk -v a="${RPS[down]}" -v b="${RPS[on]}" 'BEGIN { printf "%+.1f %%", (a - b) / b * 100 }'), p50 $(col_median down 4) vs $(col_median on 4) ms, p99 $(col_median down 5) vs $(col_median on 5) ms; every answer 201 in both"
+  fi
   if ((ANY_EVENTS)); then
     echo
     echo "## Events to the broker"
