@@ -240,3 +240,72 @@ async fn a_failed_fetch_does_not_hold_off_a_rotated_key() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(status_with(&gw, &t).await, 200, "{}", gw.log());
 }
+
+/// A successful fetch just before a rotation (the periodic refresh landing just before the IdP
+/// restarts with a new key; here the start-up fetch) must not hold off the new key: only fetches
+/// an unknown kid triggered are rate-limited. The 30-minute soak of 2026-11-28 saw 692 401s
+/// over 7 s when its periodic refresh (every 300 s) fell just before its rotation (at 900 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recent_periodic_fetch_does_not_hold_off_a_rotated_key() {
+    require_peer(&format!("{IDP}/.well-known/openid-configuration")).await;
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let real: serde_json::Value = client()
+        .get(format!("{IDP}/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut before = real.clone();
+    for k in before["keys"].as_array_mut().unwrap() {
+        k["kid"] = format!("retired-{}", k["kid"].as_str().unwrap()).into();
+    }
+    let rotated = Arc::new(AtomicBool::new(false));
+    let r2 = rotated.clone();
+    let jwks = ScriptedUpstream::start(move |_, _| Reply::Full {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: if r2.load(Ordering::SeqCst) {
+            &real
+        } else {
+            &before
+        }
+        .to_string()
+        .into_bytes(),
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: jwt\n  jwks:\n    min_refetch_secs: 30\n  issuers:\n    - name: hospital\n      issuer: {IDP}\n      jwks_url: http://{}/jwks\n      audiences: [\"{AUDIENCE}\"]\n",
+        sekmet_url(),
+        jwks.addr
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let fetched = jwks.received().len();
+    assert!(fetched >= 1, "the start-up fetch");
+    // Seconds after a successful fetch, the IdP publishes the new key and signs with it.
+    rotated.store(true, Ordering::SeqCst);
+    let t = token("reader-app").await;
+    assert_eq!(status_with(&gw, &t).await, 200, "{}", gw.log());
+    assert_eq!(
+        jwks.received().len(),
+        fetched + 1,
+        "one fetch for the new kid"
+    );
+    // Unknown kids are still refetched at most once per interval: a token naming a kid nobody
+    // published is refused without another fetch.
+    let mut parts = t.splitn(2, '.');
+    let (_, rest) = (parts.next(), parts.next().unwrap());
+    let forged = format!(
+        "{}.{rest}",
+        b64(br#"{"alg":"RS256","typ":"JWT","kid":"never-published"}"#)
+    );
+    assert_eq!(status_with(&gw, &forged).await, 401);
+    assert_eq!(status_with(&gw, &t).await, 200);
+    assert_eq!(
+        jwks.received().len(),
+        fetched + 1,
+        "no fetch within the interval"
+    );
+}

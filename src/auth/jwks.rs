@@ -48,6 +48,9 @@ pub struct KeyStore {
     loaded: AtomicBool,
     /// When the last fetch ended, and whether it succeeded.
     last_fetch: Mutex<Option<(Instant, bool)>>,
+    /// The same, for fetches an unknown `kid` triggered: only these are rate-limited, so a
+    /// periodic refresh just before a rotation does not hold off the new key.
+    last_kid_fetch: Mutex<Option<(Instant, bool)>>,
     fetch_lock: tokio::sync::Mutex<()>,
     min_refetch: Duration,
 }
@@ -67,6 +70,7 @@ impl KeyStore {
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             last_fetch: Mutex::new(None),
+            last_kid_fetch: Mutex::new(None),
             fetch_lock: tokio::sync::Mutex::new(()),
             min_refetch,
         }
@@ -99,27 +103,34 @@ impl KeyStore {
         }
     }
 
-    /// Refetch for an unknown `kid`, at most once per `min_refetch`. Returns whether the key
-    /// set may have changed (a fetch succeeded, by this call or one it waited for), so the
-    /// caller should look the key up again.
+    /// Refetch for an unknown `kid`, at most once per `min_refetch` (once a second after a
+    /// failed one). Returns whether the key set may have changed (a fetch succeeded, by this
+    /// call or one it waited for), so the caller should look the key up again.
     pub async fn refetch_for_unknown_kid(&self, http: &reqwest::Client) -> bool {
+        let arrived = Instant::now();
         // The lock first: a request arriving while another one's fetch (of a rotated key) is
         // in flight waits for it instead of failing on the old key set.
         let _g = self.fetch_lock.lock().await;
-        {
-            let last = self.last_fetch.lock().expect("fetch time lock");
-            match *last {
-                // Fetched recently (maybe while we waited): look again, do not fetch again.
-                Some((t, true)) if t.elapsed() < self.min_refetch => return true,
-                // A failed fetch (the IdP restarting, say) holds off retries only briefly, or
-                // a key rotated during the blip would be refused for the whole interval.
-                Some((t, false)) if t.elapsed() < self.min_refetch.min(FAILED_REFETCH) => {
-                    return false
-                }
-                _ => {}
+        if let Some((t, true)) = *self.last_fetch.lock().expect("fetch time lock") {
+            if t > arrived {
+                return true; // fetched while we waited: look again
             }
         }
-        self.fetch(http).await.is_ok()
+        if let Some((t, ok)) = *self.last_kid_fetch.lock().expect("fetch time lock") {
+            // A failed fetch (the IdP restarting, say) holds off retries only briefly, or a
+            // key rotated during the blip would be refused for the whole interval.
+            let hold = if ok {
+                self.min_refetch
+            } else {
+                self.min_refetch.min(FAILED_REFETCH)
+            };
+            if t.elapsed() < hold {
+                return false;
+            }
+        }
+        let ok = self.fetch(http).await.is_ok();
+        *self.last_kid_fetch.lock().expect("fetch time lock") = Some((Instant::now(), ok));
+        ok
     }
 
     /// Discovery (when configured) and JWKS; replaces the key set on success. Old keys are
