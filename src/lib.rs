@@ -5,6 +5,7 @@ pub mod chain;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod faithful;
 pub mod gateway;
 pub mod headers;
 pub mod health;

@@ -119,7 +119,7 @@ fn filter_bundle(b: &mut Value, style: &Style, judge: &mut Judge) -> usize {
                             style.module, style.reason
                         ),
                     );
-                    e.as_object_mut().expect("entry").remove("resource");
+                    e.as_object_mut().expect("entry").shift_remove("resource");
                     continue;
                 }
                 let status = if style.hide_existence {
@@ -172,10 +172,10 @@ fn filter_bundle(b: &mut Value, style: &Style, judge: &mut Judge) -> usize {
         if total == orig_matches && matches > 0 {
             o.insert("total".into(), Value::from(matches));
         } else {
-            o.remove("total");
+            o.shift_remove("total");
         }
     } else {
-        o.remove("total");
+        o.shift_remove("total");
     }
     if removed > 0 && kind == "searchset" && !style.hide_existence && !style.stub {
         let notice = json!({

@@ -231,9 +231,10 @@ pub trait PreProcess: Send + Sync {
         false
     }
 
-    /// Cheap check: does this module do anything for this request? Modules that do not apply
-    /// cost nothing, and do not force buffering.
-    fn applies(&self, _req: &Request) -> bool {
+    /// Cheap check: does this module do anything for this request, from this caller (`None`
+    /// without authentication)? Modules that do not apply cost nothing, and do not force
+    /// buffering.
+    fn applies(&self, _req: &Request, _caller: Option<&Identity>) -> bool {
         true
     }
 
@@ -244,9 +245,10 @@ pub trait PreProcess: Send + Sync {
 pub trait PostProcess: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Cheap check on the request alone (before the upstream call): may this module act on
-    /// the response? When no post module applies, the response streams untouched.
-    fn applies(&self, _req: &Request) -> bool {
+    /// Cheap check on the request and the caller alone (before the upstream call): may this
+    /// module act on the response? When no post module applies, the response streams
+    /// untouched: a caller a filter bypasses never has the response buffered.
+    fn applies(&self, _req: &Request, _caller: Option<&Identity>) -> bool {
         true
     }
 

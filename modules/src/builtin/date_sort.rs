@@ -12,6 +12,7 @@
 use crate::processor::{
     next_link, query_pairs, Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response,
 };
+use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -142,7 +143,7 @@ impl PostProcess for DateSort {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         date_sort(req).is_some()
     }
 
@@ -232,7 +233,7 @@ impl PostProcess for DateSort {
         let mut out = first;
         let obj = out.as_object_mut().expect("searchset object");
         if truncated {
-            obj.remove("total");
+            obj.shift_remove("total");
             entries.push(json!({
                 "resource": {"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"too-costly",
                     "diagnostics": format!("DateSort returned the first {n} matches only (max {}); narrow the search", self.max)}]},
@@ -302,7 +303,7 @@ mod tests {
     async fn follows_next_merges_and_sorts_descending() {
         let m = DateSort::new(Settings { max: 100 }).unwrap();
         let r = req("_sort=-date&_count=2");
-        assert!(m.applies(&r));
+        assert!(m.applies(&r, None));
         let mut resp = Response::json(
             200,
             page(
@@ -384,15 +385,21 @@ mod tests {
     #[test]
     fn applies_only_to_date_sorts_on_known_types() {
         let m = DateSort::new(Settings { max: 10 }).unwrap();
-        assert!(m.applies(&req("_sort=date")));
-        assert!(!m.applies(&req("_sort=code")));
-        assert!(!m.applies(&Request {
-            path: "/Patient".into(),
-            ..req("_sort=date")
-        }));
-        assert!(!m.applies(&Request {
-            path: "/Observation/1".into(),
-            ..req("_sort=date")
-        }));
+        assert!(m.applies(&req("_sort=date"), None));
+        assert!(!m.applies(&req("_sort=code"), None));
+        assert!(!m.applies(
+            &Request {
+                path: "/Patient".into(),
+                ..req("_sort=date")
+            },
+            None
+        ));
+        assert!(!m.applies(
+            &Request {
+                path: "/Observation/1".into(),
+                ..req("_sort=date")
+            },
+            None
+        ));
     }
 }

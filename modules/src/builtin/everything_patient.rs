@@ -19,6 +19,7 @@ use crate::identity::valid_id;
 use crate::processor::{
     next_link, ClientRequest, Context, ModuleError, PreOutcome, PreProcess, Request, Response,
 };
+use crate::Identity;
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use serde::Deserialize;
@@ -171,7 +172,7 @@ impl PreProcess for EverythingPatient {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         !self.pass_through && patient_id(req).is_some()
     }
 
@@ -409,7 +410,7 @@ mod tests {
             .unwrap();
         assert!(matches!(out, PreOutcome::Stop(r) if r.status == 404));
         assert_eq!(client.calls().len(), 1);
-        assert!(!m.applies(&req("/Patient/p1")));
+        assert!(!m.applies(&req("/Patient/p1"), None));
         let pt = EverythingPatient::new(Settings {
             max: 10,
             concurrency: 2,
@@ -417,6 +418,6 @@ mod tests {
             include_referenced: true,
         })
         .unwrap();
-        assert!(!pt.applies(&req("/Patient/p1/$everything")));
+        assert!(!pt.applies(&req("/Patient/p1/$everything"), None));
     }
 }

@@ -322,10 +322,11 @@ impl PostProcess for ParticipantFilter {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, caller: Option<&Identity>) -> bool {
         // Every answer with a body may hold patient data (a conditional create can answer
-        // with an existing resource); only DELETE has nothing to show.
-        req.method != "DELETE"
+        // with an existing resource); only DELETE has nothing to show. A bypassing caller's
+        // response is never buffered.
+        req.method != "DELETE" && !caller.is_some_and(|id| self.bypasses(id))
     }
 
     async fn process(

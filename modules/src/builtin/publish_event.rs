@@ -69,6 +69,7 @@ use crate::identity::valid_id;
 use crate::processor::{Context, ModuleError, PostOutcome, PostProcess, Request, Response};
 use crate::reference::{valid_type, Ref, Resolver};
 use crate::request::{classify, Interaction};
+use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -225,7 +226,7 @@ impl PostProcess for PublishFhirEvent {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         is_write(req)
     }
 
@@ -760,7 +761,7 @@ mod tests {
             ..Default::default()
         });
         cx.events = sink.clone();
-        assert!(m.applies(rq), "{} {} must apply", rq.method, rq.path);
+        assert!(m.applies(rq, None), "{} {} must apply", rq.method, rq.path);
         let before = rs.clone();
         let out = m.process(rq, &mut rs, &cx).await.unwrap();
         assert!(matches!(out, PostOutcome::Continue));
@@ -1216,7 +1217,10 @@ mod tests {
             ("PUT", "/Patient"),
             ("DELETE", "/metadata"),
         ] {
-            assert!(!m.applies(&req(method, path, "", None)), "{method} {path}");
+            assert!(
+                !m.applies(&req(method, path, "", None), None),
+                "{method} {path}"
+            );
         }
         for (method, path, query) in [
             ("POST", "/Patient", ""),
@@ -1229,7 +1233,7 @@ mod tests {
             ("POST", "/", ""),
         ] {
             assert!(
-                m.applies(&req(method, path, query, None)),
+                m.applies(&req(method, path, query, None), None),
                 "{method} {path}"
             );
         }

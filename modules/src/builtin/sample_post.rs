@@ -5,6 +5,7 @@
 //! Settings: `system` and `code` of the tag (both required).
 
 use crate::processor::{Context, ModuleError, PostOutcome, PostProcess, Request, Response};
+use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -54,7 +55,7 @@ impl PostProcess for SamplePostProcess {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         req.method == "GET" || req.method == "POST"
     }
 

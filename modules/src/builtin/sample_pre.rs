@@ -5,6 +5,7 @@
 //! Settings: `default_count` (1..=1000, default 50).
 
 use crate::processor::{query_pairs, Context, ModuleError, PreOutcome, PreProcess, Request};
+use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 
@@ -53,7 +54,7 @@ impl PreProcess for SamplePreProcess {
         Self::NAME
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         is_type_search(req) && !query_pairs(&req.query).any(|(k, _)| k == "_count")
     }
 
@@ -85,12 +86,12 @@ mod tests {
     async fn adds_count_to_searches_without_one() {
         let m = SamplePreProcess::new(Settings { default_count: 7 }).unwrap();
         let mut r = req("GET", "/Observation", "code=x");
-        assert!(m.applies(&r));
+        assert!(m.applies(&r, None));
         m.process(&mut r, &context()).await.unwrap();
         assert_eq!(r.query, "code=x&_count=7");
-        assert!(!m.applies(&req("GET", "/Observation", "_count=2")));
-        assert!(!m.applies(&req("GET", "/Observation/1", "")));
-        assert!(!m.applies(&req("POST", "/Observation", "")));
+        assert!(!m.applies(&req("GET", "/Observation", "_count=2"), None));
+        assert!(!m.applies(&req("GET", "/Observation/1", ""), None));
+        assert!(!m.applies(&req("POST", "/Observation", ""), None));
         assert!(SamplePreProcess::new(Settings { default_count: 0 }).is_err());
     }
 }

@@ -14,6 +14,7 @@
 //! Settings: `conditional_put` (use `<Type>?_id=<id>`; default false).
 
 use crate::processor::{Context, ModuleError, PreOutcome, PreProcess, Request, Response};
+use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -80,7 +81,7 @@ impl PreProcess for TransformBundle {
         true
     }
 
-    fn applies(&self, req: &Request) -> bool {
+    fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         req.method == "POST" && req.path.trim_matches('/').is_empty()
     }
 
@@ -215,7 +216,7 @@ impl PreProcess for TransformBundle {
                         // match keeps the response entry at the same index.
                         e["request"] = json!({"method": "GET", "url": target});
                         if let Some(o) = e.as_object_mut() {
-                            o.remove("resource");
+                            o.shift_remove("resource");
                         }
                     } else {
                         e["request"] = json!({"method": "PUT", "url": target});

@@ -1,0 +1,342 @@
+//! The buffered road: when a module needs the bodies, the gateway reads the request, runs the
+//! pre chain, calls the FHIR server through the one upstream client, runs the post chain on the
+//! parsed response and writes the result with a length.
+
+use super::*;
+
+/// The FHIR server's answer as it came: the tree the post chain starts from, and its bytes.
+pub(super) struct Origin {
+    pub tree: Value,
+    pub raw: Bytes,
+}
+
+/// Resolves when the client closes its side of the connection (read side at EOF or reset).
+/// Bytes of a pipelined next request are kept for it (pipelining is on), not treated as a
+/// close.
+pub(super) async fn client_gone(session: &mut Session) {
+    loop {
+        if session
+            .downstream_session
+            .read_body_or_idle(true)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A module's own OperationOutcome carries the correlation id too, like every gateway error.
+pub(super) fn tag_outcome(r: &mut ModResponse, correlation_id: &str) {
+    let Some(body) = r.json_body_mut() else {
+        return;
+    };
+    if body.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") {
+        return;
+    }
+    if let Some(issues) = body.get_mut("issue").and_then(Value::as_array_mut) {
+        for i in issues {
+            let d = i
+                .get("diagnostics")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            i["diagnostics"] = json!(format!("{d} (correlation id {correlation_id})")
+                .trim_start()
+                .to_string());
+        }
+    }
+}
+
+impl FhirProxy {
+    /// Audit headers for every upstream call made for this request.
+    pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, String)> {
+        let [user, upn, tenant, source, proxy] = &self.gw.audit;
+        let mut v = Vec::with_capacity(5);
+        if let Some(id) = &ctx.identity {
+            v.push((user.clone(), headers::sanitize_header_value(&id.user_id)));
+            if let Some(u) = &id.upn {
+                v.push((upn.clone(), headers::sanitize_header_value(u)));
+            }
+            if let Some(t) = &id.tenant {
+                v.push((tenant.clone(), headers::sanitize_header_value(t)));
+            }
+        }
+        if let Some(s) = &ctx.source {
+            v.push((source.clone(), s.clone()));
+        }
+        v.push((proxy.clone(), self.gw.name.clone()));
+        v
+    }
+
+    /// The FHIR client for this request: service identity, the caller's audit headers.
+    pub(super) fn client_for(&self, ctx: &Ctx) -> GatewayFhirClient {
+        GatewayFhirClient {
+            gw: self.gw.clone(),
+            call: CallIdentity {
+                service_auth: ctx.service_auth.clone(),
+                audit: self.audit_headers(ctx),
+                correlation_id: ctx.correlation_id.clone(),
+                public_base: self.public_base_string(ctx),
+            },
+        }
+    }
+
+    /// Runs the route's chains. `Ok(false)`: nothing needs the bodies, stream through Pingora
+    /// (with the path and query the pre chain left). `Ok(true)`: answered here — the request
+    /// body was read, the FHIR server called through the gateway's client, the post chain run
+    /// over the one parsed response, and the result serialised and rewritten once.
+    pub(super) async fn run_modules(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        admit: Admit,
+    ) -> std::result::Result<bool, GatewayError> {
+        let gw = self.gw.clone();
+        let route = &gw.routes[ctx.route];
+        if route.pre.is_empty() && route.post.is_empty() && matches!(admit, Admit::Proxy) {
+            // No chain on this route: nothing to build or ask.
+            return Ok(false);
+        }
+        let down = session.req_header();
+        let headers: Vec<(String, String)> = gw
+            .forward
+            .iter()
+            .flat_map(|n| {
+                down.headers
+                    .get_all(n)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(|v| (n.as_str().to_string(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut req = ModRequest {
+            method: down.method.as_str().to_string(),
+            path: ctx.rest.clone(),
+            query: ctx
+                .query
+                .as_deref()
+                .map(|q| String::from_utf8_lossy(q).into_owned())
+                .unwrap_or_default(),
+            headers,
+            body: None,
+        };
+        let mut body = match admit {
+            Admit::Buffered(b) => Some(b),
+            Admit::Proxy => None,
+        };
+        let caller = ctx.identity.as_ref();
+        let pre_applies = route.pre.iter().any(|m| m.applies(&req, caller));
+        let pre_needs_body = route
+            .pre
+            .iter()
+            .any(|m| m.applies(&req, caller) && m.needs_body());
+        let post_applies = route.post.iter().any(|m| m.applies(&req, caller));
+        let buffered = body.is_some() || pre_needs_body || post_applies;
+        if !buffered && !pre_applies {
+            return Ok(false);
+        }
+        if buffered && body.is_none() {
+            body = Some(self.read_body(session, &mut ctx.body).await?);
+        }
+        req.body = body.map(|b| b.to_vec());
+        let client = Arc::new(self.client_for(ctx));
+        let cx = Context {
+            identity: ctx.identity.clone(),
+            correlation_id: ctx.correlation_id.clone(),
+            public_base: self.public_base_string(ctx),
+            upstream_base: gw.upstream.base.as_string(),
+            fhir: client.clone(),
+            events: gw.events.clone(),
+            links: gw.links.clone(),
+        };
+        // The work below owns no part of the session, so it can race the client leaving: a
+        // buffered exchange (fetches, parsing, filtering, rewriting) stops when nobody is
+        // left to answer. Only when the request body was read (or there is none), so the
+        // watch cannot swallow body bytes.
+        let work = async {
+            let (mut resp, origin) =
+                match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
+                    PreResult::Reply(mut r) => {
+                        tag_outcome(&mut r, &ctx.correlation_id);
+                        return Ok(Some((r, None)));
+                    }
+                    PreResult::Stop(mut r) => {
+                        tag_outcome(&mut r, &ctx.correlation_id);
+                        (r, None)
+                    }
+                    PreResult::Continue if !buffered => {
+                        // Only the path or query changed: the exchange can still stream.
+                        check_path(req.path.as_bytes()).map_err(|why| {
+                            GatewayError::Internal(format!("a module produced a bad path: {why}"))
+                        })?;
+                        self.authorize_final(ctx, &req)?;
+                        ctx.rest = req.path.clone();
+                        ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
+                        return Ok(None);
+                    }
+                    PreResult::Continue => {
+                        self.authorize_final(ctx, &req)?;
+                        let mut target = req.path.clone();
+                        if !req.query.is_empty() {
+                            target.push('?');
+                            target.push_str(&req.query);
+                        }
+                        ctx.attempts += 1;
+                        let sent = Instant::now();
+                        let (r, raw) = client
+                            .call_raw(ClientRequest {
+                                method: req.method.clone(),
+                                path_and_query: target,
+                                headers: req.headers.clone(),
+                                body: req.body.clone(),
+                            })
+                            .await?;
+                        ctx.upstream_status = Some(r.status);
+                        ctx.upstream_ms = Some(sent.elapsed().as_millis());
+                        if (200..300).contains(&r.status) {
+                            ctx.written.iter().for_each(|t| gw.invalidate(t));
+                        }
+                        // Modules edit a copy; the faithful writer reuses the server's bytes for
+                        // whatever they left unchanged.
+                        let origin = match (&r.body, raw) {
+                            (ModBody::Json(v), Some(raw)) => Some(Origin {
+                                tree: v.clone(),
+                                raw,
+                            }),
+                            _ => None,
+                        };
+                        (r, origin)
+                    }
+                };
+            chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+            Ok::<_, GatewayError>(Some((resp, origin)))
+        };
+        let outcome = if buffered {
+            tokio::select! {
+                r = work => r,
+                _ = client_gone(session) => Err(GatewayError::ClientGone),
+            }
+        } else {
+            work.await
+        };
+        match outcome {
+            Ok(Some((resp, origin))) => {
+                self.write_module_response(session, ctx, resp, origin.as_ref())
+                    .await?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(GatewayError::ClientGone) => {
+                ctx.client_gone = true;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What goes upstream is authorised, not only what the caller sent: a pre module that
+    /// changed the path, query or a Bundle (TransformBundle) is checked again.
+    pub(super) fn authorize_final(
+        &self,
+        ctx: &Ctx,
+        req: &ModRequest,
+    ) -> std::result::Result<(), GatewayError> {
+        let Some(identity) = &ctx.identity else {
+            return Ok(());
+        };
+        let route = &self.gw.routes[ctx.route];
+        let alone = self.gw.smart.scopes_alone_suffice;
+        let request = classify(&req.method, &req.path, &req.query).map_err(|e| {
+            GatewayError::Internal(format!("a module produced a request that is not FHIR: {e}"))
+        })?;
+        if request.interaction == Interaction::Bundle {
+            let Some(Ok(bundle)) = req.json() else {
+                return Err(GatewayError::BadRequest("a Bundle body is required".into()));
+            };
+            let entries = classify_bundle(&bundle, &self.public_base_string(ctx))
+                .map_err(GatewayError::BadRequest)?;
+            for (i, entry) in entries.iter().enumerate() {
+                policy::authorize_with(identity, entry, alone, &route.policy).map_err(|rule| {
+                    GatewayError::Forbidden(format!("{rule} (Bundle entry {i}, as sent upstream)"))
+                })?;
+            }
+            Ok(())
+        } else {
+            policy::authorize_with(identity, &request, alone, &route.policy)
+                .map_err(|rule| GatewayError::Forbidden(format!("{rule} (as sent upstream)")))
+        }
+    }
+
+    /// Writes a module-road response with a length: the one response-head cleaner, the body
+    /// serialised once (faithfully: the server's bytes wherever modules changed nothing) and
+    /// rewritten as bytes.
+    pub(super) async fn write_module_response(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        resp: ModResponse,
+        origin: Option<&Origin>,
+    ) -> std::result::Result<(), GatewayError> {
+        let invalid = |what: String| GatewayError::Internal(format!("{what} is not valid"));
+        let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 3))
+            .map_err(|_| invalid(format!("status {}", resp.status)))?;
+        for (k, v) in &resp.headers {
+            let k = k.to_ascii_lowercase();
+            // The gateway frames the body; the correlation id is this request's.
+            if k == "content-length" || k == "transfer-encoding" || k == REQUEST_ID {
+                continue;
+            }
+            let v = HeaderValue::from_str(v).map_err(|_| invalid(format!("header {k}")))?;
+            h.append_header(k.clone(), v)
+                .map_err(|_| invalid(format!("header {k}")))?;
+        }
+        let mut out = match resp.body {
+            ModBody::Json(v) => {
+                if h.headers.get(http::header::CONTENT_TYPE).is_none() {
+                    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/fhir+json");
+                }
+                let mut out = match origin {
+                    Some(o) if o.tree == v => o.raw.to_vec(),
+                    Some(o) => crate::faithful::to_vec(&v, &o.tree, &o.raw),
+                    None => {
+                        serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?
+                    }
+                };
+                if ctx.metadata && resp.status == 200 {
+                    if let Some(secured) = self.secure_capability_statement(&out) {
+                        out = secured;
+                    }
+                }
+                out
+            }
+            ModBody::Raw(b) => b,
+            ModBody::None => Vec::new(),
+        };
+        let head_only = session.req_header().method == Method::HEAD;
+        if self.clean_head(ctx, &mut h, head_only)? {
+            if let Some(new) = self
+                .replacements(ctx)
+                .and_then(|to| self.gw.rewriter.rewrite_all(&out, to))
+            {
+                out = new;
+            }
+        }
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, out.len().to_string());
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|_| GatewayError::Internal("client went away".into()))?;
+        let body = if head_only {
+            Bytes::new()
+        } else {
+            Bytes::from(out)
+        };
+        session
+            .write_response_body(Some(body), true)
+            .await
+            .map_err(|_| GatewayError::Internal("client went away".into()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! The response side: one cleaner for the response head (dropped headers, URL rewrite, ETag,
+//! framing) and the body filter (streaming rewrite, `/metadata`).
+
+use super::*;
+
+/// `Retry-After` seconds or `x-ms-retry-after-ms`.
+pub(super) fn retry_after(h: &ResponseHeader) -> Option<Duration> {
+    if let Some(ms) = h
+        .headers
+        .get("x-ms-retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Duration::from_millis(ms));
+    }
+    h.headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// Content types whose bodies are rewritten. Binary payloads (a PDF in a `Binary`) are
+/// passed untouched: changing their bytes would corrupt them.
+pub(super) fn is_rewritable(content_type: Option<&[u8]>) -> bool {
+    let Some(ct) = content_type else {
+        return true;
+    };
+    let ct = ct.to_ascii_lowercase();
+    let ct = ct.split(|&b| b == b';').next().unwrap_or(&[]);
+    let ct = ct.trim_ascii();
+    ct.starts_with(b"text/")
+        || ct.ends_with(b"json")
+        || ct.ends_with(b"xml")
+        || ct == b"application/x-ndjson"
+        || ct == b"application/fhir+ndjson"
+}
+
+impl FhirProxy {
+    /// One cleaner for the response head, on both roads: hop-by-hop and server-identifying
+    /// headers dropped, the upstream base rewritten in every value, `X-Request-Id` set. For a
+    /// body the gateway may change (present, text-like) a compressed encoding is refused, the
+    /// length removed (the caller frames the body) and a strong ETag weakened, since the
+    /// bytes are no longer the server's. Answers whether the body is rewritten.
+    pub(super) fn clean_head(
+        &self,
+        ctx: &Ctx,
+        resp: &mut ResponseHeader,
+        head_request: bool,
+    ) -> std::result::Result<bool, GatewayError> {
+        for h in DROPPED_RESPONSE_HEADERS {
+            resp.remove_header(*h);
+        }
+        let invalid = |what: &str| GatewayError::Internal(format!("rewritten {what} is invalid"));
+        if let Some(to) = self.replacements(ctx) {
+            // Any header may name the upstream (Location, Content-Location, Link, custom ones).
+            let mut rewritten = Vec::new();
+            for (name, value) in resp.headers.iter() {
+                if let Some(v) = self.gw.rewriter.rewrite_all(value.as_bytes(), to) {
+                    rewritten.push((name.clone(), v));
+                }
+            }
+            for (name, v) in rewritten {
+                let v = HeaderValue::from_bytes(&v).map_err(|_| invalid("header"))?;
+                resp.insert_header(name, v).map_err(|_| invalid("header"))?;
+            }
+        }
+        resp.insert_header(REQUEST_ID, ctx.correlation_id.as_str())
+            .map_err(|_| invalid("X-Request-Id"))?;
+        let status = resp.status.as_u16();
+        let has_body =
+            !head_request && status != 204 && status != 304 && !(100..200).contains(&status);
+        let ct = resp.headers.get(http::header::CONTENT_TYPE);
+        let can_rewrite = self.replacements(ctx).is_some();
+        if !has_body || !can_rewrite || !is_rewritable(ct.map(|v| v.as_bytes())) {
+            return Ok(false);
+        }
+        if let Some(ce) = resp.headers.get(http::header::CONTENT_ENCODING) {
+            if !ce.as_bytes().eq_ignore_ascii_case(b"identity") {
+                // We asked for a plain body; a compressed one cannot be checked for the
+                // upstream address, so it does not go out.
+                return Err(GatewayError::UpstreamUnavailable(
+                    "compressed response body despite no Accept-Encoding".into(),
+                ));
+            }
+        }
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+        if let Some(etag) = resp.headers.get(http::header::ETAG) {
+            if !etag.as_bytes().starts_with(b"W/") {
+                let weak = [b"W/", etag.as_bytes()].concat();
+                let weak = HeaderValue::from_bytes(&weak).map_err(|_| invalid("ETag"))?;
+                resp.insert_header(http::header::ETAG, weak)
+                    .map_err(|_| invalid("ETag"))?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Cleans the response head (one cleaner for both roads: see `clean_head`) and decides
+    /// how the body is filtered.
+    pub(super) async fn response_head(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        if let Some(t) = ctx.upstream_sent.take() {
+            crate::metrics::upstream("stream", t.elapsed());
+            ctx.upstream_ms = Some(t.elapsed().as_millis());
+        }
+        if resp.status.is_success() {
+            ctx.written.iter().for_each(|t| self.gw.invalidate(t));
+        }
+        let head_request = session.req_header().method == Method::HEAD;
+        let rewritable = self
+            .clean_head(ctx, resp, head_request)
+            .map_err(|e| ctx.fail(e))?;
+        if rewritable {
+            // The body length changes: re-frame as chunked.
+            if session.req_header().version == http::Version::HTTP_11 {
+                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            }
+            let ct = resp.headers.get(http::header::CONTENT_TYPE);
+            let json = ct.is_some_and(|c| {
+                let c = c.as_bytes().to_ascii_lowercase();
+                memchr::memmem::find(&c, b"json").is_some()
+            });
+            let status = resp.status.as_u16();
+            if ctx.metadata && json && status == 200 {
+                ctx.buffer = Some(Vec::new());
+            } else {
+                ctx.rewrite = Some(StreamRewrite::default());
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn response_body(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        let total = Duration::from_millis(self.gw.upstream.timeouts().total_ms);
+        if ctx.start.elapsed() > total && !end_of_stream {
+            return Err(ctx.fail(GatewayError::UpstreamTimeout(
+                "response exceeded the total timeout".into(),
+            )));
+        }
+        if let Some(buf) = ctx.buffer.as_mut() {
+            if let Some(chunk) = body.take() {
+                let cap = self.gw.limits.max_buffered_response_bytes;
+                if buf.len() + chunk.len() > cap {
+                    return Err(ctx.fail(GatewayError::ResponseTooLarge(cap)));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            if end_of_stream {
+                let whole = ctx.buffer.take().unwrap_or_default();
+                let transformed = self.secure_capability_statement(&whole).unwrap_or(whole);
+                let out = match self.replacements(ctx) {
+                    Some(to) => self
+                        .gw
+                        .rewriter
+                        .rewrite_all(&transformed, to)
+                        .unwrap_or(transformed),
+                    None => transformed,
+                };
+                *body = Some(Bytes::from(out));
+            } else {
+                *body = Some(Bytes::new());
+            }
+            return Ok(None);
+        }
+        if ctx.rewrite.is_none() {
+            return Ok(None);
+        }
+        let to = match self.replacements(ctx) {
+            Some(r) => r.clone(),
+            None => return Ok(None),
+        };
+        let rw = ctx.rewrite.as_mut().expect("checked above");
+        let mut out = match body.take() {
+            Some(chunk) => rw.push(&self.gw.rewriter, &to, chunk),
+            None => Bytes::new(),
+        };
+        if end_of_stream {
+            let tail = rw.finish(&self.gw.rewriter, &to);
+            if !tail.is_empty() {
+                out = if out.is_empty() {
+                    tail
+                } else {
+                    Bytes::from([out.as_ref(), tail.as_ref()].concat())
+                };
+            }
+        }
+        *body = Some(out);
+        Ok(None)
+    }
+}
