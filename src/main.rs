@@ -107,9 +107,7 @@ fn main() -> ExitCode {
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        FhirProxy {
-            gw: gateway.clone(),
-        },
+        FhirProxy::new(gateway.clone()),
         "fhir-gateway",
     );
     for l in &cfg.listen {

@@ -166,9 +166,8 @@ impl FhirProxy {
 
         // Public base for rewriting: configured, or from the Host the caller used.
         if route.public_base.is_none() {
-            let base = self.derived_public_base(session, ctx.client_ip, &route.prefix)?;
-            let r = gw.rewriter.replacements(&base);
-            ctx.public_base = Some(PublicBase::Derived(base, r));
+            let d = self.derived_public_base(session, ctx.client_ip, ctx.route)?;
+            ctx.public_base = Some(PublicBase::Derived(d));
         } else {
             ctx.public_base = Some(PublicBase::Configured);
         }
@@ -249,6 +248,11 @@ impl FhirProxy {
         }
 
         ctx.service_auth = gw.identity.authorization().await?;
+        if ctx.body.checks_json() && matches!(admit, Admit::Proxy) {
+            // A JSON body is checked whole before anything goes upstream (Pingora sends the
+            // head before the body): then the gateway's upstream client sends it.
+            admit = Admit::Buffered(self.read_body(session, &mut ctx.body).await?);
+        }
         if guard {
             admit = self.guard_links(session, ctx, &method, admit).await?;
         }

@@ -89,6 +89,11 @@ impl BodyGuard {
         Ok(())
     }
 
+    /// Whether the body is JSON the guard checks (then it is read whole before going upstream).
+    pub fn checks_json(&self) -> bool {
+        self.json.is_some()
+    }
+
     /// Request body bytes seen so far.
     pub fn seen(&self) -> u64 {
         self.seen

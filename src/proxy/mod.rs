@@ -64,6 +64,14 @@ use std::time::{Duration, Instant};
 
 pub struct FhirProxy {
     pub gw: Arc<Gateway>,
+    bases: BaseCache,
+}
+
+impl FhirProxy {
+    pub fn new(gw: Arc<Gateway>) -> FhirProxy {
+        let bases = BaseCache::new(gw.routes.len());
+        FhirProxy { gw, bases }
+    }
 }
 
 /// Per-request state.

@@ -2,11 +2,35 @@
 //! (trusted `X-Forwarded-*`) and cached per authority with its encoded forms.
 
 use super::*;
+use std::collections::HashMap;
+use std::sync::RwLock;
 
 pub(super) enum PublicBase {
     Configured,
     /// Built from the request (Host / trusted X-Forwarded-*): the base and its encoded forms.
-    Derived(String, Replacements),
+    Derived(Arc<Derived>),
+}
+
+pub struct Derived {
+    base: String,
+    replacements: Replacements,
+}
+
+/// Authorities remembered per route and scheme. `Host` is the caller's to choose: past this
+/// many, a new one is computed for its request and not kept.
+const MAX_HOSTS: usize = 64;
+
+/// Derived public bases by route, scheme (http, https) and authority: formatting a base and
+/// encoding it four ways is done once per Host, not per request.
+#[derive(Default)]
+pub struct BaseCache(Vec<[Hosts; 2]>);
+
+type Hosts = RwLock<HashMap<String, Arc<Derived>>>;
+
+impl BaseCache {
+    pub fn new(routes: usize) -> BaseCache {
+        BaseCache((0..routes).map(|_| Default::default()).collect())
+    }
 }
 
 /// A `Host` / `X-Forwarded-Host` value safe to build URLs from.
@@ -53,47 +77,61 @@ impl FhirProxy {
         let route = &self.gw.routes[ctx.route];
         match (&route.public_base, &ctx.public_base) {
             (Some((b, _)), _) => b.clone(),
-            (None, Some(PublicBase::Derived(b, _))) => b.clone(),
+            (None, Some(PublicBase::Derived(d))) => d.base.clone(),
             _ => route.prefix.clone(),
         }
     }
 
-    /// `scheme://host/prefix` as this caller addressed the gateway.
+    /// `scheme://host/prefix` as this caller addressed the gateway, with its encoded forms.
     pub(super) fn derived_public_base(
         &self,
         session: &Session,
         client_ip: Option<IpAddr>,
-        prefix: &str,
-    ) -> std::result::Result<String, GatewayError> {
+        route: usize,
+    ) -> std::result::Result<Arc<Derived>, GatewayError> {
         let req = session.req_header();
         let trusted = client_ip.is_some_and(|ip| self.gw.is_trusted_proxy(ip));
         let header = |name: &str| {
             req.headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+                .map(|v| v.split(',').next().unwrap_or("").trim())
         };
         let tls = session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
-        let mut scheme = if tls { "https" } else { "http" }.to_string();
-        let mut host = header("host").or_else(|| req.uri.authority().map(|a| a.to_string()));
+        let mut https = tls;
+        let mut host = header("host").or_else(|| req.uri.authority().map(|a| a.as_str()));
         if trusted {
-            if let Some(p) = header("x-forwarded-proto") {
-                if p == "http" || p == "https" {
-                    scheme = p;
-                }
+            match header("x-forwarded-proto") {
+                Some("http") => https = false,
+                Some("https") => https = true,
+                _ => {}
             }
             if let Some(h) = header("x-forwarded-host") {
                 host = Some(h);
             }
         }
         let host = host.ok_or_else(|| GatewayError::BadRequest("no Host header".into()))?;
-        if !valid_authority(&host) {
+        let slot: &Hosts = &self.bases.0[route][https as usize];
+        if let Some(d) = slot.read().expect("base cache").get(host) {
+            return Ok(d.clone());
+        }
+        if !valid_authority(host) {
             return Err(GatewayError::BadRequest("invalid Host header".into()));
         }
-        Ok(format!("{scheme}://{host}{prefix}"))
+        let scheme = if https { "https" } else { "http" };
+        let base = format!("{scheme}://{host}{}", self.gw.routes[route].prefix);
+        let d = Arc::new(Derived {
+            replacements: self.gw.rewriter.replacements(&base),
+            base,
+        });
+        let mut slot = slot.write().expect("base cache");
+        if slot.len() < MAX_HOSTS {
+            slot.insert(host.to_string(), d.clone());
+        }
+        Ok(d)
     }
 
     pub(super) fn replacements<'a>(&'a self, ctx: &'a Ctx) -> Option<&'a Replacements> {
@@ -102,7 +140,7 @@ impl FhirProxy {
                 .public_base
                 .as_ref()
                 .map(|(_, r)| r),
-            PublicBase::Derived(_, r) => Some(r),
+            PublicBase::Derived(d) => Some(&d.replacements),
         }
     }
 }

@@ -1,0 +1,300 @@
+//! The two roads to the FHIR server are one policy: a route that streams through Pingora and a
+//! route whose chain buffers (PublishFHIREvent + ParticipantFilter) refuse the same hostile
+//! bodies the same way, nothing of them reaching the server; and a buffered answer keeps the
+//! server's bytes (key order, decimal text, escapes) wherever no module changed them.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// `/fhir` streams (no modules); `/chain` buffers every write and every read.
+fn two_roads_yaml(upstream: &str, dir: &std::path::Path) -> String {
+    format!(
+        "upstream:\n  url: {upstream}\nauth:\n  mode: insecure_dev\nevents:\n  file: {}\nroutes:\n  - prefix: /chain\n    post:\n      - name: PublishFHIREvent\n      - name: ParticipantFilter\n",
+        dir.join("events.jsonl").display()
+    )
+}
+
+fn uniq() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_server() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let deep = format!(
+        "{{\"resourceType\":\"Patient\",\"extension\":{}1{}}}",
+        "[".repeat(101),
+        "]".repeat(101)
+    );
+    // (name, content type, content encoding, body, status, issue code)
+    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        (
+            "invalid UTF-8 in a string",
+            "application/fhir+json",
+            None,
+            b"{\"resourceType\":\"Patient\",\"name\":[{\"family\":\"\xff\"}]}".to_vec(),
+            400,
+            "invalid",
+        ),
+        (
+            "random bytes as JSON",
+            "application/fhir+json",
+            None,
+            (0..512u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+            400,
+            "invalid",
+        ),
+        (
+            "JSON nested 101 deep",
+            "application/fhir+json",
+            None,
+            deep.into_bytes(),
+            400,
+            "invalid",
+        ),
+        (
+            "a Patient as text/plain",
+            "text/plain",
+            None,
+            br#"{"resourceType":"Patient"}"#.to_vec(),
+            415,
+            "not-supported",
+        ),
+        (
+            "a gzip-encoded body",
+            "application/fhir+json",
+            Some("gzip"),
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00".to_vec(),
+            415,
+            "not-supported",
+        ),
+    ];
+    let mut bodies = Vec::new();
+    for (name, ct, ce, body, status, code) in &cases {
+        let mut outcomes = Vec::new();
+        for road in ["/fhir", "/chain"] {
+            let id = format!("oneroad-{}", uniq());
+            let mut rq = client()
+                .post(gw.url(&format!("{road}/Patient")))
+                .header("Content-Type", *ct)
+                .header("X-Request-Id", &id)
+                .body(body.clone());
+            if let Some(ce) = ce {
+                rq = rq.header("Content-Encoding", *ce);
+            }
+            let r = rq.send().await.unwrap();
+            let got = r.status().as_u16();
+            assert_eq!(got, *status, "{name} on {road}");
+            let oo = assert_outcome(r, *status, code).await;
+            let diag = oo["issue"][0]["diagnostics"].as_str().unwrap().to_string();
+            // The same words apart from the correlation id.
+            outcomes.push(diag.replace(&id, "<id>"));
+            assert_sekmet_never_received(&id).await;
+        }
+        assert_eq!(
+            outcomes[0], outcomes[1],
+            "{name}: the two roads answer alike"
+        );
+        bodies.push(outcomes[0].clone());
+    }
+    // The buffered road published nothing for refused writes.
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
+    assert!(events.is_empty(), "events of refused writes: {events}");
+    assert_eq!(bodies.len(), cases.len());
+}
+
+/// A resource whose bytes a re-serialisation would change: key order (`id` first), decimal
+/// text, big numbers, exponents, escapes.
+const ORGANIZATION: &str = r#"{"id":"o1","resourceType":"Organization","name":"H\u00f4pital \/ \"Sud\"","extension":[{"url":"urn:x","valueDecimal":37.20},{"url":"urn:y","valueDecimal":123456789012345678901234567890.000},{"url":"urn:z","valueDecimal":-0.0},{"url":"urn:e","valueDecimal":1.50E+3}]}"#;
+
+/// A searchset around it. Organization and Medication are not patient data, so
+/// ParticipantFilter keeps them for a caller with no patients; the Observation goes.
+fn searchset(base: &str) -> String {
+    let b = base;
+    [
+        r#"{"resourceType":"Bundle","id":"s1","meta":{"lastUpdated":"2026-12-07T01:02:03.450Z"},"type":"searchset","total":3,"#,
+        &format!(r#""link":[{{"relation":"self","url":"{b}/Organization?_count=3"}}],"entry":["#),
+        &format!(r#"{{"fullUrl":"{b}/Organization/o1","resource":{ORGANIZATION},"search":{{"mode":"match"}}}},"#),
+        &format!(r#"{{"fullUrl":"{b}/Observation/x1","resource":{{"resourceType":"Observation","id":"x1","status":"final","code":{{"text":"t"}},"subject":{{"reference":"Patient/p1"}},"valueQuantity":{{"value":38.10}}}},"search":{{"mode":"match"}}}},"#),
+        &format!(r#"{{"search":{{"mode":"match"}},"resource":{{"resourceType":"Medication","id":"m1","amount":{{"numerator":{{"value":0.050,"unit":"g"}}}},"code":{{"text":"\ud83d\ude00 caf\u00e9"}}}},"fullUrl":"{b}/Medication/m1"}}"#),
+        "]}",
+    ]
+    .concat()
+}
+
+fn entries(body: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct B<'a> {
+        #[serde(borrow)]
+        entry: Vec<&'a serde_json::value::RawValue>,
+    }
+    let b: B = serde_json::from_str(body).unwrap();
+    b.entry.iter().map(|e| e.get().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
+    let up = ScriptedUpstream::start(|r, _| {
+        if r.target.contains("/Organization/o1") {
+            return Reply::json(200, ORGANIZATION);
+        }
+        let base = format!("http://{}/fhir", r.header("host").unwrap_or(""));
+        Reply::json(200, &searchset(&base))
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &dir)).await;
+    let public = gw.url("/chain");
+    let server_set = searchset(&public);
+    let server_entries = entries(&server_set);
+
+    // A filtered searchset: the Observation is removed, the others are the server's bytes.
+    let r = client()
+        .get(gw.url("/chain/Organization?_count=3"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let got = entries(&body);
+    assert_eq!(
+        got[..2],
+        [server_entries[0].clone(), server_entries[2].clone()],
+        "kept entries byte-identical (URLs rewritten); got {body}"
+    );
+    // Then the filter's own note that something was withheld, and nothing else.
+    assert_eq!(got.len(), 3, "{body}");
+    assert!(got[2].contains(r#""code":"suppressed""#), "{body}");
+    // The Bundle around them keeps its key order and text.
+    assert!(
+        body.starts_with(r#"{"resourceType":"Bundle","id":"s1","meta":{"lastUpdated":"2026-12-07T01:02:03.450Z"},"type":"searchset","#),
+        "{body}"
+    );
+    let link = body.find(r#""link":"#).unwrap();
+    assert!(link < body.find(r#""entry":"#).unwrap(), "{body}");
+
+    // A buffered single read nothing changed: the server's bytes exactly.
+    let r = client()
+        .get(gw.url("/chain/Organization/o1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert_eq!(body, ORGANIZATION);
+    // The streaming road is the reference: both roads give the same bytes.
+    let streamed = client()
+        .get(gw.url("/fhir/Organization/o1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, streamed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sekmets_own_escapes_and_key_order_survive_the_buffered_road() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let name = format!("Clinique Saint-Éloi — {} / «Nord»", uniq());
+    let r = client()
+        .post(gw.url("/fhir/Organization"))
+        .header("Content-Type", "application/fhir+json")
+        .body(serde_json::json!({"resourceType":"Organization","name":name}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    // SEKMET's own bytes, straight from the server.
+    let direct = client()
+        .get(format!("{}/Organization/{id}", sekmet_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        direct.contains("\\u00c9"),
+        "SEKMET escapes non-ASCII: {direct}"
+    );
+    let buffered = client()
+        .get(gw.url(&format!("/chain/Organization/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rewritten = direct.replace(&sekmet_url(), &gw.url("/chain"));
+    assert_eq!(buffered, rewritten, "the buffered read is SEKMET's bytes");
+    // And inside a filtered searchset.
+    let set = client()
+        .get(gw.url(&format!("/chain/Organization?_id={id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let entry = &entries(&set)[0];
+    let server_entry = &entries(
+        &client()
+            .get(format!("{}/Organization?_id={id}", sekmet_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )[0]
+    .replace(&sekmet_url(), &gw.url("/chain"));
+    assert_eq!(entry, server_entry);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn public_bases_are_per_host_even_past_the_cache() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let gw = Gateway::in_front_of_sekmet().await;
+    // More authorities than the gateway remembers (64), each asked twice, interleaved.
+    for round in 0..2 {
+        for i in 0..80 {
+            let host = format!("h{i}.example.org:{}", 8000 + i);
+            let r = client()
+                .get(gw.url("/fhir/Patient?_count=1"))
+                .header("Host", &host)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "round {round} host {host}");
+            let b: Value = r.json().await.unwrap();
+            let link = b["link"][0]["url"].as_str().unwrap();
+            assert!(
+                link.starts_with(&format!("http://{host}/fhir/")),
+                "round {round}: {host} got {link}"
+            );
+        }
+    }
+    // An invalid Host is refused whether or not valid ones are cached.
+    let r = client()
+        .get(gw.url("/fhir/Patient"))
+        .header("Host", "evil.example/\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(r, 400, "invalid").await;
+}
