@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod identity;
+pub mod retry;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};
 use pingora_core::protocols::tls::CaType;
