@@ -8,19 +8,11 @@ use crate::gateway::Gateway;
 use crate::headers::{DROPPED_RESPONSE_HEADERS, REQUEST_ID};
 use async_trait::async_trait;
 use fhir_gateway_modules::processor::{Body, ClientRequest, FhirClient, ModuleError, Response};
-use http::{HeaderName, HeaderValue};
+use http::HeaderName;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Who a call is made for.
-#[derive(Clone)]
-pub struct CallIdentity {
-    pub service_auth: Option<HeaderValue>,
-    pub audit: Vec<(HeaderName, String)>,
-    pub correlation_id: String,
-    /// The public base the caller used, so links the gateway handed out map back.
-    pub public_base: String,
-}
+pub use crate::upstream::head::CallIdentity;
 
 pub struct GatewayFhirClient {
     pub gw: Arc<Gateway>,

@@ -2,6 +2,7 @@
 //! (TLS, SNI, timeouts) every request is sent to.
 
 pub mod client;
+pub mod head;
 pub mod identity;
 pub mod retry;
 
