@@ -14,6 +14,8 @@ use fhir_gateway_modules::builtin::{build_post, build_pre};
 use fhir_gateway_modules::links::Directory;
 use fhir_gateway_modules::processor::{EventSink, PostProcess, PreProcess};
 use http::HeaderName;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,9 +69,11 @@ pub struct Gateway {
     pub links: Arc<Directory>,
     /// Some route filters by participant or consent: link identifiers are guarded.
     pub links_in_use: bool,
-    /// Client for calls the gateway makes to the FHIR server itself (buffered requests,
-    /// modules): the upstream's CA and verification settings, pooled.
-    pub upstream_http: reqwest::Client,
+    /// Pingora's client connector for the calls the gateway makes to the FHIR server itself
+    /// (the module path, the modules' own calls): one per gateway, with its own keep-alive
+    /// pool, built from the same `ServerConf` as the proxy's (`upstream.pool_size`), and used
+    /// only with `upstream.peer()`, the proxy's peer (SNI, CA list, verify flags, timeouts).
+    pub connector: Connector,
 }
 
 impl Gateway {
@@ -83,28 +87,10 @@ impl Gateway {
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         let identity = ServiceIdentity::new(&cfg.upstream.identity, http.clone())?;
-        let t = &cfg.upstream.timeouts;
-        let mut ub = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(t.connect_ms))
-            .timeout(Duration::from_millis(t.total_ms))
-            .read_timeout(Duration::from_millis(t.read_ms))
-            .pool_idle_timeout(Duration::from_millis(t.idle_ms))
-            .pool_max_idle_per_host(cfg.upstream.pool_size)
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &cfg.upstream.tls.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
-            for cert in
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca}: {e}"))?
-            {
-                ub = ub.add_root_certificate(cert);
-            }
-        }
-        if !cfg.upstream.tls.verify {
-            ub = ub.danger_accept_invalid_certs(true);
-        }
-        let upstream_http = ub
-            .build()
-            .map_err(|e| format!("upstream HTTP client: {e}"))?;
+        // The proxy's connector is built by Pingora from the same `ServerConf`.
+        let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+            &cfg.server_conf().map_err(|e| format!("pingora: {e}"))?,
+        )));
         let auth_cfg = cfg.auth.as_ref().ok_or("auth: required")?;
         let auth = Authenticator::new(
             auth_cfg,
@@ -169,7 +155,7 @@ impl Gateway {
             auth,
             smart: auth_cfg.smart.clone(),
             audit,
-            upstream_http,
+            connector,
             events: event_queue.clone(),
             event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),

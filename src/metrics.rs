@@ -75,7 +75,7 @@ static UPSTREAM_SECONDS: Lazy<HistogramVec> = Lazy::new(|| {
 static UPSTREAM_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
         "fhirgw_upstream_connections_total",
-        "Connections used for streamed upstream requests: reused from the pool or new",
+        "Connections used for upstream requests (both roads): reused from the pool or new",
         &["reused"]
     )
     .expect("metric registers once")

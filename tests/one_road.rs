@@ -20,6 +20,16 @@ fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
+/// (name, content type, content encoding, body, status, issue code)
+type Hostile = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_server() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
@@ -31,8 +41,7 @@ async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_s
         "[".repeat(101),
         "]".repeat(101)
     );
-    // (name, content type, content encoding, body, status, issue code)
-    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<Hostile> = vec![
         (
             "invalid UTF-8 in a string",
             "application/fhir+json",

@@ -248,6 +248,7 @@ impl FhirProxy {
         }
 
         ctx.service_auth = gw.identity.authorization().await?;
+        ctx.call = Some(self.call_identity(ctx));
         if ctx.body.checks_json() && matches!(admit, Admit::Proxy) {
             // A JSON body is checked whole before anything goes upstream (Pingora sends the
             // head before the body): then the gateway's upstream client sends it.

@@ -10,6 +10,14 @@ pub(super) struct Origin {
     pub raw: Bytes,
 }
 
+/// What the buffered road answers with.
+enum Answer {
+    /// A module's answer, or the server's after the post chain (with the server's bytes).
+    Module(ModResponse, Option<Origin>),
+    /// The server's answer that no post module touches: its bytes, only rewritten.
+    Server(Fetched),
+}
+
 /// Resolves when the client closes its side of the connection (read side at EOF or reset).
 /// Bytes of a pipelined next request are kept for it (pipelining is on), not treated as a
 /// close.
@@ -69,16 +77,22 @@ impl FhirProxy {
         v
     }
 
-    /// The FHIR client for this request: service identity, the caller's audit headers.
+    /// Who every upstream call of this request is made for: service credential, the
+    /// caller's audit headers, correlation id (both roads build their heads from it).
+    pub(super) fn call_identity(&self, ctx: &Ctx) -> CallIdentity {
+        CallIdentity {
+            service_auth: ctx.service_auth.clone(),
+            audit: self.audit_headers(ctx),
+            correlation_id: ctx.correlation_id.clone(),
+            public_base: self.public_base_string(ctx),
+        }
+    }
+
+    /// The FHIR client for this request.
     pub(super) fn client_for(&self, ctx: &Ctx) -> GatewayFhirClient {
         GatewayFhirClient {
             gw: self.gw.clone(),
-            call: CallIdentity {
-                service_auth: ctx.service_auth.clone(),
-                audit: self.audit_headers(ctx),
-                correlation_id: ctx.correlation_id.clone(),
-                public_base: self.public_base_string(ctx),
-            },
+            call: ctx.call.clone().unwrap_or_else(|| self.call_identity(ctx)),
         }
     }
 
@@ -160,7 +174,7 @@ impl FhirProxy {
                 match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
                     PreResult::Reply(mut r) => {
                         tag_outcome(&mut r, &ctx.correlation_id);
-                        return Ok(Some((r, None)));
+                        return Ok(Some(Answer::Module(r, None)));
                     }
                     PreResult::Stop(mut r) => {
                         tag_outcome(&mut r, &ctx.correlation_id);
@@ -185,23 +199,28 @@ impl FhirProxy {
                         }
                         ctx.attempts += 1;
                         let sent = Instant::now();
-                        let (r, raw) = client
-                            .call_raw(ClientRequest {
+                        let fetched = client
+                            .call(ClientRequest {
                                 method: req.method.clone(),
                                 path_and_query: target,
                                 headers: req.headers.clone(),
                                 body: req.body.clone(),
                             })
                             .await?;
-                        ctx.upstream_status = Some(r.status);
+                        ctx.upstream_status = Some(fetched.status);
                         ctx.upstream_ms = Some(sent.elapsed().as_millis());
-                        if (200..300).contains(&r.status) {
+                        if (200..300).contains(&fetched.status) {
                             ctx.written.iter().for_each(|t| gw.invalidate(t));
                         }
-                        // Modules edit a copy; the faithful writer reuses the server's bytes for
-                        // whatever they left unchanged.
-                        let origin = match (&r.body, raw) {
-                            (ModBody::Json(v), Some(raw)) => Some(Origin {
+                        if !post_applies {
+                            return Ok(Some(Answer::Server(fetched)));
+                        }
+                        // Modules edit the parsed tree; the faithful writer reuses the server's bytes
+                        // for whatever they left unchanged.
+                        let raw = fetched.body.clone();
+                        let r = fetched.into_response();
+                        let origin = match &r.body {
+                            ModBody::Json(v) => Some(Origin {
                                 tree: v.clone(),
                                 raw,
                             }),
@@ -211,7 +230,7 @@ impl FhirProxy {
                     }
                 };
             chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
-            Ok::<_, GatewayError>(Some((resp, origin)))
+            Ok::<_, GatewayError>(Some(Answer::Module(resp, origin)))
         };
         let outcome = if buffered {
             tokio::select! {
@@ -222,8 +241,13 @@ impl FhirProxy {
             work.await
         };
         match outcome {
-            Ok(Some((resp, origin))) => {
+            Ok(Some(Answer::Module(resp, origin))) => {
                 self.write_module_response(session, ctx, resp, origin.as_ref())
+                    .await?;
+                Ok(true)
+            }
+            Ok(Some(Answer::Server(f))) => {
+                self.write_answer(session, ctx, f.status, &f.headers, f.body.to_vec())
                     .await?;
                 Ok(true)
             }
@@ -269,9 +293,8 @@ impl FhirProxy {
         }
     }
 
-    /// Writes a module-road response with a length: the one response-head cleaner, the body
-    /// serialised once (faithfully: the server's bytes wherever modules changed nothing) and
-    /// rewritten as bytes.
+    /// Writes a module-road response: the body serialised once, faithfully (the server's
+    /// bytes wherever modules changed nothing).
     pub(super) async fn write_module_response(
         &self,
         session: &mut Session,
@@ -279,23 +302,14 @@ impl FhirProxy {
         resp: ModResponse,
         origin: Option<&Origin>,
     ) -> std::result::Result<(), GatewayError> {
-        let invalid = |what: String| GatewayError::Internal(format!("{what} is not valid"));
-        let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 3))
-            .map_err(|_| invalid(format!("status {}", resp.status)))?;
-        for (k, v) in &resp.headers {
-            let k = k.to_ascii_lowercase();
-            // The gateway frames the body; the correlation id is this request's.
-            if k == "content-length" || k == "transfer-encoding" || k == REQUEST_ID {
-                continue;
-            }
-            let v = HeaderValue::from_str(v).map_err(|_| invalid(format!("header {k}")))?;
-            h.append_header(k.clone(), v)
-                .map_err(|_| invalid(format!("header {k}")))?;
-        }
-        let mut out = match resp.body {
+        let mut headers = resp.headers;
+        let body = match resp.body {
             ModBody::Json(v) => {
-                if h.headers.get(http::header::CONTENT_TYPE).is_none() {
-                    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/fhir+json");
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "application/fhir+json".into()));
                 }
                 let mut out = match origin {
                     Some(o) if o.tree == v => o.raw.to_vec(),
@@ -314,6 +328,33 @@ impl FhirProxy {
             ModBody::Raw(b) => b,
             ModBody::None => Vec::new(),
         };
+        self.write_answer(session, ctx, resp.status, &headers, body)
+            .await
+    }
+
+    /// Writes a buffered-road answer with a length, through the one response-head cleaner;
+    /// the body is rewritten as bytes.
+    pub(super) async fn write_answer(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        status: u16,
+        headers: &[(String, String)],
+        mut out: Vec<u8>,
+    ) -> std::result::Result<(), GatewayError> {
+        let invalid = |what: String| GatewayError::Internal(format!("{what} is not valid"));
+        let mut h = ResponseHeader::build(status, Some(headers.len() + 3))
+            .map_err(|_| invalid(format!("status {status}")))?;
+        for (k, v) in headers {
+            let k = k.to_ascii_lowercase();
+            // The gateway frames the body; the correlation id is this request's.
+            if k == "content-length" || k == "transfer-encoding" || k == REQUEST_ID {
+                continue;
+            }
+            let v = HeaderValue::from_str(v).map_err(|_| invalid(format!("header {k}")))?;
+            h.append_header(k.clone(), v)
+                .map_err(|_| invalid(format!("header {k}")))?;
+        }
         let head_only = session.req_header().method == Method::HEAD;
         if self.clean_head(ctx, &mut h, head_only)? {
             if let Some(new) = self

@@ -32,7 +32,6 @@ use admission::*;
 use body_guard::BodyGuard;
 use buffered::*;
 use public_base::*;
-use response::*;
 
 use crate::auth::{policy, AuthError};
 use crate::chain::{self, PreResult};
@@ -41,7 +40,9 @@ use crate::error::GatewayError;
 use crate::gateway::{Gateway, CACHED_TYPES};
 use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
-use crate::upstream::client::{CallIdentity, GatewayFhirClient};
+use crate::upstream::client::{CallIdentity, Fetched, GatewayFhirClient};
+use crate::upstream::head::request_head;
+use crate::upstream::retry::{self, RetryPolicy};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhir_gateway_modules::processor::FhirClient;
@@ -112,6 +113,8 @@ pub struct Ctx {
     upstream_ms: Option<u128>,
     /// The client left before the module path answered (logged as 499).
     client_gone: bool,
+    /// Who upstream calls are made for, once admitted (both roads' request heads).
+    call: Option<CallIdentity>,
 }
 
 impl Ctx {
@@ -121,14 +124,6 @@ impl Ctx {
         self.error = Some(e);
         Error::explain(ErrorType::HTTPStatus(status), msg)
     }
-}
-
-/// Methods retried on connect failure, 429 and 503. Never POST or PATCH.
-fn is_retryable_method(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::PUT | Method::DELETE
-    )
 }
 
 #[async_trait]
@@ -160,6 +155,7 @@ impl ProxyHttp for FhirProxy {
             upstream_sent: None,
             upstream_ms: None,
             client_gone: false,
+            call: None,
         }
     }
 
@@ -227,12 +223,10 @@ impl ProxyHttp for FhirProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the server, but POST/PATCH are still never retried (spec).
-        let retry = is_retryable_method(&session.req_header().method)
-            && ctx.attempts < self.gw.retries.max_attempts;
-        if retry {
-            ctx.retry_delay = Some(Duration::from_millis(self.gw.retries.base_delay_ms));
-        }
-        e.set_retry(retry);
+        let delay = RetryPolicy::new(&self.gw.retries)
+            .after_connect_failure(&session.req_header().method, ctx.attempts);
+        ctx.retry_delay = delay;
+        e.set_retry(delay.is_some());
         e
     }
 
@@ -256,36 +250,39 @@ impl ProxyHttp for FhirProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let gw = &self.gw;
         ctx.upstream_sent = Some(Instant::now());
         let down = session.req_header();
-        let mut target = gw.upstream.path_for(&ctx.rest).into_bytes();
+        let mut target = self.gw.upstream.path_for(&ctx.rest).into_bytes();
         if let Some(q) = &ctx.query {
             target.push(b'?');
             target.extend_from_slice(q);
         }
-        // A fresh header: only what is allowed crosses, whatever the caller sent.
-        let mut up =
-            RequestHeader::build(down.method.clone(), &target, Some(gw.forward.len() + 10))?;
-        for name in &gw.forward {
-            for v in down.headers.get_all(name) {
-                up.append_header(name.clone(), v.clone())?;
+        // A chunked body is re-framed chunked by Pingora; a declared length is kept.
+        let length = match down.headers.get(http::header::TRANSFER_ENCODING) {
+            Some(_) => None,
+            None => down
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.trim().parse().ok()),
+        };
+        let computed;
+        let who = match &ctx.call {
+            Some(c) => c,
+            None => {
+                computed = self.call_identity(ctx);
+                &computed
             }
-        }
-        if down.headers.get(http::header::TRANSFER_ENCODING).is_none() {
-            if let Some(cl) = down.headers.get(http::header::CONTENT_LENGTH) {
-                up.insert_header(http::header::CONTENT_LENGTH, cl.clone())?;
-            }
-        }
-        up.insert_header(http::header::HOST, gw.upstream.base.authority())?;
-        if let Some(a) = &ctx.service_auth {
-            up.insert_header(http::header::AUTHORIZATION, a.clone())?;
-        }
-        up.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
-        for (k, v) in self.audit_headers(ctx) {
-            up.insert_header(k, v)?;
-        }
-        *upstream_request = up;
+        };
+        // A fresh header from the one builder: only what is allowed crosses.
+        *upstream_request = request_head(
+            &self.gw,
+            who,
+            &down.method,
+            &target,
+            down.headers.iter(),
+            length,
+        )
+        .map_err(|e| ctx.fail(e))?;
         Ok(())
     }
 
@@ -313,20 +310,21 @@ impl ProxyHttp for FhirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if (status == 429 || status == 503)
-            && is_retryable_method(&session.req_header().method)
-            && ctx.attempts < self.gw.retries.max_attempts
-            && !session.as_ref().retry_buffer_truncated()
-        {
-            let delay = retry_after(upstream_response)
-                .unwrap_or(Duration::from_millis(self.gw.retries.base_delay_ms));
-            if delay <= Duration::from_millis(self.gw.retries.max_delay_ms) {
-                ctx.retry_delay = Some(delay);
-                let mut e =
-                    Error::explain(ErrorType::HTTPStatus(status), "upstream asked to retry");
-                e.set_retry(true);
-                return Err(e);
-            }
+        if session.as_ref().retry_buffer_truncated() {
+            // The body cannot be sent again.
+            return Ok(());
+        }
+        let delay = RetryPolicy::new(&self.gw.retries).after_status(
+            &session.req_header().method,
+            ctx.attempts,
+            status,
+            retry::in_map(&upstream_response.headers),
+        );
+        if let Some(delay) = delay {
+            ctx.retry_delay = Some(delay);
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "upstream asked to retry");
+            e.set_retry(true);
+            return Err(e);
         }
         Ok(())
     }

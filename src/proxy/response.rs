@@ -3,23 +3,6 @@
 
 use super::*;
 
-/// `Retry-After` seconds or `x-ms-retry-after-ms`.
-pub(super) fn retry_after(h: &ResponseHeader) -> Option<Duration> {
-    if let Some(ms) = h
-        .headers
-        .get("x-ms-retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        return Some(Duration::from_millis(ms));
-    }
-    h.headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
-}
-
 /// Content types whose bodies are rewritten. Binary payloads (a PDF in a `Binary`) are
 /// passed untouched: changing their bytes would corrupt them.
 pub(super) fn is_rewritable(content_type: Option<&[u8]>) -> bool {

@@ -1,3 +1,4 @@
+use super::response::is_rewritable;
 use super::*;
 
 #[test]
@@ -70,23 +71,4 @@ fn rewritable_content_types() {
     assert!(!is_rewritable(Some(b"application/pdf")));
     assert!(!is_rewritable(Some(b"image/png")));
     assert!(!is_rewritable(Some(b"application/octet-stream")));
-}
-
-#[test]
-fn retry_after_forms() {
-    let mut h = ResponseHeader::build(503, None).unwrap();
-    assert_eq!(retry_after(&h), None);
-    h.insert_header("Retry-After", "2").unwrap();
-    assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-    h.insert_header("x-ms-retry-after-ms", "150").unwrap();
-    assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
-}
-
-#[test]
-fn only_idempotent_methods_retry() {
-    assert!(is_retryable_method(&Method::GET));
-    assert!(is_retryable_method(&Method::PUT));
-    assert!(is_retryable_method(&Method::DELETE));
-    assert!(!is_retryable_method(&Method::POST));
-    assert!(!is_retryable_method(&Method::PATCH));
 }

@@ -2,7 +2,9 @@
 //! (TLS, SNI, timeouts) every request is sent to.
 
 pub mod client;
+pub mod head;
 pub mod identity;
+pub mod retry;
 
 use crate::config::{TimeoutsConfig, UpstreamConfig};
 use pingora_core::protocols::tls::CaType;

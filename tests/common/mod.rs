@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod idp;
+pub mod tls;
 
 pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
 pub const SEKMET_AUTH: &str = "http://127.0.0.1:8091/fhir";
@@ -203,6 +204,12 @@ fn read_traffic(correlation_id: &str, wait: Duration) -> Vec<Value> {
     let db = std::env::var("SEKMET_DB")
         .map(PathBuf::from)
         .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
+    read_traffic_in(&db, correlation_id, wait)
+}
+
+/// What the SEKMET whose traffic log is `db` recorded for a correlation id (see
+/// `sekmet_received`), waiting up to `wait` for a first entry.
+pub fn read_traffic_in(db: &std::path::Path, correlation_id: &str, wait: Duration) -> Vec<Value> {
     let script = "import sqlite3,sys,json\n\
 db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\n\
 rows=db.execute('select method,url,req_headers,req_body from traffic where correlation_id=? order by id',(sys.argv[2],)).fetchall()\n\
@@ -212,7 +219,7 @@ print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}'),'body':b} 
         let out = Command::new("python3")
             .arg("-c")
             .arg(script)
-            .arg(&db)
+            .arg(db)
             .arg(correlation_id)
             .output()
             .expect("python3");
@@ -286,6 +293,8 @@ pub fn assert_no_upstream_address(
 /// One request as the scripted upstream received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// Which connection it came on: 0 for the first the upstream accepted, and so on.
+    pub conn: usize,
     pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
@@ -335,6 +344,8 @@ type Handler = Arc<dyn Fn(&Recorded, usize) -> Reply + Send + Sync>;
 pub struct ScriptedUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Connections accepted so far.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ScriptedUpstream {
@@ -347,18 +358,25 @@ impl ScriptedUpstream {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let handler: Handler = Arc::new(handler);
         let reqs = requests.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
+                let conn = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (h, r) = (handler.clone(), reqs.clone());
                 tokio::spawn(async move {
-                    let _ = serve(sock, h, r).await;
+                    let _ = serve(sock, conn, h, r).await;
                 });
             }
         });
-        ScriptedUpstream { addr, requests }
+        ScriptedUpstream {
+            addr,
+            requests,
+            accepted,
+        }
     }
 
     pub fn base(&self) -> String {
@@ -368,10 +386,16 @@ impl ScriptedUpstream {
     pub fn received(&self) -> Vec<Recorded> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 async fn serve(
     mut sock: TcpStream,
+    conn: usize,
     handler: Handler,
     reqs: Arc<Mutex<Vec<Recorded>>>,
 ) -> std::io::Result<()> {
@@ -458,6 +482,7 @@ async fn serve(
             }
         }
         let rec = Recorded {
+            conn,
             method,
             target,
             headers,
@@ -560,4 +585,70 @@ pub async fn raw_request(port: u16, request: &[u8]) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (code, text)
+}
+
+/// An upstream that accepts connections and then neither reads nor answers: a request body
+/// larger than the socket buffers stalls whoever writes it. Connections stay open until it is
+/// dropped.
+pub struct SilentUpstream {
+    pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentUpstream {
+    pub async fn start() -> SilentUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(sock);
+            }
+        });
+        SilentUpstream {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}/fhir", self.addr)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The gateway's Prometheus text from its metrics listener on `port`.
+pub async fn metrics_text(port: u16) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one series (`name{labels}` exactly as exported) in Prometheus text; 0 when
+/// absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

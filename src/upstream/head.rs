@@ -1,0 +1,164 @@
+//! The head of every request the gateway sends to the FHIR server, on both roads: the
+//! streaming proxy (`upstream_request_filter`) and the gateway's own client (the module path,
+//! the modules' calls). A fresh header: of the client's headers only the allow-list
+//! (`Gateway::forward`) crosses, whatever else was sent; then the gateway's own: `Host` (the
+//! upstream's authority), the body length, the service credential, the correlation id and the
+//! audit headers.
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::headers::REQUEST_ID;
+use http::{HeaderName, HeaderValue, Method};
+use pingora::http::RequestHeader;
+
+/// Who a call to the FHIR server is made for.
+#[derive(Clone, Debug)]
+pub struct CallIdentity {
+    /// The gateway's own credential for the FHIR server (`Authorization`), if it has one.
+    pub service_auth: Option<HeaderValue>,
+    /// The caller's audit headers, values already header-safe.
+    pub audit: Vec<(HeaderName, String)>,
+    pub correlation_id: String,
+    /// The public base the caller used, so links the gateway handed out map back.
+    pub public_base: String,
+}
+
+/// The upstream request head for `method target`.
+///
+/// `target` is the request target already mapped onto the upstream base (`/fhir/Patient?x`).
+/// `client_headers` are the caller's (or a module's) headers: those named in `gw.forward`
+/// cross, every value of them, in the order given; all others are dropped. `content_length`
+/// is the length of the body that follows, `None` for no `Content-Length` header (no body, or
+/// a body the caller frames otherwise).
+///
+/// The streaming proxy calls it with the downstream header:
+/// `request_head(&gw, &who, &down.method, &target, down.headers.iter(), length)`.
+pub fn request_head<'h>(
+    gw: &Gateway,
+    who: &CallIdentity,
+    method: &Method,
+    target: &[u8],
+    client_headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    content_length: Option<u64>,
+) -> Result<RequestHeader, GatewayError> {
+    let bad = |what: &str| GatewayError::Internal(format!("upstream request: {what}"));
+    let mut up = RequestHeader::build(
+        method.clone(),
+        target,
+        Some(gw.forward.len() + who.audit.len() + 5),
+    )
+    .map_err(|_| bad("invalid request target"))?;
+    for (name, value) in client_headers {
+        if gw.forward.contains(name) {
+            up.append_header(name.clone(), value.clone())
+                .map_err(|_| bad("invalid forwarded header"))?;
+        }
+    }
+    if let Some(n) = content_length {
+        up.insert_header(http::header::CONTENT_LENGTH, n.to_string())
+            .map_err(|_| bad("Content-Length"))?;
+    }
+    up.insert_header(http::header::HOST, gw.upstream.base.authority())
+        .map_err(|_| bad("Host"))?;
+    if let Some(a) = &who.service_auth {
+        up.insert_header(http::header::AUTHORIZATION, a.clone())
+            .map_err(|_| bad("Authorization"))?;
+    }
+    up.insert_header(REQUEST_ID, who.correlation_id.as_str())
+        .map_err(|_| bad("correlation id"))?;
+    for (name, value) in &who.audit {
+        up.insert_header(name.clone(), value.as_str())
+            .map_err(|_| bad("audit header"))?;
+    }
+    Ok(up)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn gateway() -> Gateway {
+        let cfg = config::parse(
+            "listen:\n  - addr: 127.0.0.1:18080\nupstream:\n  url: http://127.0.0.1:8090/fhir\n  forward_headers: [x-tenant-hint]\nauth:\n  mode: insecure_dev\n",
+            &|_| None,
+        )
+        .expect("config");
+        Gateway::new(&cfg).expect("gateway")
+    }
+
+    fn who() -> CallIdentity {
+        CallIdentity {
+            service_auth: Some(HeaderValue::from_static("Bearer service")),
+            audit: vec![(
+                HeaderName::from_static("x-ms-azurefhir-audit-userid"),
+                "alice".into(),
+            )],
+            correlation_id: "corr-1".into(),
+            public_base: "http://gw/fhir".into(),
+        }
+    }
+
+    fn values<'a>(h: &'a RequestHeader, name: &str) -> Vec<&'a str> {
+        h.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn only_allow_listed_headers_cross_with_every_value() {
+        let gw = gateway();
+        let mut client = http::HeaderMap::new();
+        client.append("accept", HeaderValue::from_static("application/fhir+json"));
+        client.append("prefer", HeaderValue::from_static("return=minimal"));
+        client.append("prefer", HeaderValue::from_static("handling=strict"));
+        client.append("x-tenant-hint", HeaderValue::from_static("t1"));
+        client.append("authorization", HeaderValue::from_static("Bearer caller"));
+        client.append("cookie", HeaderValue::from_static("session=1"));
+        client.append("accept-encoding", HeaderValue::from_static("gzip"));
+        client.append("host", HeaderValue::from_static("evil.example"));
+        client.append("x-request-id", HeaderValue::from_static("spoofed"));
+        client.append(
+            "x-ms-azurefhir-audit-userid",
+            HeaderValue::from_static("mallory"),
+        );
+        client.append("content-length", HeaderValue::from_static("999"));
+        let h = request_head(
+            &gw,
+            &who(),
+            &Method::PUT,
+            b"/fhir/Patient/1?x=y",
+            client.iter(),
+            Some(12),
+        )
+        .unwrap();
+        assert_eq!(h.method, Method::PUT);
+        assert_eq!(h.raw_path(), b"/fhir/Patient/1?x=y");
+        assert_eq!(values(&h, "accept"), ["application/fhir+json"]);
+        assert_eq!(values(&h, "prefer"), ["return=minimal", "handling=strict"]);
+        assert_eq!(values(&h, "x-tenant-hint"), ["t1"]);
+        assert_eq!(values(&h, "authorization"), ["Bearer service"]);
+        assert_eq!(values(&h, "host"), ["127.0.0.1:8090"]);
+        assert_eq!(values(&h, "x-request-id"), ["corr-1"]);
+        assert_eq!(values(&h, "x-ms-azurefhir-audit-userid"), ["alice"]);
+        assert_eq!(values(&h, "content-length"), ["12"]);
+        assert!(h.headers.get("cookie").is_none());
+        assert!(h.headers.get("accept-encoding").is_none());
+    }
+
+    #[test]
+    fn no_credential_no_length_no_client_headers() {
+        let gw = gateway();
+        let mut w = who();
+        w.service_auth = None;
+        let none: [(&HeaderName, &HeaderValue); 0] = [];
+        let h = request_head(&gw, &w, &Method::GET, b"/fhir/metadata", none, None).unwrap();
+        assert!(h.headers.get("authorization").is_none());
+        assert!(h.headers.get("content-length").is_none());
+        assert!(h.headers.get("accept").is_none(), "no default Accept here");
+        assert_eq!(values(&h, "host"), ["127.0.0.1:8090"]);
+        assert_eq!(values(&h, "x-request-id"), ["corr-1"]);
+    }
+}
