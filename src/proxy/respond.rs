@@ -74,22 +74,18 @@ impl FhirProxy {
     }
 
     pub(super) fn classify(&self, e: &Error) -> GatewayError {
-        use ErrorType::*;
+        use crate::upstream::client::{connect_error, exchange_error, is_connect_error};
+        let source = *e.esource();
         match e.etype() {
-            ConnectTimedout => GatewayError::UpstreamTimeout("connect timed out".into()),
-            ReadTimedout if *e.esource() == ErrorSource::Downstream => {
+            ErrorType::ReadTimedout if source == ErrorSource::Downstream => {
                 GatewayError::RequestTimeout("the client did not send its request in time".into())
             }
-            ReadTimedout => {
-                GatewayError::UpstreamTimeout("no response within the read timeout".into())
-            }
-            WriteTimedout => GatewayError::UpstreamTimeout("request write timed out".into()),
-            ConnectRefused => GatewayError::UpstreamUnavailable("connection refused".into()),
-            HTTPStatus(c) => GatewayError::UpstreamUnavailable(format!("status {c}")),
-            _ if *e.esource() == ErrorSource::Upstream => {
-                GatewayError::UpstreamUnavailable(e.etype().as_str().to_string())
-            }
-            _ if *e.esource() == ErrorSource::Downstream => {
+            ErrorType::HTTPStatus(c) => GatewayError::UpstreamUnavailable(format!("status {c}")),
+            // The same words as the gateway's own client for the same failure.
+            t if is_connect_error(t) => connect_error(e),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => exchange_error(e),
+            _ if source == ErrorSource::Upstream => exchange_error(e),
+            _ if source == ErrorSource::Downstream => {
                 GatewayError::BadRequest(format!("malformed request: {}", e.etype().as_str()))
             }
             _ => GatewayError::Internal(e.etype().as_str().to_string()),

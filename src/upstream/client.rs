@@ -105,8 +105,8 @@ enum Failure {
     Final(GatewayError),
 }
 
-/// What a failed connection attempt becomes.
-fn connect_error(e: &Error) -> GatewayError {
+/// What a failed connection attempt becomes (both roads).
+pub(crate) fn connect_error(e: &Error) -> GatewayError {
     match e.etype() {
         ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
             GatewayError::UpstreamTimeout("connect timed out".into())
@@ -118,8 +118,26 @@ fn connect_error(e: &Error) -> GatewayError {
     }
 }
 
-/// What a failure on an established connection becomes.
-fn exchange_error(e: &Error) -> GatewayError {
+/// Errors Pingora raises while it sets up a connection (TCP, TLS).
+pub(crate) fn is_connect_error(t: &ErrorType) -> bool {
+    use ErrorType::*;
+    matches!(
+        t,
+        ConnectTimedout
+            | ConnectRefused
+            | ConnectNoRoute
+            | ConnectError
+            | BindError
+            | SocketError
+            | TLSHandshakeFailure
+            | TLSHandshakeTimedout
+            | InvalidCert
+            | HandshakeError
+    )
+}
+
+/// What a failure on an established connection becomes (both roads).
+pub(crate) fn exchange_error(e: &Error) -> GatewayError {
     match e.etype() {
         ErrorType::ReadTimedout => {
             GatewayError::UpstreamTimeout("no response within the read timeout".into())
