@@ -3,6 +3,7 @@
 //! errors are located by key path, `locate.rs`).
 
 use super::GatewayConfig;
+use fhir_gateway_modules::builtin::Registry;
 use std::fmt;
 use std::path::Path;
 
@@ -40,36 +41,42 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Reads, expands, parses and validates a configuration file.
-pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
+/// Reads, expands, parses and validates a configuration file; `registry` knows the modules
+/// its chains may name.
+pub fn load(path: &Path, registry: &Registry) -> Result<GatewayConfig, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             line: None,
             message: format!("cannot read {}: {e}", path.display()),
         }])
     })?;
-    parse(&text, &|name| std::env::var(name).ok())
+    parse_with(&text, &|name| std::env::var(name).ok(), registry)
 }
 
-/// Parses configuration text; `env` resolves `${NAME}` references.
+/// Parses configuration text with the built-in modules; `env` resolves `${NAME}` references.
 pub fn parse(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<GatewayConfig, ConfigErrors> {
+    parse_with(text, env, &Registry::builtin())
+}
+
+/// Parses configuration text whose chains may name the modules of `registry`.
+pub fn parse_with(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    registry: &Registry,
+) -> Result<GatewayConfig, ConfigErrors> {
     let expanded = expand_env(text, env).map_err(ConfigErrors)?;
-    let cfg: GatewayConfig = serde_yaml::from_str(&expanded).map_err(|e| {
+    let mut cfg: GatewayConfig = serde_yaml::from_str(&expanded).map_err(|e| {
         let line = e.location().map(|l| newline_line(&expanded, l.line()));
         ConfigErrors(vec![ConfigError {
             line,
             message: e.to_string(),
         }])
     })?;
-    let errors = super::validate(&cfg, text);
-    if errors.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigErrors(errors))
-    }
+    cfg.built = super::validate(&cfg, text, registry).map_err(ConfigErrors)?;
+    Ok(cfg)
 }
 
 /// YAML also breaks lines at a lone CR, NEL, LS and PS, but editors (and `-t`'s `file:line`)

@@ -17,6 +17,8 @@ mod server;
 mod tests;
 mod upstream;
 
+use crate::net::IpNet;
+use fhir_gateway_modules::builtin::Registry;
 use serde::Deserialize;
 
 pub use auth::{
@@ -26,9 +28,9 @@ pub use auth::{
 pub use events::{EventsConfig, KafkaConfig, SpoolSettings};
 pub use limits::LimitsConfig;
 pub use listen::{ListenConfig, ListenTls, MetricsConfig};
-pub use load::{expand_env, load, parse, ConfigError, ConfigErrors};
+pub use load::{expand_env, load, parse, parse_with, ConfigError, ConfigErrors};
 pub use locate::line_of;
-pub use routes::{ModuleConfig, RolePolicyConfig, RouteConfig};
+pub use routes::{BuiltRoute, ModuleConfig, RolePolicyConfig, RouteConfig};
 pub use server::{log_level, HealthConfig, LoggingConfig};
 pub use upstream::{
     ClientAuthMethod, IdentityConfig, RetryConfig, TimeoutsConfig, UpstreamConfig, UpstreamTls,
@@ -92,6 +94,20 @@ pub struct GatewayConfig {
     /// role policy (e.g. `/research/fhir` for analytics).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// What validation parsed and built from the above; empty until `load` or `parse`
+    /// accepted the file.
+    #[serde(skip)]
+    pub built: Built,
+}
+
+/// Values validation had to parse or build to check them, handed to the runtime
+/// (`Gateway::new`) so that it does not parse or build them a second time.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// `[0]` is the main route (`fhir_prefix`), then each `routes[]` entry in order.
+    pub routes: Vec<BuiltRoute>,
+    /// `trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 fn default_prefix() -> String {
@@ -117,24 +133,31 @@ impl Errors<'_> {
 }
 
 /// Checks what serde cannot: values, combinations, and the fail-closed rules, section by
-/// section. `text` is the file as written, for the lines of the errors.
-fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
+/// section; `registry` builds the modules. `text` is the file as written, for the lines of the
+/// errors.
+fn validate(
+    cfg: &GatewayConfig,
+    text: &str,
+    registry: &Registry,
+) -> Result<Built, Vec<ConfigError>> {
     let mut errs = Errors {
         text,
         list: Vec::new(),
     };
     let addrs = listen::validate(&cfg.listen, &cfg.metrics, &mut errs);
-    routes::validate(cfg, &mut errs);
+    let routes = routes::validate(cfg, registry, &mut errs);
     if let Err(e) = cfg.identity_links.validate() {
         errs.at(&["identity_links", "system"], e);
     }
     events::validate(&cfg.events, &mut errs);
+    let mut trusted_proxies = Vec::new();
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {
-        if crate::net::IpNet::parse(p).is_none() {
-            errs.at(
+        match IpNet::parse(p) {
+            Some(net) => trusted_proxies.push(net),
+            None => errs.at(
                 &["trusted_proxies", &i.to_string()],
                 format!("trusted_proxies[{i}]: {p:?} is not an IP address or CIDR"),
-            );
+            ),
         }
     }
     if !crate::headers::is_header_safe(&cfg.gateway_name) || cfg.gateway_name.is_empty() {
@@ -147,7 +170,13 @@ fn validate(cfg: &GatewayConfig, text: &str) -> Vec<ConfigError> {
     limits::validate(&cfg.limits, &mut errs);
     auth::validate(cfg.auth.as_ref(), &addrs, &mut errs);
     server::validate(cfg, &mut errs);
-    errs.list
+    if !errs.list.is_empty() {
+        return Err(errs.list);
+    }
+    Ok(Built {
+        routes,
+        trusted_proxies,
+    })
 }
 
 /// https, or http to a loopback host (tests, a sidecar).
