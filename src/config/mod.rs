@@ -1,9 +1,10 @@
 //! The one YAML file: its structs, `${ENV}` expansion, and validation with YAML line numbers.
 //!
 //! Each section has its own file with its types and its checks; this one holds the top level
-//! and calls them. These are plain data; the runtime objects (`Gateway`, `Upstream`,
-//! `ServiceIdentity`) are built from them in their own modules once the whole file has been
-//! validated.
+//! and calls them. The sections are plain data, plus what validation had to build or parse
+//! anyway (`Built`: the modules, public bases, roles, proxy networks), which the runtime takes
+//! over; the other runtime objects (`Gateway`, `Upstream`, `ServiceIdentity`) are built from
+//! the data in their own modules once the whole file has been validated.
 
 mod auth;
 mod events;
