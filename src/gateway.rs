@@ -1,16 +1,15 @@
 //! The runtime object built from a validated configuration and shared by every request.
 
-use crate::auth::policy::{role_by_name, RolePolicy};
+use crate::auth::policy::RolePolicy;
 use crate::auth::Authenticator;
+use crate::config::BuiltRoute;
 use crate::config::{AuthMode, GatewayConfig, LimitsConfig, RetryConfig, SmartConfig};
-use crate::config::{ModuleConfig, RolePolicyConfig};
 use crate::headers::FORWARDED_REQUEST_HEADERS;
 use crate::health::Health;
 use crate::net::IpNet;
 use crate::rewrite::{Replacements, Rewriter};
 use crate::upstream::identity::ServiceIdentity;
-use crate::upstream::{BaseUrl, Upstream};
-use fhir_gateway_modules::builtin::{build_post, build_pre};
+use crate::upstream::Upstream;
 use fhir_gateway_modules::links::Directory;
 use fhir_gateway_modules::processor::{EventSink, PostProcess, PreProcess};
 use http::HeaderName;
@@ -110,24 +109,22 @@ impl Gateway {
         ];
         let rewriter = Rewriter::new(&upstream.base.spellings());
         let event_queue = Arc::new(crate::events::Events::new(&cfg.events));
-        let mut routes = vec![Route::new(
-            &cfg.fhir_prefix,
-            cfg.public_base_url.as_deref(),
-            &cfg.pre,
-            &cfg.post,
-            &cfg.policy,
-            &rewriter,
-        )?];
-        for r in &cfg.routes {
-            routes.push(Route::new(
-                &r.prefix,
-                r.public_base_url.as_deref(),
-                &r.pre,
-                &r.post,
-                &r.policy,
-                &rewriter,
-            )?);
+        // The modules validation built are the ones that run: built once, from one reading.
+        if cfg.built.routes.is_empty() {
+            return Err(
+                "configuration not validated: read it with config::load or config::parse".into(),
+            );
         }
+        let routes: Vec<Route> = cfg
+            .built
+            .routes
+            .iter()
+            .map(|r| Route::new(r, &rewriter))
+            .collect();
+        let links_in_use = routes
+            .iter()
+            .flat_map(|r| &r.post)
+            .any(|m| m.uses_identity_links());
         let mut forward: Vec<HeaderName> = FORWARDED_REQUEST_HEADERS
             .iter()
             .map(|h| HeaderName::from_static(h))
@@ -143,11 +140,7 @@ impl Gateway {
             name: cfg.gateway_name.clone(),
             identity,
             rewriter,
-            trusted_proxies: cfg
-                .trusted_proxies
-                .iter()
-                .filter_map(|p| IpNet::parse(p))
-                .collect(),
+            trusted_proxies: cfg.built.trusted_proxies.clone(),
             limits: cfg.limits,
             retries: cfg.upstream.retries,
             forward,
@@ -159,11 +152,7 @@ impl Gateway {
             events: event_queue.clone(),
             event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),
-            links_in_use: cfg
-                .post
-                .iter()
-                .chain(cfg.routes.iter().flat_map(|r| r.post.iter()))
-                .any(|m| m.name == "ParticipantFilter" || m.name == "ConsentOptOut"),
+            links_in_use,
             access_log: cfg.logging.access_log,
             health: Health::default(),
             http,
@@ -201,43 +190,20 @@ impl Gateway {
 }
 
 impl Route {
-    fn new(
-        prefix: &str,
-        public_base: Option<&str>,
-        pre: &[ModuleConfig],
-        post: &[ModuleConfig],
-        policy: &RolePolicyConfig,
-        rewriter: &Rewriter,
-    ) -> Result<Route, String> {
-        let public_base = match public_base {
-            Some(p) => {
-                let s = BaseUrl::parse(p)?.as_string();
-                let r = rewriter.replacements(&s);
-                Some((s, r))
-            }
-            None => None,
-        };
-        let roles = |names: &[String]| -> Result<Vec<_>, String> {
-            names
-                .iter()
-                .map(|n| role_by_name(n).ok_or_else(|| format!("unknown role {n}")))
-                .collect()
-        };
-        Ok(Route {
-            prefix: prefix.to_string(),
+    /// Takes over a route as validation built it (its modules, public base and roles); only
+    /// the public base's encoded forms are new.
+    fn new(built: &BuiltRoute, rewriter: &Rewriter) -> Route {
+        let public_base = built.public_base.as_ref().map(|u| {
+            let s = u.as_string();
+            let r = rewriter.replacements(&s);
+            (s, r)
+        });
+        Route {
+            prefix: built.prefix.clone(),
             public_base,
-            pre: pre
-                .iter()
-                .map(|m| build_pre(&m.name, &m.settings_json()?))
-                .collect::<Result<_, _>>()?,
-            post: post
-                .iter()
-                .map(|m| build_post(&m.name, &m.settings_json()?))
-                .collect::<Result<_, _>>()?,
-            policy: RolePolicy {
-                read: roles(&policy.read)?,
-                write: roles(&policy.write)?,
-            },
-        })
+            pre: built.pre.clone(),
+            post: built.post.clone(),
+            policy: built.policy.clone(),
+        }
     }
 }

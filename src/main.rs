@@ -40,7 +40,8 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let conf_name = cli.conf.display().to_string();
-    let mut cfg = match config::load(&cli.conf) {
+    let modules = fhir_gateway_modules::builtin::Registry::builtin();
+    let mut cfg = match config::load(&cli.conf, &modules) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors.0 {

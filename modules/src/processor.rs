@@ -262,6 +262,21 @@ pub trait PostProcess: Send + Sync {
     /// A write of `resource_type` went through a gateway (this one, or another instance as
     /// the event stream tells): drop whatever cached data it may have changed.
     fn invalidate(&self, _resource_type: &str) {}
+
+    /// Whether this module decides on callers' identity links (`identity_links`, `/manage`).
+    /// When any configured module does, the gateway guards the link identifiers: a write by
+    /// anyone but an Administrator that changes them is refused (a caller could otherwise link
+    /// itself to someone else's data).
+    fn uses_identity_links(&self) -> bool {
+        false
+    }
+
+    /// Whether this module limits the response to the data the caller may see as a
+    /// participant (Patient, Practitioner, RelatedPerson): a route's policy may grant those
+    /// roles only when its post chain has such a module, or they would see every patient.
+    fn scopes_data_to_the_caller(&self) -> bool {
+        false
+    }
 }
 
 /// Splits `a=1&b=2` into pairs (no decoding: modules compare parameter names).

@@ -481,6 +481,12 @@ impl PostProcess for ConsentOptOut {
             _ => {}
         }
     }
+
+    /// Whether a Consent's actor is the caller is decided on who the caller is (`fhirUser`,
+    /// else their links).
+    fn uses_identity_links(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

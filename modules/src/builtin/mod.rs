@@ -1,4 +1,22 @@
-//! The built-in modules and the registry that builds them from YAML (`name` + settings).
+//! The built-in modules, and the registry that builds modules from YAML (`name` + settings).
+//!
+//! The gateway knows no module by name: it asks a [`Registry`] to build what the YAML lists,
+//! and asks the built modules what they do (`PostProcess::uses_identity_links`, ...). A crate
+//! with its own modules registers them next to the built-in ones:
+//!
+//! ```
+//! use fhir_gateway_modules::builtin::{configure, Registry};
+//! # use fhir_gateway_modules::builtin::date_sort::DateSort as MyFilter;
+//! use std::sync::Arc;
+//!
+//! let mut registry = Registry::builtin();
+//! registry
+//!     .register_post("MyFilter", |s| {
+//!         Ok(Arc::new(configure("MyFilter", s, MyFilter::new)?))
+//!     })
+//!     .unwrap();
+//! assert!(registry.build_post("MyFilter", &serde_json::Value::Null).is_ok());
+//! ```
 
 pub mod consent_opt_out;
 pub mod date_sort;
@@ -14,98 +32,160 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Prefixes a module's own settings error with its name.
-fn named<T>(name: &str, r: Result<T, String>) -> Result<T, String> {
-    r.map_err(|e| format!("{name}: {e}"))
+/// Builds a pre-processor from its YAML `settings` (`Null` when the YAML has none).
+pub type PreFactory = fn(&Value) -> Result<Arc<dyn PreProcess>, String>;
+
+/// Builds a post-processor from its YAML `settings`.
+pub type PostFactory = fn(&Value) -> Result<Arc<dyn PostProcess>, String>;
+
+/// A registered module kind: the chain it belongs in, and how to build it.
+#[derive(Clone, Copy)]
+pub enum Factory {
+    Pre(PreFactory),
+    Post(PostFactory),
 }
 
-fn settings<T: DeserializeOwned>(name: &str, v: &Value) -> Result<T, String> {
-    let v = if v.is_null() {
+/// The module kinds a gateway can build, by name, in registration order (the order of the
+/// `known:` list in errors).
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: Vec<(String, Factory)>,
+}
+
+impl Registry {
+    /// A registry without any module.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// The modules of this crate.
+    pub fn builtin() -> Registry {
+        // Each built-in module has `NAME` and `new(Settings) -> Result<Self, String>`.
+        macro_rules! add {
+            ($r:ident.$register:ident, $m:ty) => {
+                $r.$register(<$m>::NAME, |s| {
+                    Ok(Arc::new(configure(<$m>::NAME, s, <$m>::new)?))
+                })
+                .expect("built-in names are distinct")
+            };
+        }
+        let mut r = Registry::new();
+        add!(r.register_pre, sample_pre::SamplePreProcess);
+        add!(r.register_pre, transform_bundle::TransformBundle);
+        add!(r.register_pre, everything_patient::EverythingPatient);
+        add!(r.register_post, sample_post::SamplePostProcess);
+        add!(r.register_post, date_sort::DateSort);
+        add!(r.register_post, participant_filter::ParticipantFilter);
+        add!(r.register_post, consent_opt_out::ConsentOptOut);
+        add!(r.register_post, publish_event::PublishFhirEvent);
+        r
+    }
+
+    /// Adds a module kind. A name is registered once, whatever its kind: the YAML names a
+    /// module by its name alone.
+    pub fn register(&mut self, name: &str, factory: Factory) -> Result<&mut Registry, String> {
+        if self.kinds.iter().any(|(n, _)| n == name) {
+            return Err(format!("module {name:?} is already registered"));
+        }
+        self.kinds.push((name.to_string(), factory));
+        Ok(self)
+    }
+
+    /// `register(name, Factory::Pre(factory))`.
+    pub fn register_pre(
+        &mut self,
+        name: &str,
+        factory: PreFactory,
+    ) -> Result<&mut Registry, String> {
+        self.register(name, Factory::Pre(factory))
+    }
+
+    /// `register(name, Factory::Post(factory))`.
+    pub fn register_post(
+        &mut self,
+        name: &str,
+        factory: PostFactory,
+    ) -> Result<&mut Registry, String> {
+        self.register(name, Factory::Post(factory))
+    }
+
+    fn factory(&self, name: &str) -> Option<Factory> {
+        self.kinds.iter().find(|(n, _)| n == name).map(|(_, f)| *f)
+    }
+
+    /// Names of the registered pre-processors, in registration order.
+    pub fn pre_names(&self) -> Vec<&str> {
+        self.names(|f| matches!(f, Factory::Pre(_)))
+    }
+
+    /// Names of the registered post-processors, in registration order.
+    pub fn post_names(&self) -> Vec<&str> {
+        self.names(|f| matches!(f, Factory::Post(_)))
+    }
+
+    fn names(&self, kind: fn(&Factory) -> bool) -> Vec<&str> {
+        self.kinds
+            .iter()
+            .filter(|(_, f)| kind(f))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Builds a pre-processor; an unknown name, a post-processor's name and bad settings are
+    /// errors (the gateway then refuses to start).
+    pub fn build_pre(&self, name: &str, settings: &Value) -> Result<Arc<dyn PreProcess>, String> {
+        match self.factory(name) {
+            Some(Factory::Pre(build)) => build(settings),
+            Some(Factory::Post(_)) => {
+                Err(format!("{name} is a post-processor, not a pre-processor"))
+            }
+            None => Err(format!(
+                "unknown pre-processor {name:?} (known: {})",
+                self.pre_names().join(", ")
+            )),
+        }
+    }
+
+    /// Builds a post-processor.
+    pub fn build_post(&self, name: &str, settings: &Value) -> Result<Arc<dyn PostProcess>, String> {
+        match self.factory(name) {
+            Some(Factory::Post(build)) => build(settings),
+            Some(Factory::Pre(_)) => {
+                Err(format!("{name} is a pre-processor, not a post-processor"))
+            }
+            None => Err(format!(
+                "unknown post-processor {name:?} (known: {})",
+                self.post_names().join(", ")
+            )),
+        }
+    }
+}
+
+/// For factories: reads `settings` (absent = `{}`) as the module's settings type `S` and calls
+/// its constructor. Both kinds of error are prefixed with the module's `name`, which is how
+/// `-t` reports them (`post[0]: DateSort: max must be ...`).
+pub fn configure<S: DeserializeOwned, M>(
+    name: &str,
+    settings: &Value,
+    new: impl FnOnce(S) -> Result<M, String>,
+) -> Result<M, String> {
+    let v = if settings.is_null() {
         Value::Object(Default::default())
     } else {
-        v.clone()
+        settings.clone()
     };
-    serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))
+    let s = serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))?;
+    new(s).map_err(|e| format!("{name}: {e}"))
 }
 
-/// Names of the pre-processors this build knows.
-pub const PRE: &[&str] = &[
-    sample_pre::SamplePreProcess::NAME,
-    transform_bundle::TransformBundle::NAME,
-    everything_patient::EverythingPatient::NAME,
-];
-
-/// Names of the post-processors this build knows.
-pub const POST: &[&str] = &[
-    sample_post::SamplePostProcess::NAME,
-    date_sort::DateSort::NAME,
-    participant_filter::ParticipantFilter::NAME,
-    consent_opt_out::ConsentOptOut::NAME,
-    publish_event::PublishFhirEvent::NAME,
-];
-
-/// Builds a pre-processor; unknown names and bad settings are errors (the gateway then
-/// refuses to start).
+/// [`Registry::builtin`]`().build_pre(..)`, for code that needs only the built-in modules.
 pub fn build_pre(name: &str, s: &Value) -> Result<Arc<dyn PreProcess>, String> {
-    Ok(match name {
-        sample_pre::SamplePreProcess::NAME => Arc::new(named(
-            name,
-            sample_pre::SamplePreProcess::new(settings(name, s)?),
-        )?),
-        transform_bundle::TransformBundle::NAME => Arc::new(named(
-            name,
-            transform_bundle::TransformBundle::new(settings(name, s)?),
-        )?),
-        everything_patient::EverythingPatient::NAME => Arc::new(named(
-            name,
-            everything_patient::EverythingPatient::new(settings(name, s)?),
-        )?),
-        other => {
-            return Err(if POST.contains(&other) {
-                format!("{other} is a post-processor, not a pre-processor")
-            } else {
-                format!(
-                    "unknown pre-processor {other:?} (known: {})",
-                    PRE.join(", ")
-                )
-            })
-        }
-    })
+    Registry::builtin().build_pre(name, s)
 }
 
-/// Builds a post-processor.
+/// [`Registry::builtin`]`().build_post(..)`.
 pub fn build_post(name: &str, s: &Value) -> Result<Arc<dyn PostProcess>, String> {
-    Ok(match name {
-        sample_post::SamplePostProcess::NAME => Arc::new(named(
-            name,
-            sample_post::SamplePostProcess::new(settings(name, s)?),
-        )?),
-        date_sort::DateSort::NAME => {
-            Arc::new(named(name, date_sort::DateSort::new(settings(name, s)?))?)
-        }
-        participant_filter::ParticipantFilter::NAME => Arc::new(named(
-            name,
-            participant_filter::ParticipantFilter::new(settings(name, s)?),
-        )?),
-        consent_opt_out::ConsentOptOut::NAME => Arc::new(named(
-            name,
-            consent_opt_out::ConsentOptOut::new(settings(name, s)?),
-        )?),
-        publish_event::PublishFhirEvent::NAME => Arc::new(named(
-            name,
-            publish_event::PublishFhirEvent::new(settings(name, s)?),
-        )?),
-        other => {
-            return Err(if PRE.contains(&other) {
-                format!("{other} is a pre-processor, not a post-processor")
-            } else {
-                format!(
-                    "unknown post-processor {other:?} (known: {})",
-                    POST.join(", ")
-                )
-            })
-        }
-    })
+    Registry::builtin().build_post(name, s)
 }
 
 #[cfg(test)]
@@ -135,5 +215,67 @@ mod tests {
             build_post("SamplePostProcess", &Value::Null).is_err(),
             "system and code required"
         );
+    }
+
+    #[test]
+    fn known_lists_follow_registration_order() {
+        let r = Registry::builtin();
+        assert_eq!(
+            r.build_pre("Nope", &Value::Null).err().unwrap(),
+            "unknown pre-processor \"Nope\" (known: SamplePreProcess, TransformBundle, EverythingPatient)"
+        );
+        assert_eq!(
+            r.build_post("Nope", &Value::Null).err().unwrap(),
+            "unknown post-processor \"Nope\" (known: SamplePostProcess, DateSort, ParticipantFilter, ConsentOptOut, PublishFHIREvent)"
+        );
+        assert_eq!(
+            r.build_post("TransformBundle", &Value::Null).err().unwrap(),
+            "TransformBundle is a pre-processor, not a post-processor"
+        );
+        let e = r.build_post("DateSort", &json!({"max": 0})).err().unwrap();
+        assert!(e.starts_with("DateSort: "), "{e}");
+    }
+
+    #[test]
+    fn another_crate_registers_its_own_module() {
+        let mut r = Registry::builtin();
+        r.register_post("Sorted", |s| {
+            Ok(Arc::new(configure("Sorted", s, date_sort::DateSort::new)?))
+        })
+        .unwrap();
+        assert!(r.build_post("Sorted", &json!({"max": 10})).is_ok());
+        assert_eq!(
+            r.build_post("Sorted", &json!({"maxx": 10})).err().unwrap()[..8],
+            *"Sorted: "
+        );
+        assert!(r
+            .build_pre("Sorted", &Value::Null)
+            .err()
+            .unwrap()
+            .contains("is a post-processor"));
+        assert!(r.post_names().ends_with(&["Sorted"]));
+        // One name, one module: the YAML cannot tell two apart.
+        let again: PreFactory = |s| {
+            Ok(Arc::new(configure(
+                "DateSort",
+                s,
+                sample_pre::SamplePreProcess::new,
+            )?))
+        };
+        assert!(r.register_pre("DateSort", again).is_err());
+    }
+
+    #[test]
+    fn modules_declare_what_the_gateway_must_know() {
+        let r = Registry::builtin();
+        let links = |n: &str, s: Value| r.build_post(n, &s).unwrap().uses_identity_links();
+        let scoped = |n: &str, s: Value| r.build_post(n, &s).unwrap().scopes_data_to_the_caller();
+        assert!(links("ParticipantFilter", Value::Null));
+        assert!(scoped("ParticipantFilter", Value::Null));
+        let consent = json!({"category": "http://loinc.org|59284-0"});
+        assert!(links("ConsentOptOut", consent.clone()));
+        assert!(!scoped("ConsentOptOut", consent));
+        assert!(!links("DateSort", Value::Null));
+        assert!(!scoped("PublishFHIREvent", Value::Null));
     }
 }

@@ -396,6 +396,16 @@ impl PostProcess for ParticipantFilter {
             _ => {}
         }
     }
+
+    /// Callers without `fhirUser` are found through their links.
+    fn uses_identity_links(&self) -> bool {
+        true
+    }
+
+    /// Participants see only the patients they take part in the care of.
+    fn scopes_data_to_the_caller(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
