@@ -75,17 +75,17 @@ impl FhirProxy {
 
     pub(super) fn classify(&self, e: &Error) -> GatewayError {
         use crate::upstream::client::{connect_error, exchange_error, is_connect_error};
-        let source = *e.esource();
+        let source = e.esource();
         match e.etype() {
-            ErrorType::ReadTimedout if source == ErrorSource::Downstream => {
+            ErrorType::ReadTimedout if *source == ErrorSource::Downstream => {
                 GatewayError::RequestTimeout("the client did not send its request in time".into())
             }
             ErrorType::HTTPStatus(c) => GatewayError::UpstreamUnavailable(format!("status {c}")),
             // The same words as the gateway's own client for the same failure.
             t if is_connect_error(t) => connect_error(e),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => exchange_error(e),
-            _ if source == ErrorSource::Upstream => exchange_error(e),
-            _ if source == ErrorSource::Downstream => {
+            _ if *source == ErrorSource::Upstream => exchange_error(e),
+            _ if *source == ErrorSource::Downstream => {
                 GatewayError::BadRequest(format!("malformed request: {}", e.etype().as_str()))
             }
             _ => GatewayError::Internal(e.etype().as_str().to_string()),
