@@ -1,6 +1,7 @@
 //! Which headers cross the gateway, and the correlation id.
 
 use http::HeaderName;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Request headers forwarded to the FHIR server (besides body framing, which Pingora owns).
 /// Everything else, the caller's `Authorization` and `Accept-Encoding` included, is dropped.
@@ -85,13 +86,47 @@ pub fn valid_correlation_id(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
 }
 
+/// A fresh correlation id in UUID v4 form, without a `getrandom` call per request: a
+/// per-process random seed and a counter, so ids never repeat within a process (2^62 of
+/// them) and differ across processes.
 pub fn new_correlation_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    static SEED: once_cell::sync::Lazy<(u64, u64)> =
+        once_cell::sync::Lazy::new(|| uuid::Uuid::new_v4().as_u64_pair());
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (hi, lo) = *SEED;
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&mix(hi ^ n.rotate_left(29)).to_be_bytes());
+    // The low half's top two bits become the variant: the counter stays in the 62 it keeps.
+    bytes[8..].copy_from_slice(&((mix(lo) ^ n) & (u64::MAX >> 2)).to_be_bytes());
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
+/// SplitMix64's finaliser: a bijection on u64.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn correlation_ids_are_uuids_and_do_not_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let id = new_correlation_id();
+            let u = uuid::Uuid::parse_str(&id).expect("a UUID");
+            assert_eq!(u.get_version_num(), 4);
+            assert!(valid_correlation_id(id.as_bytes()));
+            assert!(seen.insert(id), "repeated");
+        }
+    }
 
     #[test]
     fn forward_list_refuses_credentials_and_audit() {

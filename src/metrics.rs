@@ -141,20 +141,28 @@ pub fn module_call(route: &str, module: &str, kind: &str, outcome: &str, took: D
         .observe(took.as_secs_f64());
 }
 
+/// A status as a label, without formatting one per request.
+fn status_label(status: u16) -> &'static str {
+    static LABELS: once_cell::sync::Lazy<Vec<String>> =
+        once_cell::sync::Lazy::new(|| (0..600).map(|s| s.to_string()).collect());
+    match status {
+        0 => "aborted",
+        s if s < 600 => LABELS[s as usize].as_str(),
+        _ => "other",
+    }
+}
+
 pub fn request(route: &str, method: &str, status: u16, took: Duration) {
     let method = match method {
         "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" => method,
         _ => "other",
     };
-    let status = match status {
-        0 => "aborted".to_string(),
-        s => s.to_string(),
-    };
-    REQUESTS.with_label_values(&[route, method, &status]).inc();
+    let status = status_label(status);
+    REQUESTS.with_label_values(&[route, method, status]).inc();
     REQUEST_SECONDS
         .with_label_values(&[route])
         .observe(took.as_secs_f64());
-    if matches!(status.as_str(), "401" | "403") {
-        AUTH_FAILURES.with_label_values(&[&status]).inc();
+    if matches!(status, "401" | "403") {
+        AUTH_FAILURES.with_label_values(&[status]).inc();
     }
 }

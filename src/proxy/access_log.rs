@@ -32,29 +32,104 @@ impl FhirProxy {
             _ => {}
         }
         crate::metrics::body_bytes(ctx.body.seen(), session.body_bytes_sent() as u64);
-        if !self.gw.access_log {
+        if !self.gw.access_log || !log::log_enabled!(target: "access", log::Level::Info) {
             return;
         }
         let req = session.req_header();
-        // Path only: queries can hold patient data (names, birth dates).
+        let identity = ctx.identity.take();
+        let (user, tenant) = match identity {
+            Some(i) => (Some(i.user_id), i.tenant),
+            None => (None, None),
+        };
+        Line {
+            source: ctx.source.take(),
+            method: req.method.clone(),
+            // Path only: queries can hold patient data (names, birth dates).
+            path: req.uri.path().to_string(),
+            status,
+            upstream_status: ctx.upstream_status,
+            attempts: ctx.attempts,
+            ms: ctx.start.elapsed().as_millis(),
+            upstream_ms: ctx.upstream_ms,
+            id: std::mem::take(&mut ctx.correlation_id),
+            user,
+            tenant,
+            error: match (&ctx.error, e) {
+                (Some(ge), _) => Some(ge.to_string()),
+                (None, Some(e)) => Some(e.etype().as_str().to_string()),
+                _ => None,
+            },
+        }
+        .send();
+    }
+}
+
+/// One access-log line's fields. The worker thread only moves them into the queue; the
+/// access-log thread formats and writes the line (the logger's own format, level and
+/// target), so a request pays neither.
+struct Line {
+    source: Option<String>,
+    method: Method,
+    path: String,
+    status: u16,
+    upstream_status: Option<u16>,
+    attempts: u32,
+    ms: u128,
+    upstream_ms: Option<u128>,
+    id: String,
+    user: Option<String>,
+    tenant: Option<String>,
+    error: Option<String>,
+}
+
+/// Lines waiting for the access-log thread.
+const QUEUE: usize = 8192;
+
+static LINES: once_cell::sync::Lazy<Option<std::sync::mpsc::SyncSender<Line>>> =
+    once_cell::sync::Lazy::new(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Line>(QUEUE);
+        // Started at the first request, after Pingora's daemon fork.
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || rx.into_iter().for_each(|l| l.write()))
+            .ok()?;
+        Some(tx)
+    });
+
+impl Line {
+    /// Queues the line; when the queue is full (or the thread is gone) it is written here,
+    /// never dropped.
+    fn send(self) {
+        let Some(tx) = LINES.as_ref() else {
+            return self.write();
+        };
+        if let Err(
+            std::sync::mpsc::TrySendError::Full(l) | std::sync::mpsc::TrySendError::Disconnected(l),
+        ) = tx.try_send(self)
+        {
+            l.write();
+        }
+    }
+
+    fn write(self) {
+        let dash = || "-".to_string();
         info!(
             target: "access",
             "{} {} {} status={} upstream_status={} attempts={} ms={} upstream_ms={} id={} user={} tenant={}{}",
-            ctx.source.as_deref().unwrap_or("-"),
-            req.method,
-            req.uri.path(),
-            status,
-            ctx.upstream_status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-            ctx.attempts,
-            ctx.start.elapsed().as_millis(),
-            ctx.upstream_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
-            ctx.correlation_id,
-            ctx.identity.as_ref().map_or("-", |i| i.user_id.as_str()),
-            ctx.identity.as_ref().and_then(|i| i.tenant.as_deref()).unwrap_or("-"),
-            match (&ctx.error, e) {
-                (Some(ge), _) => format!(" error=\"{ge}\""),
-                (None, Some(e)) => format!(" error=\"{}\"", e.etype().as_str()),
-                _ => String::new(),
+            self.source.as_deref().unwrap_or("-"),
+            self.method,
+            self.path,
+            self.status,
+            self.upstream_status.map_or_else(dash, |s| s.to_string()),
+            self.attempts,
+            self.ms,
+            self.upstream_ms.map_or_else(dash, |m| m.to_string()),
+            self.id,
+            self.user.as_deref().unwrap_or("-"),
+            self.tenant.as_deref().unwrap_or("-"),
+            match self.error {
+                Some(e) => format!(" error=\"{e}\""),
+                None => String::new(),
             }
         );
     }
