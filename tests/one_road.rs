@@ -307,3 +307,34 @@ async fn public_bases_are_per_host_even_past_the_cache() {
         .unwrap();
     assert_outcome(r, 400, "invalid").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_the_filters_bypass_is_streamed_not_buffered() {
+    let gw = common::idp::jwt_gateway(
+        "policy:\n  read: [Reader, Administrator, Patient]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n  - name: ConsentOptOut\n    settings: {category: \"http://loinc.org|59284-0\"}\n",
+    )
+    .await;
+    let get = |tok: String| {
+        let url = format!("{}/Patient?_count=1", gw.base());
+        async move {
+            let r = client().get(url).bearer_auth(tok).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let framing = (
+                r.headers().get("content-length").is_some(),
+                r.headers()
+                    .get("transfer-encoding")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            );
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["resourceType"], "Bundle");
+            framing
+        }
+    };
+    // An Administrator is bypassed by both filters: Pingora streams the answer (chunked,
+    // rewritten on the fly), nothing is buffered or parsed.
+    let admin = get(common::idp::token("admin-app").await).await;
+    assert_eq!(admin, (false, Some("chunked".to_string())), "admin");
+    // A Reader is filtered: the buffered road answers with a length.
+    let reader = get(common::idp::token("reader-app").await).await;
+    assert_eq!(reader, (true, None), "reader");
+}
