@@ -58,7 +58,7 @@ pub struct Gateway {
     pub audit: [HeaderName; 5],
     pub access_log: bool,
     pub health: Health,
-    /// Client for calls to identity providers (token endpoint, discovery, JWKS).
+    /// Client for the service identity's token endpoint (client credentials, IMDS).
     pub http: reqwest::Client,
     /// Where modules publish events.
     pub events: Arc<dyn EventSink>,

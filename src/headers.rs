@@ -86,19 +86,21 @@ pub fn valid_correlation_id(v: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
 }
 
-/// A fresh correlation id in UUID v4 form, without a `getrandom` call per request: a
-/// per-process random seed and a counter, so ids never repeat within a process (2^62 of
-/// them) and differ across processes.
+/// A fresh correlation id in UUID v4 form, without a `getrandom` call per request: a counter
+/// through two seeded rounds of a bijective mix per half, so ids do not show how many
+/// requests came between them, and repeat no more often than random v4 ids.
 pub fn new_correlation_id() -> String {
-    static SEED: once_cell::sync::Lazy<(u64, u64)> =
-        once_cell::sync::Lazy::new(|| uuid::Uuid::new_v4().as_u64_pair());
+    static SEED: once_cell::sync::Lazy<[u64; 4]> = once_cell::sync::Lazy::new(|| {
+        let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
+        let (c, d) = uuid::Uuid::new_v4().as_u64_pair();
+        [a, b, c, d]
+    });
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let (hi, lo) = *SEED;
+    let s = *SEED;
     let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&mix(hi ^ n.rotate_left(29)).to_be_bytes());
-    // The low half's top two bits become the variant: the counter stays in the 62 it keeps.
-    bytes[8..].copy_from_slice(&((mix(lo) ^ n) & (u64::MAX >> 2)).to_be_bytes());
+    bytes[..8].copy_from_slice(&mix(mix(n ^ s[0]) ^ s[1]).to_be_bytes());
+    bytes[8..].copy_from_slice(&mix(mix(n.rotate_left(32) ^ s[2]) ^ s[3]).to_be_bytes());
     uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
         .hyphenated()

@@ -106,9 +106,9 @@ pub fn refusal(status: u16, diagnostics: Option<&str>) {
         403 if d.contains("identity links") => "links",
         _ => "other",
     };
-    AUTH_REASONS
-        .with_label_values(&[&status.to_string(), reason])
-        .inc();
+    let status = status_label(status);
+    AUTH_REASONS.with_label_values(&[status, reason]).inc();
+    AUTH_FAILURES.with_label_values(&[status]).inc();
 }
 
 pub fn upstream(path: &str, took: Duration) {
@@ -162,7 +162,4 @@ pub fn request(route: &str, method: &str, status: u16, took: Duration) {
     REQUEST_SECONDS
         .with_label_values(&[route])
         .observe(took.as_secs_f64());
-    if matches!(status, "401" | "403") {
-        AUTH_FAILURES.with_label_values(&[status]).inc();
-    }
 }

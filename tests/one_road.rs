@@ -338,3 +338,64 @@ async fn a_caller_the_filters_bypass_is_streamed_not_buffered() {
     let reader = get(common::idp::token("reader-app").await).await;
     assert_eq!(reader, (true, None), "reader");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
+    require_peer(&format!("{}/metadata", sekmet_url())).await;
+    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let r = client()
+        .post(gw.url("/fhir/Organization"))
+        .header("Content-Type", "application/fhir+json")
+        .body(r#"{"resourceType":"Organization","name":"Head"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // HEAD: the server's length on both roads (no body to measure).
+    let mut lengths = Vec::new();
+    for road in ["/fhir", "/chain"] {
+        let r = client()
+            .head(gw.url(&format!("{road}/Organization/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{road}");
+        lengths.push(
+            r.headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_string()),
+        );
+    }
+    assert!(
+        lengths[0].as_deref().is_some_and(|l| l != "0"),
+        "{lengths:?}"
+    );
+    assert_eq!(lengths[0], lengths[1], "HEAD on both roads");
+
+    // A forwarded header that is not UTF-8: refused alike, nothing at the server.
+    for road in ["/fhir", "/chain"] {
+        let rid = format!("oneroad-{}", uniq());
+        let r = client()
+            .get(gw.url(&format!("{road}/Organization/{id}")))
+            .header("X-Request-Id", &rid)
+            .header(
+                "Prefer",
+                reqwest::header::HeaderValue::from_bytes(b"return=\xff\xfe").unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let oo = assert_outcome(r, 400, "invalid").await;
+        assert!(
+            oo.to_string().contains("prefer is not valid UTF-8"),
+            "{road}: {oo}"
+        );
+        assert_sekmet_never_received(&rid).await;
+    }
+}

@@ -13,7 +13,8 @@ pub struct UpstreamConfig {
     pub tls: UpstreamTls,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
-    /// Idle keep-alive connections kept to the FHIR server (per gateway process).
+    /// Idle keep-alive connections kept to the FHIR server, per worker thread and per road
+    /// (Pingora's rule: each connector's pool holds `pool_size` x threads).
     #[serde(default = "default_pool")]
     pub pool_size: usize,
     #[serde(default)]

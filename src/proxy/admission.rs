@@ -121,6 +121,18 @@ impl FhirProxy {
                 gw.limits.max_header_bytes
             )));
         }
+        // What crosses to the FHIR server is text: a value that is not UTF-8 is refused on
+        // both roads (modules see headers as strings and could not pass it on).
+        if let Some(name) = gw.forward.iter().find(|n| {
+            req.headers
+                .get_all(*n)
+                .iter()
+                .any(|v| std::str::from_utf8(v.as_bytes()).is_err())
+        }) {
+            return Err(GatewayError::BadRequest(format!(
+                "header {name} is not valid UTF-8"
+            )));
+        }
         if !is_fhir_method(&method) {
             return Err(GatewayError::MethodNotAllowed(format!(
                 "method {method} is not part of the FHIR REST API"

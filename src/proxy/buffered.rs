@@ -120,7 +120,7 @@ impl FhirProxy {
                 down.headers
                     .get_all(n)
                     .iter()
-                    .filter_map(|v| v.to_str().ok())
+                    .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
                     .map(|v| (n.as_str().to_string(), v.to_string()))
                     .collect::<Vec<_>>()
             })
@@ -208,6 +208,8 @@ impl FhirProxy {
                             })
                             .await?;
                         ctx.upstream_status = Some(fetched.status);
+                        ctx.attempts += fetched.attempts - 1;
+                        ctx.upstream_length = fetched.length;
                         ctx.upstream_ms = Some(sent.elapsed().as_millis());
                         if (200..300).contains(&fetched.status) {
                             ctx.written.iter().for_each(|t| gw.invalidate(t));
@@ -247,7 +249,13 @@ impl FhirProxy {
                 Ok(true)
             }
             Ok(Some(Answer::Server(f))) => {
-                self.write_answer(session, ctx, f.status, &f.headers, f.body.to_vec())
+                let mut body = f.body.to_vec();
+                if ctx.metadata && f.status == 200 && f.is_json() {
+                    if let Some(secured) = self.secure_capability_statement(&body) {
+                        body = secured;
+                    }
+                }
+                self.write_answer(session, ctx, f.status, &f.headers, body)
                     .await?;
                 Ok(true)
             }
@@ -364,7 +372,12 @@ impl FhirProxy {
                 out = new;
             }
         }
-        let _ = h.insert_header(http::header::CONTENT_LENGTH, out.len().to_string());
+        // A HEAD answer has no body: its length is the server's (as on the streaming road).
+        let length = match ctx.upstream_length {
+            Some(n) if head_only => n,
+            _ => out.len() as u64,
+        };
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, length.to_string());
         session
             .write_response_header(Box::new(h), false)
             .await

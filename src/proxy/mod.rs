@@ -115,6 +115,8 @@ pub struct Ctx {
     client_gone: bool,
     /// Who upstream calls are made for, once admitted (both roads' request heads).
     call: Option<CallIdentity>,
+    /// The FHIR server's `Content-Length` on the buffered road (a HEAD answer's).
+    upstream_length: Option<u64>,
 }
 
 impl Ctx {
@@ -156,6 +158,7 @@ impl ProxyHttp for FhirProxy {
             upstream_ms: None,
             client_gone: false,
             call: None,
+            upstream_length: None,
         }
     }
 

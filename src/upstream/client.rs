@@ -169,6 +169,10 @@ pub struct Fetched {
     /// Lower-case names.
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// The server's `Content-Length` (a HEAD answer's length is the GET's, with no body).
+    pub length: Option<u64>,
+    /// Attempts it took (retries included).
+    pub attempts: u32,
 }
 
 impl Fetched {
@@ -237,11 +241,14 @@ impl GatewayFhirClient {
         loop {
             attempt += 1;
             let wait = match self.attempt(&p).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let header = |n: &str| resp.header(n);
                     match policy.after_status(&p.method, attempt, resp.status, header) {
                         Some(d) => d,
-                        None => return Ok(resp),
+                        None => {
+                            resp.attempts = attempt;
+                            return Ok(resp);
+                        }
                     }
                 }
                 Err(Failure::Connect(e)) => {
@@ -273,8 +280,9 @@ impl GatewayFhirClient {
 
     /// Checks and maps the module's request once: method, target, headers, body length.
     fn prepare(&self, req: ClientRequest) -> Result<Prepared, GatewayError> {
-        let method = Method::from_bytes(req.method.as_bytes())
-            .map_err(|_| GatewayError::BadRequest(format!("bad method {}", req.method)))?;
+        let method = Method::from_bytes(req.method.as_bytes()).map_err(|_| {
+            GatewayError::Internal(format!("a module asked for method {:?}", req.method))
+        })?;
         let target = self
             .upstream_target(&req.path_and_query)
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
@@ -388,6 +396,8 @@ impl GatewayFhirClient {
             status,
             headers,
             body: Bytes::from(body),
+            length: announced,
+            attempts: 1,
         })
     }
 }
@@ -404,12 +414,4 @@ async fn read_response_header(session: &mut HttpSession) -> pingora_core::Result
             return Ok(());
         }
     }
-}
-
-/// Events go nowhere until a sink is configured (the events issue brings Kafka and files).
-pub struct NullSink;
-
-#[async_trait::async_trait]
-impl fhir_gateway_modules::processor::EventSink for NullSink {
-    async fn publish(&self, _key: &str, _event: serde_json::Value) {}
 }
