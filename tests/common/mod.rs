@@ -1,7 +1,9 @@
 //! Shared test harness: spawn the real gateway binary with a generated config, reach the real
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
-//! produce on demand (slow headers, 503 storms, 50 MB bodies).
+//! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
+//! live here once: `raw` (raw HTTP/1.1 exchanges) and `idp` (tokens from the real OIDC
+//! provider).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -15,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod idp;
+pub mod raw;
 
 pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
 pub const SEKMET_AUTH: &str = "http://127.0.0.1:8091/fhir";
@@ -379,7 +382,7 @@ async fn serve(
     loop {
         // Read one request head.
         let head_end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
+            if let Some(p) = raw::find(&buf, b"\r\n\r\n") {
                 break p + 4;
             }
             let mut tmp = [0u8; 8192];
@@ -421,7 +424,7 @@ async fn serve(
         } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
             loop {
                 let line_end = loop {
-                    if let Some(p) = find(&buf, b"\r\n") {
+                    if let Some(p) = raw::find(&buf, b"\r\n") {
                         break p;
                     }
                     let mut tmp = [0u8; 65536];
@@ -514,10 +517,6 @@ async fn serve(
     }
 }
 
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
-}
-
 /// Writes a config file and runs `fhir-gateway -t -c` on it.
 pub fn check_config(yaml: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
     let mut f = tempfile_in_tmp();
@@ -544,20 +543,4 @@ fn tempfile_in_tmp() -> (PathBuf, std::fs::File) {
     ));
     let f = std::fs::File::create(&p).unwrap();
     (p, f)
-}
-
-/// Sends raw bytes (for request lines an HTTP client would normalise) and returns the status
-/// line's code and the whole response text. The request should carry `Connection: close`.
-pub async fn raw_request(port: u16, request: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
 }
