@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 impl OwnIdp {
     async fn start(port: u16, keys: PathBuf) -> OwnIdp {
-        let dir = peers_dir_pub().join("oidc");
+        let dir = peers_dir().join("oidc");
         assert!(
             dir.join("node_modules/oidc-provider").exists(),
             "run scripts/peers.sh install"

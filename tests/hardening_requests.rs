@@ -384,7 +384,7 @@ async fn sekmet_settle() {
 fn sekmet_log(ids: &[String]) -> HashMap<String, Vec<Seen>> {
     let db = std::env::var("SEKMET_DB")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| peers_dir_pub().join("sekmet/data/sekmet.db"));
+        .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
     // A raw string: Python needs its indentation.
     let script = r#"import sqlite3,sys,json
 db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)

@@ -4,7 +4,6 @@
 
 mod common;
 
-use common::idp::peers_dir_pub;
 use common::*;
 use openssl::asn1::Asn1Time;
 use openssl::bn::BigNum;
@@ -85,7 +84,7 @@ impl Drop for TlsSekmet {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_upstream_is_verified_against_the_configured_ca() {
-    let sekmet = peers_dir_pub().join("sekmet-venv/bin/sekmet");
+    let sekmet = peers_dir().join("sekmet-venv/bin/sekmet");
     assert!(sekmet.exists(), "run scripts/peers.sh install");
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("fgw-tls-{}-{port}", std::process::id()));

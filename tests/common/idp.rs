@@ -71,13 +71,7 @@ pub fn idp_private_jwk(keys_file: &std::path::Path) -> Value {
 }
 
 pub fn default_keys_file() -> PathBuf {
-    peers_dir_pub().join("oidc/keys.json")
-}
-
-pub fn peers_dir_pub() -> PathBuf {
-    std::env::var("PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/peers"))
+    peers_dir().join("oidc/keys.json")
 }
 
 fn bn(s: &str) -> openssl::bn::BigNum {

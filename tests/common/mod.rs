@@ -2,8 +2,8 @@
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
-//! live here once: `raw` (raw HTTP/1.1 exchanges) and `idp` (tokens from the real OIDC
-//! provider).
+//! live here once: `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, the
+//! events metrics) and `idp` (tokens from the real OIDC provider).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod broker;
 pub mod idp;
 pub mod raw;
 
@@ -28,7 +29,8 @@ pub fn sekmet_url() -> String {
     std::env::var("SEKMET_URL").unwrap_or_else(|_| SEKMET.to_string())
 }
 
-fn peers_dir() -> PathBuf {
+/// Where `scripts/peers.sh` installed the peers (`$PEERS`, default `.cache/peers`).
+pub fn peers_dir() -> PathBuf {
     std::env::var("PEERS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/peers"))
