@@ -452,9 +452,14 @@ async fn a_consent_written_through_one_instance_is_enforced_by_another() {
     };
     let (sa, sb) = (spool_dir(), spool_dir());
     let a = jwt_gateway(&chain(&sa)).await;
-    let b = jwt_gateway(&chain(&sb)).await;
-    // B's consumer assigns its partition at startup.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics_b = free_port();
+    let b = jwt_gateway(&format!(
+        "metrics:\n  listen: 127.0.0.1:{metrics_b}\n{}",
+        chain(&sb)
+    ))
+    .await;
+    // B's consumer assigns its partition at startup, from the end: wait until it reads.
+    wait_consuming(&b, metrics_b, SHARED_BROKER, &topic).await;
     let m = uniq();
     let put = |path: String, body: Value| async move {
         let r = client()

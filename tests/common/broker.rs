@@ -6,6 +6,7 @@ use super::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeSet;
 
@@ -349,6 +350,44 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
+}
+
+/// Waits until a gateway's cache-invalidation consumer reads `topic`. That consumer starts at the
+/// end of each partition once it has the topic's metadata, so an event published before then
+/// passes it by (a fixed sleep after the start is a race on a busy machine). Publishes probe
+/// events, of a resource type nothing caches, until the gateway's `invalidations` count moves.
+pub async fn wait_consuming(gw: &Gateway, metrics_port: u16, bootstrap: &str, topic: &str) {
+    const SERIES: &str = "fhirgw_events_total{stage=\"invalidations\"}";
+    let before = metric_value(&metrics_text(metrics_port, gw).await, SERIES);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key("probe")
+                    .payload(r#"{"resourcetype":"TestProbe"}"#),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(Duration::from_secs(5)).unwrap();
+        let sent = Instant::now();
+        while sent.elapsed() < Duration::from_secs(1) {
+            if metric_value(&metrics_text(metrics_port, gw).await, SERIES) > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway's invalidation consumer saw no probe event on {topic} within 30 s\n{}",
+            gw.log()
+        );
+    }
 }
 
 /// One create as the client saw it.
