@@ -3,7 +3,7 @@
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
 //! live here once: `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, the
-//! events metrics) and `idp` (tokens from the real OIDC provider).
+//! events metrics) and `idp` (tokens from the real OIDC provider, a private provider).
 #![allow(dead_code)]
 
 use serde_json::Value;
