@@ -56,6 +56,12 @@ pub fn topic_partitions(bootstrap: &str, topic: &str) -> Option<Vec<i32>> {
 /// requests yet: retried for 30 s, then the failure shows the command's exit status, stdout and
 /// stderr, and what the metadata said.
 pub fn ensure_topic(bootstrap: &str, topic: &str) {
+    ensure_topic_while(bootstrap, topic, &mut || Ok(()));
+}
+
+/// `ensure_topic`, asking `alive` before each retry: an `Err` (the broker exited, say, with its
+/// log) fails at once with that text.
+fn ensure_topic_while(bootstrap: &str, topic: &str, alive: &mut dyn FnMut() -> Result<(), String>) {
     let tansu = tansu();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempts = 0;
@@ -89,13 +95,15 @@ pub fn ensure_topic(bootstrap: &str, topic: &str) {
             );
             return;
         }
+        let alive = alive();
         assert!(
-            Instant::now() < deadline,
-            "topic create {topic} on {bootstrap}: {attempts} attempts in 30 s; the last: exit \
-             {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- metadata: topic unknown",
+            Instant::now() < deadline && alive.is_ok(),
+            "topic create {topic} on {bootstrap}: {attempts} attempts; the last: exit \
+             {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- metadata: topic unknown\n{}",
             out.status.code(),
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            alive.err().unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -180,7 +188,18 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        ensure_topic(&self.direct(), &self.topic.clone());
+        let (direct, topic, log) = (self.direct(), self.topic.clone(), self.log.clone());
+        let child = &mut self.child;
+        ensure_topic_while(&direct, &topic, &mut || match child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            Some(st) => Err(format!(
+                "--- the broker exited ({st}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )),
+            None => Ok(()),
+        });
         let exited = self.exited();
         assert!(exited.is_none(), "tansu exited: {exited:?}\n{}", self.log());
     }
