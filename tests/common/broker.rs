@@ -1,6 +1,6 @@
 //! The event side of the tests: the tansu broker (the shared one `scripts/peers.sh` starts, or a
 //! private one a test stops and restarts), idempotent topic setup, consumers that read back what
-//! the gateway published, and the gateway's events metrics.
+//! the gateway published, and bursts of writes.
 
 use super::*;
 use rdkafka::config::ClientConfig;
@@ -339,36 +339,6 @@ pub fn events_yaml(bootstrap: &str, topic: &str, spool: &std::path::Path) -> Str
         "events:\n  kafka:\n    bootstrap_servers: {bootstrap}\n    topic: {topic}\n  spool:\n    dir: {}\n    fsync: always\n",
         spool.display()
     )
-}
-
-/// The gateway's `/metrics` text. A refused connection is retried briefly; if the listener
-/// stays away, the gateway's log says why.
-pub async fn metrics_text(metrics_port: u16, gw: &Gateway) -> String {
-    let mut last = None;
-    for _ in 0..10 {
-        match client()
-            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .send()
-            .await
-        {
-            Ok(r) => return r.text().await.unwrap(),
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    panic!("metrics listener: {last:?}\n{}", gw.log())
-}
-
-/// The value of the series `name` (with its labels, e.g. `fhirgw_events_total{stage="spooled"}`)
-/// in a metrics text; 0 when absent.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
 }
 
 /// Waits until a gateway's cache-invalidation consumer reads `topic`. That consumer starts at the

@@ -2,8 +2,9 @@
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
-//! live here once: `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, the
-//! events metrics) and `idp` (tokens from the real OIDC provider, a private provider).
+//! live here once: the gateway's metrics (below), `raw` (raw HTTP/1.1 exchanges), `broker`
+//! (tansu, topics, consumers, writes) and `idp` (tokens from the real OIDC provider, a private
+//! provider).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -155,6 +156,36 @@ impl Drop for Gateway {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The gateway's `/metrics` text. A refused connection is retried briefly; if the listener
+/// stays away, the gateway's log says why.
+pub async fn metrics_text(metrics_port: u16, gw: &Gateway) -> String {
+    let mut last = None;
+    for _ in 0..10 {
+        match client()
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await
+        {
+            Ok(r) => return r.text().await.unwrap(),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("metrics listener: {last:?}\n{}", gw.log())
+}
+
+/// The value of the series `name` (with its labels, e.g. `fhirgw_events_total{stage="spooled"}`)
+/// in a metrics text; 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// `VmRSS` / `VmHWM` of a process, in KiB.
