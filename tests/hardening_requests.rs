@@ -11,6 +11,7 @@
 mod common;
 
 use common::idp::*;
+use common::raw::*;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -44,21 +45,7 @@ enum Step {
     ShutdownWrite,
 }
 
-#[derive(Clone, Debug)]
-struct RawResp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
 impl RawResp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
     /// A FHIR OperationOutcome (JSON, FHIR content type) carrying a correlation id header.
     fn is_outcome(&self) -> bool {
         let ct_ok = self
@@ -189,88 +176,6 @@ async fn exchange(port: u16, steps: Vec<Step>, wanted: usize, linger: Duration) 
         responses: parse_responses(&raw, closed),
         closed,
         raw_len: raw.len(),
-    }
-}
-
-/// Complete responses in `buf` (Content-Length, chunked, or up to the close).
-fn parse_responses(buf: &[u8], eof: bool) -> Vec<RawResp> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < buf.len() {
-        let mut hs = [httparse::EMPTY_HEADER; 64];
-        let mut r = httparse::Response::new(&mut hs);
-        let n = match r.parse(&buf[pos..]) {
-            Ok(httparse::Status::Complete(n)) => n,
-            _ => break,
-        };
-        let status = r.code.unwrap_or(0);
-        let headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let start = pos + n;
-        if (100..200).contains(&status) {
-            pos = start;
-            continue;
-        }
-        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let (body, end) = if status == 204 || status == 304 {
-            (Vec::new(), start)
-        } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-            match dechunk(&buf[start..]) {
-                Some((b, used)) => (b, start + used),
-                None => break,
-            }
-        } else if let Some(cl) = get("content-length").and_then(|v| v.trim().parse().ok()) {
-            let cl: usize = cl;
-            if buf.len() < start + cl {
-                break;
-            }
-            (buf[start..start + cl].to_vec(), start + cl)
-        } else if eof {
-            (buf[start..].to_vec(), buf.len())
-        } else {
-            break;
-        };
-        out.push(RawResp {
-            status,
-            headers,
-            body,
-        });
-        pos = end;
-    }
-    out
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
-}
-
-/// A complete chunked body at the start of `b`: (body, bytes used).
-fn dechunk(b: &[u8]) -> Option<(Vec<u8>, usize)> {
-    let mut body = Vec::new();
-    let mut p = 0;
-    loop {
-        let line_end = p + find(&b[p..], b"\r\n")?;
-        let size_txt = std::str::from_utf8(&b[p..line_end]).ok()?;
-        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
-        p = line_end + 2;
-        if size == 0 {
-            // Trailers (none expected) end with an empty line.
-            let end = p + find(&b[p..], b"\r\n")?;
-            return Some((body, end + 2));
-        }
-        if b.len() < p + size + 2 {
-            return None;
-        }
-        body.extend_from_slice(&b[p..p + size]);
-        p += size + 2;
     }
 }
 
@@ -479,7 +384,7 @@ async fn sekmet_settle() {
 fn sekmet_log(ids: &[String]) -> HashMap<String, Vec<Seen>> {
     let db = std::env::var("SEKMET_DB")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| peers_dir_pub().join("sekmet/data/sekmet.db"));
+        .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
     // A raw string: Python needs its indentation.
     let script = r#"import sqlite3,sys,json
 db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)

@@ -10,6 +10,7 @@
 mod common;
 
 use common::idp::*;
+use common::raw::*;
 use common::*;
 use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey};
@@ -24,8 +25,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const LOCAL_ISS: &str = "https://login.hospital-local.test/tenant-l/v2.0";
 /// A second local issuer without a tenant restriction, for claims that carry odd tenants.
@@ -240,106 +240,6 @@ async fn sekmet_never_received(id: &str) -> bool {
     tokio::spawn(async move { assert_sekmet_never_received(&id).await })
         .await
         .is_ok()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Raw HTTP/1.1 exchange (header case, duplicates, obs-fold, non-UTF-8 and 1 MiB heads)
-
-struct RawResp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResp {
-    fn header(&self, n: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(n))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
-}
-
-fn dechunk(b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    loop {
-        let le = find(&b[i..], b"\r\n")? + i;
-        let line = std::str::from_utf8(&b[i..le]).ok()?;
-        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
-        i = le + 2;
-        if size == 0 {
-            return Some(out);
-        }
-        if b.len() < i + size + 2 {
-            return None;
-        }
-        out.extend_from_slice(&b[i..i + size]);
-        i += size + 2;
-    }
-}
-
-/// A response once complete (`eof`: the peer closed, so a close-delimited body ends here).
-fn parse_response(buf: &[u8], eof: bool) -> Option<RawResp> {
-    let end = find(buf, b"\r\n\r\n")? + 4;
-    let mut hs = [httparse::EMPTY_HEADER; 64];
-    let mut r = httparse::Response::new(&mut hs);
-    r.parse(&buf[..end]).ok()?;
-    let headers: Vec<(String, String)> = r
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let status = r.code?;
-    let rest = &buf[end..];
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let body = if let Some(cl) = get("content-length") {
-        let n: usize = cl.trim().parse().ok()?;
-        if rest.len() < n {
-            return None;
-        }
-        rest[..n].to_vec()
-    } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        dechunk(rest)?
-    } else if eof {
-        rest.to_vec()
-    } else {
-        return None;
-    };
-    Some(RawResp {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// Sends raw bytes and reads one response. `None`: the connection closed (or was reset)
-/// without a complete response.
-async fn exchange(port: u16, req: &[u8]) -> Option<RawResp> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    // The server may stop reading an oversized head and close: a write error is an outcome.
-    let _ = tokio::time::timeout(Duration::from_secs(20), s.write_all(req)).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut buf = Vec::new();
-    loop {
-        if let Some(r) = parse_response(&buf, false) {
-            return Some(r);
-        }
-        let mut tmp = [0u8; 16384];
-        match tokio::time::timeout_at(deadline, s.read(&mut tmp)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&tmp[..n]),
-            _ => return parse_response(&buf, true),
-        }
-    }
 }
 
 /// Whether a gateway-made error is a proper one: OperationOutcome JSON with `code`, the
@@ -1072,7 +972,7 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"\r\n");
-        let resp = exchange(gw.port, &req).await;
+        let resp = raw_exchange(gw.port, &req).await;
         let alive = client().get(gw.url("/healthz")).send().await;
         if !alive.is_ok_and(|r| r.status() == 200) {
             return Err("the gateway no longer answers /healthz".into());
@@ -1706,7 +1606,7 @@ async fn run_spoof(
     req.extend_from_slice(b"\r\n");
     let req = fill_token_slot(&req, token);
     let before = target.count();
-    let resp = exchange(gw.port, &req).await;
+    let resp = raw_exchange(gw.port, &req).await;
     let refused = match &resp {
         None => true,
         Some(r) => r.status != 200,

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::raw::{find, read_response};
 use common::*;
 use futures::StreamExt;
 use serde_json::Value;
@@ -133,10 +134,6 @@ impl FaultUpstream {
     fn seen(&self) -> HashMap<String, usize> {
         self.shared.seen.lock().unwrap().clone()
     }
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
 }
 
 fn fault_name(target: &str) -> String {
@@ -691,42 +688,6 @@ async fn refused_on_both_paths_is_a_502_and_the_gateway_recovers_when_the_server
     assert_eq!(panics_in(&gw), 0, "gateway panicked:\n{}", gw.log());
 }
 
-/// Reads one HTTP/1.1 response with a `Content-Length` body from `sock`: (head, body), or
-/// `None` when the connection ended first.
-async fn read_response(sock: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let go = async {
-        let end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
-                break p + 4;
-            }
-            let mut tmp = [0u8; 8192];
-            match sock.read(&mut tmp).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let length: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .expect("a Content-Length on this answer");
-        while buf.len() < end + length {
-            let mut tmp = [0u8; 8192];
-            match sock.read(&mut tmp).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-        Some((head, buf[end..end + length].to_vec()))
-    };
-    tokio::time::timeout(DEADLINE, go)
-        .await
-        .expect("response hung")
-}
-
 /// A keep-alive client reuses a connection unless the answer said `Connection: close`. An
 /// error answer that promises keep-alive and then closes the connection makes the client's
 /// next request fail with a reset and no answer at all.
@@ -758,16 +719,19 @@ async fn an_error_answer_never_promises_a_connection_it_then_closes() {
                 g.port
             );
             sock.write_all(req.as_bytes()).await.unwrap();
-            let (head, _) = read_response(&mut sock)
+            let resp = tokio::time::timeout(DEADLINE, read_response(&mut sock))
                 .await
+                .expect("response hung")
                 .unwrap_or_else(|| panic!("{fault} on {path:?}: no answer"));
-            let status = head.split_whitespace().nth(1).unwrap_or("").to_string();
-            let close = head.lines().any(|l| {
-                l.split_once(':').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("connection")
-                        && v.trim().eq_ignore_ascii_case("close")
-                })
-            });
+            assert!(
+                resp.header("content-length").is_some(),
+                "{fault} on {path:?}: a Content-Length on this answer"
+            );
+            let status = resp.status.to_string();
+            let close = resp
+                .headers
+                .iter()
+                .any(|(k, v)| k == "connection" && v.trim().eq_ignore_ascii_case("close"));
             if close {
                 println!(
                     "{fault:>10} {:<8} {status}: Connection: close",
@@ -781,7 +745,16 @@ async fn an_error_answer_never_promises_a_connection_it_then_closes() {
                 g.port
             );
             let answered = match sock.write_all(again.as_bytes()).await {
-                Ok(()) => read_response(&mut sock).await.is_some(),
+                Ok(()) => tokio::time::timeout(DEADLINE, read_response(&mut sock))
+                    .await
+                    .expect("response hung")
+                    .is_some_and(|r| {
+                        assert!(
+                            r.header("content-length").is_some(),
+                            "/healthz: a Content-Length on this answer"
+                        );
+                        true
+                    }),
                 Err(_) => false,
             };
             println!(

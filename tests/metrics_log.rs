@@ -6,14 +6,6 @@ mod common;
 use common::idp::*;
 use common::*;
 
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_access_log_describe_the_traffic() {
     let port = free_port();
@@ -65,13 +57,13 @@ async fn metrics_and_access_log_describe_the_traffic() {
             .await
             .unwrap();
         let role = "fhirgw_auth_refusals_total{reason=\"role\",status=\"403\"}";
-        if value(&text, role) >= 1.0 || std::time::Instant::now() > deadline {
+        if metric_value(&text, role) >= 1.0 || std::time::Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "fhirgw_requests_total{method=\"GET\",route=\"/fhir\",status=\"200\"}"
         ),
@@ -79,28 +71,28 @@ async fn metrics_and_access_log_describe_the_traffic() {
         "{text}"
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "fhirgw_auth_refusals_total{reason=\"missing\",status=\"401\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &text,
             "fhirgw_auth_refusals_total{reason=\"role\",status=\"403\"}"
         ),
         1.0
     );
     assert_eq!(
-        value(&text, "fhirgw_upstream_seconds_count{path=\"stream\"}"),
+        metric_value(&text, "fhirgw_upstream_seconds_count{path=\"stream\"}"),
         2.0
     );
-    let new = value(&text, "fhirgw_upstream_connections_total{reused=\"false\"}");
-    let reused = value(&text, "fhirgw_upstream_connections_total{reused=\"true\"}");
+    let new = metric_value(&text, "fhirgw_upstream_connections_total{reused=\"false\"}");
+    let reused = metric_value(&text, "fhirgw_upstream_connections_total{reused=\"true\"}");
     assert_eq!(new + reused, 2.0, "{text}");
     assert!(reused >= 1.0, "the pool is used: {text}");
-    assert!(value(&text, "fhirgw_body_bytes_total{direction=\"response\"}") > 100.0);
+    assert!(metric_value(&text, "fhirgw_body_bytes_total{direction=\"response\"}") > 100.0);
     assert!(text.contains("fhirgw_request_seconds_bucket"));
     // One access line per request: correlation id, user, tenant, durations, no query string.
     let log = gw.log();

@@ -275,7 +275,7 @@ async fn sequential_module_road_reads_reuse_one_pooled_connection() {
         got.iter().map(|r| r.conn).collect::<Vec<_>>()
     );
     // The gateway's view: one new connection, then four from the pool.
-    let text = metrics_text(metrics).await;
+    let text = metrics_text(metrics, &gw).await;
     let series = |reused: &str| {
         metric_value(
             &text,

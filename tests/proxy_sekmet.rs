@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::raw::raw_request;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::raw::raw_request;
 use common::*;
 use std::time::{Duration, Instant};
 
@@ -438,7 +439,6 @@ async fn the_module_path_stops_when_the_client_leaves() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_requests_are_answered_in_order() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = ScriptedUpstream::start(|r, _| {
         let id = &r.target[r.target.len() - 1..];
         let body = if r.target.contains("Observation") {
@@ -459,21 +459,15 @@ async fn pipelined_requests_are_answered_in_order() {
     );
     for (post, path) in [streamed, module] {
         let gw = Gateway::start(&conf(&up.base(), post)).await;
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-            .await
-            .unwrap();
         // Both requests in one write: the second arrives while the first is upstream.
-        s.write_all(
+        let (_, text) = raw_request(
+            gw.port,
             format!(
                 "GET {path}a HTTP/1.1\r\nHost: x\r\n\r\nGET {path}b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
-        .await
-        .unwrap();
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out);
+        .await;
         assert_eq!(
             text.matches("HTTP/1.1 200").count(),
             2,

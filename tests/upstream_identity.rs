@@ -4,28 +4,11 @@
 
 mod common;
 
+use common::idp::claims_of;
 use common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// Claims of a JWT (payload decoded without verification: the test only reads them).
-fn jwt_claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).expect("a JWT");
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let (mut bits, mut n, mut out) = (0u32, 0, Vec::new());
-    for c in payload.bytes() {
-        let v = alphabet.iter().position(|&a| a == c).expect("base64url") as u32;
-        bits = (bits << 6) | v;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    serde_json::from_slice(&out).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_identity_the_callers_token_does_not_open_the_server() {
@@ -114,7 +97,7 @@ async fn client_credentials_token_from_the_real_idp_is_sent_and_cached() {
     );
     let token = auths[0].strip_prefix("Bearer ").unwrap();
     assert!(!token.contains("caller-token"));
-    let claims = jwt_claims(token);
+    let claims = claims_of(token);
     assert_eq!(claims["iss"], IDP);
     assert_eq!(claims["client_id"], "gateway-service");
     assert_eq!(claims["aud"], "api://fhir-gateway");

@@ -25,7 +25,7 @@ pub async fn token_from(
     if let Some(r) = resource {
         form.push(("resource", r));
     }
-    let r = client_plain()
+    let r = super::client()
         .post(format!("{idp}/token"))
         .basic_auth(client, Some(secret))
         .form(&form)
@@ -44,10 +44,6 @@ pub async fn token(client: &str) -> String {
 
 pub async fn token_with_scope(client: &str, scope: &str) -> String {
     token_from(IDP, client, Some(scope), None).await
-}
-
-fn client_plain() -> reqwest::Client {
-    reqwest::Client::new()
 }
 
 pub fn b64(data: &[u8]) -> String {
@@ -71,13 +67,7 @@ pub fn idp_private_jwk(keys_file: &std::path::Path) -> Value {
 }
 
 pub fn default_keys_file() -> PathBuf {
-    peers_dir_pub().join("oidc/keys.json")
-}
-
-pub fn peers_dir_pub() -> PathBuf {
-    std::env::var("PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/peers"))
+    peers_dir().join("oidc/keys.json")
 }
 
 fn bn(s: &str) -> openssl::bn::BigNum {
@@ -180,4 +170,96 @@ pub async fn wait_ready(gw: &Gateway) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An OIDC provider of the test's own (the same package and script as the shared one), for
+/// tests that stop it or rotate its key without disturbing the others. Killed on drop.
+pub struct PrivateIdp {
+    child: Child,
+    pub port: u16,
+    /// Its key file: delete it before a restart to rotate the key.
+    pub keys: PathBuf,
+    log: PathBuf,
+}
+
+impl PrivateIdp {
+    /// Starts it on `port` with the key file `keys` (created when missing) and waits until its
+    /// discovery document answers.
+    pub async fn start(port: u16, keys: PathBuf) -> PrivateIdp {
+        let dir = peers_dir().join("oidc");
+        assert!(
+            dir.join("node_modules/oidc-provider").exists(),
+            "{}: run scripts/peers.sh install",
+            dir.display()
+        );
+        let log = std::env::temp_dir().join(format!(
+            "fgw-idp-{}-{port}-{}.log",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("node")
+            .arg("idp.mjs")
+            .current_dir(&dir)
+            .env("PORT", port.to_string())
+            .env("ISSUER", format!("http://127.0.0.1:{port}"))
+            .env("KEYS_FILE", &keys)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("node");
+        let mut idp = PrivateIdp {
+            child,
+            port,
+            keys,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = client()
+                .get(format!("{}/.well-known/openid-configuration", idp.url()))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            // Its own discovery document (not some other listener's answer on that port).
+            if let Ok(r) = r {
+                if r.status() == 200 {
+                    let v: Value = r.json().await.unwrap_or_default();
+                    assert_eq!(v["issuer"], idp.url(), "another server answers on {port}");
+                    break;
+                }
+            }
+            let exited = idp.child.try_wait().ok().flatten();
+            assert!(
+                Instant::now() < deadline && exited.is_none(),
+                "private IdP did not start on {port} (exited: {exited:?}):\n{}",
+                std::fs::read_to_string(&idp.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        idp
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (waits for the process: its port is free afterwards).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateIdp {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The `kid` in a JWT's header.
+pub fn kid_of(token: &str) -> String {
+    let h: Value = serde_json::from_slice(&unb64(token.split('.').next().unwrap())).unwrap();
+    h["kid"].as_str().unwrap().to_string()
 }

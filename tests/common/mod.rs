@@ -1,7 +1,10 @@
 //! Shared test harness: spawn the real gateway binary with a generated config, reach the real
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
-//! produce on demand (slow headers, 503 storms, 50 MB bodies).
+//! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
+//! live here once: the gateway's metrics (below), `raw` (raw HTTP/1.1 exchanges), `broker`
+//! (tansu, topics, consumers, writes) and `idp` (tokens from the real OIDC provider, a private
+//! provider).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod broker;
 pub mod idp;
+pub mod raw;
 pub mod tls;
 
 pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
@@ -26,7 +31,8 @@ pub fn sekmet_url() -> String {
     std::env::var("SEKMET_URL").unwrap_or_else(|_| SEKMET.to_string())
 }
 
-fn peers_dir() -> PathBuf {
+/// Where `scripts/peers.sh` installed the peers (`$PEERS`, default `.cache/peers`).
+pub fn peers_dir() -> PathBuf {
     std::env::var("PEERS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/peers"))
@@ -151,6 +157,36 @@ impl Drop for Gateway {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The gateway's `/metrics` text. A refused connection is retried briefly; if the listener
+/// stays away, the gateway's log says why.
+pub async fn metrics_text(metrics_port: u16, gw: &Gateway) -> String {
+    let mut last = None;
+    for _ in 0..10 {
+        match client()
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await
+        {
+            Ok(r) => return r.text().await.unwrap(),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("metrics listener: {last:?}\n{}", gw.log())
+}
+
+/// The value of the series `name` (with its labels, e.g. `fhirgw_events_total{stage="spooled"}`)
+/// in a metrics text; 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// `VmRSS` / `VmHWM` of a process, in KiB.
@@ -403,7 +439,7 @@ async fn serve(
     loop {
         // Read one request head.
         let head_end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
+            if let Some(p) = raw::find(&buf, b"\r\n\r\n") {
                 break p + 4;
             }
             let mut tmp = [0u8; 8192];
@@ -445,7 +481,7 @@ async fn serve(
         } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
             loop {
                 let line_end = loop {
-                    if let Some(p) = find(&buf, b"\r\n") {
+                    if let Some(p) = raw::find(&buf, b"\r\n") {
                         break p;
                     }
                     let mut tmp = [0u8; 65536];
@@ -539,10 +575,6 @@ async fn serve(
     }
 }
 
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
-}
-
 /// Writes a config file and runs `fhir-gateway -t -c` on it.
 pub fn check_config(yaml: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
     let mut f = tempfile_in_tmp();
@@ -569,22 +601,6 @@ fn tempfile_in_tmp() -> (PathBuf, std::fs::File) {
     ));
     let f = std::fs::File::create(&p).unwrap();
     (p, f)
-}
-
-/// Sends raw bytes (for request lines an HTTP client would normalise) and returns the status
-/// line's code and the whole response text. The request should carry `Connection: close`.
-pub async fn raw_request(port: u16, request: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
 }
 
 /// An upstream that accepts connections and then neither reads nor answers: a request body
@@ -629,26 +645,4 @@ impl Drop for SilentUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// The gateway's Prometheus text from its metrics listener on `port`.
-pub async fn metrics_text(port: u16) -> String {
-    client()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one series (`name{labels}` exactly as exported) in Prometheus text; 0 when
-/// absent.
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }

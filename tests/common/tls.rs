@@ -1,7 +1,7 @@
 //! A test PKI (a CA, a server certificate for chosen names) and a real SEKMET serving HTTPS
 //! with it, its own traffic log readable like `sekmet_received`.
 
-use super::{free_port, idp::peers_dir_pub, read_traffic_in};
+use super::{free_port, peers_dir, read_traffic_in};
 use openssl::asn1::Asn1Time;
 use openssl::bn::BigNum;
 use openssl::hash::MessageDigest;
@@ -113,7 +113,7 @@ impl TlsSekmet {
     /// of SEKMET's own base URL (`https://<base_host>:<port>/fhir`), the one a gateway in
     /// front of it should be configured with, so that its links are rewritten.
     pub async fn start(dns: &[&str], ips: &[&str], base_host: &str) -> TlsSekmet {
-        let sekmet = peers_dir_pub().join("sekmet-venv/bin/sekmet");
+        let sekmet = peers_dir().join("sekmet-venv/bin/sekmet");
         assert!(sekmet.exists(), "run scripts/peers.sh install");
         assert!(
             !dns.is_empty(),
