@@ -1,9 +1,10 @@
 //! Events of successful writes, on their way out — never on the request path:
 //!
-//! PublishFHIREvent → [`Events::publish`] (a bounded in-memory queue, `try_send`) → the spool
-//! writer thread (appends to the durable [`spool`]) → the producer loop (rdkafka, idempotent,
-//! in order; acknowledges the spool only after the broker confirmed). A broker outage only
-//! grows the spool; a restart replays it. Without a broker, events go to a JSON-lines file.
+//! PublishFHIREvent → [`Events::publish`](Events#method.publish) (a bounded in-memory queue,
+//! `try_send`) → the spool writer thread (appends to the durable [`spool`]) → the producer loop
+//! (rdkafka, idempotent, in order; acknowledges the spool only after the broker confirmed). A
+//! broker outage only grows the spool; a restart replays it. Without a broker, events go to a
+//! JSON-lines file.
 //!
 //! Each instance also consumes the topic (partitions assigned, from the end) and drops its
 //! consent/link caches when another instance saw a write (cross-instance invalidation).
