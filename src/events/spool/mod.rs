@@ -15,8 +15,10 @@
 //! - **Cursor** `ack`: the first sequence number not yet delivered (`u64` + its crc32), replaced
 //!   atomically (`ack.tmp`, fsync, rename, fsync of the directory).
 //!
-//! Sequence numbers start at 1 and are contiguous. One process per directory (there is no lock
-//! file: give each gateway instance its own directory).
+//! Sequence numbers start at 1 and are contiguous. One process per directory: `Spool` itself
+//! takes no lock; the gateway's events task holds `flock` on `<dir>/lock` before opening it
+//! (`lock_spool` in `events/mod.rs`), so a second process waits. Give each gateway instance its
+//! own directory.
 //!
 //! # Opening (replay)
 //!
