@@ -13,6 +13,7 @@ pub mod links;
 pub mod outcome;
 pub mod processor;
 pub mod reference;
+pub mod registry;
 pub mod request;
 pub mod smart;
 #[cfg(test)]
@@ -20,3 +21,4 @@ pub(crate) mod testing;
 
 pub use identity::{Identity, Role};
 pub use outcome::{operation_outcome, outcome_bytes, Issue, Severity};
+pub use registry::{configure, Registry};

@@ -525,7 +525,9 @@ impl Directory {
             );
         }
         if ids.is_empty() {
-            res.as_object_mut().expect("object").shift_remove("identifier");
+            res.as_object_mut()
+                .expect("object")
+                .shift_remove("identifier");
         }
         if let Err(resp) = self.write(fhir, &target, &res, etag).await {
             return resp;

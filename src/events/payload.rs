@@ -1,0 +1,47 @@
+//! A spool record's payload: the enqueue time, the correlation id, then the event JSON.
+
+use super::queue::Queued;
+use serde_json::Value;
+
+/// The spool payload: the enqueue time (for the delivery latency), the correlation id (a Kafka
+/// header, without parsing the event again), then the event.
+pub(super) fn encode(q: &Queued) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let cid = q
+        .event
+        .get("correlationid")
+        .or_else(|| q.event.pointer("/data/correlationid"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let cid = &cid.as_bytes()[..cid.len().min(u16::MAX as usize)];
+    let mut out = now.to_be_bytes().to_vec();
+    out.extend((cid.len() as u16).to_be_bytes());
+    out.extend(cid);
+    out.extend(serde_json::to_vec(&q.event).expect("JSON serialises"));
+    out
+}
+
+/// (enqueue time, correlation id, event JSON).
+pub(super) fn decode(payload: &[u8]) -> (u64, &[u8], &[u8]) {
+    if payload.len() < 10 {
+        return (0, b"", payload);
+    }
+    let t = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+    let n = u16::from_be_bytes(payload[8..10].try_into().expect("2 bytes")) as usize;
+    match payload.get(10 + n) {
+        Some(b'{') => (t, &payload[10..10 + n], &payload[10 + n..]),
+        // An entry spooled before the correlation id was stored: time, then the event.
+        _ => (t, b"", &payload[8..]),
+    }
+}
+
+pub(super) fn since_ms(t: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(t) as f64 / 1000.0
+}

@@ -1,0 +1,108 @@
+use super::consumer::event_type;
+use super::payload::{decode, encode};
+use super::queue::Queued;
+use super::*;
+use fhir_gateway_modules::processor::EventSink;
+use serde_json::json;
+use serde_json::Value;
+
+fn kafka(cs: Option<&str>, props: &[(&str, &str)]) -> KafkaConfig {
+    KafkaConfig {
+        bootstrap_servers: "ns.servicebus.windows.net:9093".into(),
+        topic: "fhir-events".into(),
+        connection_string: cs.map(str::to_string),
+        properties: props
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        invalidate_caches: true,
+    }
+}
+
+#[test]
+fn event_hubs_settings_and_pass_through() {
+    let c = client_config(&kafka(Some("Endpoint=sb://ns/;SharedAccessKey=x"), &[]));
+    assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+    assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+    assert_eq!(c.get("sasl.username"), Some("$ConnectionString"));
+    assert_eq!(
+        c.get("sasl.password"),
+        Some("Endpoint=sb://ns/;SharedAccessKey=x")
+    );
+    assert_eq!(c.get("enable.idempotence"), Some("true"));
+    assert_eq!(c.get("acks"), Some("all"));
+    let c = client_config(&kafka(None, &[("linger.ms", "20"), ("client.id", "gw-1")]));
+    assert_eq!(
+        c.get("security.protocol"),
+        None,
+        "plaintext without a connection string"
+    );
+    assert_eq!(
+        c.get("linger.ms"),
+        Some("20"),
+        "the operator has the last word"
+    );
+    assert_eq!(c.get("client.id"), Some("gw-1"));
+}
+
+#[test]
+fn spool_payload_round_trip_and_event_types() {
+    let q = Queued {
+        key: "Patient/1".into(),
+        event: json!({"action": "Created", "resourcetype": "Consent"}),
+    };
+    let enc = encode(&q);
+    let (t, cid, body) = decode(&enc);
+    assert_eq!(cid, b"");
+    assert!(t > 1_700_000_000_000, "enqueue time in ms");
+    assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), q.event);
+    let q2 = Queued {
+        key: "k".into(),
+        event: json!({"correlationid": "c-1", "id": "x"}),
+    };
+    let enc = encode(&q2);
+    let (_, cid, body) = decode(&enc);
+    assert_eq!(cid, b"c-1");
+    assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), q2.event);
+    // The earlier layout (time, event) still reads.
+    let mut old = 7u64.to_be_bytes().to_vec();
+    old.extend(br#"{"id":"y"}"#);
+    assert_eq!(decode(&old), (7, &b""[..], &br#"{"id":"y"}"#[..]));
+    assert_eq!(event_type(&q.event), Some("Consent"));
+    let ce = json!({"specversion": "1.0", "data": {"resourcetype": "CareTeam"}});
+    assert_eq!(event_type(&ce), Some("CareTeam"));
+    assert_eq!(event_type(&json!({})), None);
+}
+
+#[tokio::test]
+async fn a_full_queue_holds_the_write_then_drops_with_a_count() {
+    let cfg = EventsConfig {
+        queue_capacity: 2,
+        queue_full_wait_ms: 50,
+        ..Default::default()
+    };
+    let ev = Arc::new(Events::new(&cfg));
+    let rx = ev.rx.lock().unwrap().take().unwrap();
+    let dropped = || EVENTS.with_label_values(&["dropped_queue_full"]).get();
+    let before = dropped();
+    // A writer that frees room within the wait: nothing is lost.
+    ev.publish("k", json!({"n": 0})).await;
+    ev.publish("k", json!({"n": 1})).await;
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        let first = rx.recv().unwrap();
+        (first, rx)
+    });
+    ev.publish("k", json!({"n": 2})).await;
+    let (first, rx) = reader.join().unwrap();
+    assert_eq!(first.event["n"], 0);
+    assert_eq!(dropped(), before);
+    // No room for longer than the wait: dropped, counted.
+    ev.publish("k", json!({"n": 3})).await;
+    assert_eq!(dropped() - before, 1);
+    let left: Vec<_> = rx
+        .try_iter()
+        .map(|q| q.event["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(left, vec![1, 2]);
+}
