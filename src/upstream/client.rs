@@ -150,7 +150,7 @@ pub(crate) fn exchange_error(e: &Error) -> GatewayError {
 #[async_trait]
 impl FhirClient for GatewayFhirClient {
     async fn send(&self, req: ClientRequest) -> Result<Response, ModuleError> {
-        self.call(req)
+        self.call_as(req, Caller::Module)
             .await
             .map(Fetched::into_response)
             .map_err(|e| match e {
@@ -209,6 +209,13 @@ impl Fetched {
     }
 }
 
+/// Whose request the client sends: a module's own call, or the caller's on the buffered road.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Module,
+    Client,
+}
+
 /// A request ready to send, as often as the retry policy allows.
 struct Prepared {
     method: Method,
@@ -222,9 +229,16 @@ impl GatewayFhirClient {
     /// `x-ms-retry-after-ms` up to `max_delay_ms` (a longer wait goes back to the client);
     /// a pooled connection the server had closed is replaced at once. POST and PATCH: once.
     /// All of it within `upstream.timeouts.total_ms`.
+    ///
+    /// This is the caller's own request on the buffered road: its head is what the streaming
+    /// road would send.
     pub async fn call(&self, req: ClientRequest) -> Result<Fetched, GatewayError> {
+        self.call_as(req, Caller::Client).await
+    }
+
+    async fn call_as(&self, req: ClientRequest, who: Caller) -> Result<Fetched, GatewayError> {
         let total = Duration::from_millis(self.gw.upstream.timeouts().total_ms);
-        match tokio::time::timeout(total, self.call_with_retries(req)).await {
+        match tokio::time::timeout(total, self.call_with_retries(req, who)).await {
             Ok(r) => r,
             // Dropping the attempt drops its connection: nothing half-read goes back to the pool.
             Err(_) => Err(GatewayError::UpstreamTimeout(format!(
@@ -234,8 +248,12 @@ impl GatewayFhirClient {
         }
     }
 
-    async fn call_with_retries(&self, req: ClientRequest) -> Result<Fetched, GatewayError> {
-        let p = self.prepare(req)?;
+    async fn call_with_retries(
+        &self,
+        req: ClientRequest,
+        who: Caller,
+    ) -> Result<Fetched, GatewayError> {
+        let p = self.prepare(req, who)?;
         let policy = RetryPolicy::new(&self.gw.retries);
         let mut attempt = 0;
         loop {
@@ -279,7 +297,7 @@ impl GatewayFhirClient {
     }
 
     /// Checks and maps the module's request once: method, target, headers, body length.
-    fn prepare(&self, req: ClientRequest) -> Result<Prepared, GatewayError> {
+    fn prepare(&self, req: ClientRequest, who: Caller) -> Result<Prepared, GatewayError> {
         let method = Method::from_bytes(req.method.as_bytes()).map_err(|_| {
             GatewayError::Internal(format!("a module asked for method {:?}", req.method))
         })?;
@@ -296,7 +314,9 @@ impl GatewayFhirClient {
                 .map_err(|_| GatewayError::Internal(format!("header {k}: not a valid value")))?;
             headers.push((name, value));
         }
-        let body = req.body.map(Bytes::from);
+        // Framed as the streaming road frames it: a length for a body, and for the methods
+        // that carry one; none for an empty GET, HEAD or DELETE.
+        let body = req.body.map(Bytes::from).filter(|b| !b.is_empty());
         let length = match &body {
             Some(b) => Some(b.len() as u64),
             None if matches!(method, Method::POST | Method::PUT | Method::PATCH) => Some(0),
@@ -310,8 +330,9 @@ impl GatewayFhirClient {
             headers.iter().map(|(n, v)| (n, v)),
             length,
         )?;
-        // Modules read FHIR JSON unless they ask for something else.
-        if !head.headers.contains_key(http::header::ACCEPT) {
+        // Modules read FHIR JSON unless they ask for something else; a caller's request goes
+        // as the caller sent it.
+        if who == Caller::Module && !head.headers.contains_key(http::header::ACCEPT) {
             head.insert_header(http::header::ACCEPT, "application/fhir+json")
                 .map_err(|_| GatewayError::Internal("Accept".into()))?;
         }
