@@ -149,6 +149,24 @@ impl Gateway {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The first line of the gateway's log containing `needle`, waiting up to `within` for it
+    /// (the access log is written by a background thread, after the answer). Panics with the
+    /// log when it never appears.
+    pub async fn log_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Gateway {
