@@ -200,14 +200,7 @@ async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
     let body = r.text().await.unwrap();
     assert_eq!(body, ORGANIZATION);
     // The streaming road is the reference: both roads give the same bytes.
-    let streamed = client()
-        .get(gw.url("/fhir/Organization/o1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let streamed = get_text(&gw.url("/fhir/Organization/o1")).await;
     assert_eq!(body, streamed);
 }
 
@@ -229,49 +222,20 @@ async fn sekmets_own_escapes_and_key_order_survive_the_buffered_road() {
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     // SEKMET's own bytes, straight from the server.
-    let direct = client()
-        .get(format!("{}/Organization/{id}", sekmet_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let direct = get_text(&format!("{}/Organization/{id}", sekmet_url())).await;
     assert!(
         direct.contains("\\u00c9"),
         "SEKMET escapes non-ASCII: {direct}"
     );
-    let buffered = client()
-        .get(gw.url(&format!("/chain/Organization/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let buffered = get_text(&gw.url(&format!("/chain/Organization/{id}"))).await;
     let rewritten = direct.replace(&sekmet_url(), &gw.url("/chain"));
     assert_eq!(buffered, rewritten, "the buffered read is SEKMET's bytes");
     // And inside a filtered searchset.
-    let set = client()
-        .get(gw.url(&format!("/chain/Organization?_id={id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let set = get_text(&gw.url(&format!("/chain/Organization?_id={id}"))).await;
     let entry = &entries(&set)[0];
-    let server_entry = &entries(
-        &client()
-            .get(format!("{}/Organization?_id={id}", sekmet_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )[0]
-    .replace(&sekmet_url(), &gw.url("/chain"));
+    let server_entry =
+        &entries(&get_text(&format!("{}/Organization?_id={id}", sekmet_url())).await)[0]
+            .replace(&sekmet_url(), &gw.url("/chain"));
     assert_eq!(entry, server_entry);
 }
 

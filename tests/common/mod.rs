@@ -60,6 +60,18 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The body of a plain GET, whatever its status.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
