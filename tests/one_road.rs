@@ -5,14 +5,16 @@
 
 mod common;
 
+use common::roads::{self, Chain, EventsDir, Road};
 use common::*;
 use serde_json::Value;
 
-/// `/fhir` streams (no modules); `/chain` buffers every write and every read.
+/// `/fhir` streams (no modules); `/chain` buffers every write and every read (no caller is
+/// bypassed in insecure_dev).
 fn two_roads_yaml(upstream: &str, dir: &std::path::Path) -> String {
     format!(
-        "upstream:\n  url: {upstream}\nauth:\n  mode: insecure_dev\nevents:\n  file: {}\nroutes:\n  - prefix: /chain\n    post:\n      - name: PublishFHIREvent\n      - name: ParticipantFilter\n",
-        dir.join("events.jsonl").display()
+        "upstream:\n  url: {upstream}\nauth:\n  mode: insecure_dev\n{}",
+        roads::two_roads_yaml(dir, Chain::Filters)
     )
 }
 
@@ -33,9 +35,8 @@ type Hostile = (
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_server() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let deep = format!(
         "{{\"resourceType\":\"Patient\",\"extension\":{}1{}}}",
         "[".repeat(101),
@@ -88,7 +89,7 @@ async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_s
     let mut bodies = Vec::new();
     for (name, ct, ce, body, status, code) in &cases {
         let mut outcomes = Vec::new();
-        for road in ["/fhir", "/chain"] {
+        for road in Road::BOTH.map(Road::prefix) {
             let id = format!("oneroad-{}", uniq());
             let mut rq = client()
                 .post(gw.url(&format!("{road}/Patient")))
@@ -114,8 +115,11 @@ async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_s
         bodies.push(outcomes[0].clone());
     }
     // The buffered road published nothing for refused writes.
-    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
-    assert!(events.is_empty(), "events of refused writes: {events}");
+    let published = events.events();
+    assert!(
+        published.is_empty(),
+        "events of refused writes: {published}"
+    );
     assert_eq!(bodies.len(), cases.len());
 }
 
@@ -158,9 +162,8 @@ async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
         Reply::json(200, &searchset(&base))
     })
     .await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&up.base(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &events.path)).await;
     let public = gw.url("/chain");
     let server_set = searchset(&public);
     let server_entries = entries(&server_set);
@@ -207,9 +210,8 @@ async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sekmets_own_escapes_and_key_order_survive_the_buffered_road() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let name = format!("Clinique Saint-Éloi — {} / «Nord»", uniq());
     let r = client()
         .post(gw.url("/fhir/Organization"))
@@ -306,9 +308,8 @@ async fn a_caller_the_filters_bypass_is_streamed_not_buffered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let r = client()
         .post(gw.url("/fhir/Organization"))
         .header("Content-Type", "application/fhir+json")
@@ -323,7 +324,7 @@ async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
         .to_string();
     // HEAD: the server's length on both roads (no body to measure).
     let mut lengths = Vec::new();
-    for road in ["/fhir", "/chain"] {
+    for road in Road::BOTH.map(Road::prefix) {
         let r = client()
             .head(gw.url(&format!("{road}/Organization/{id}")))
             .send()
@@ -343,7 +344,7 @@ async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
     assert_eq!(lengths[0], lengths[1], "HEAD on both roads");
 
     // A forwarded header that is not UTF-8: refused alike, nothing at the server.
-    for road in ["/fhir", "/chain"] {
+    for road in Road::BOTH.map(Road::prefix) {
         let rid = format!("oneroad-{}", uniq());
         let r = client()
             .get(gw.url(&format!("{road}/Organization/{id}")))
