@@ -2,9 +2,10 @@
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
-//! live here once: the gateway's metrics (below), `raw` (raw HTTP/1.1 exchanges), `broker`
-//! (tansu, topics, consumers, writes) and `idp` (tokens from the real OIDC provider, a private
-//! provider).
+//! live here once: the gateway's metrics and SEKMET's log (below, one id at a time or a batch
+//! at once), `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, writes), `idp`
+//! (tokens from the real OIDC provider, a private provider) and `roads` (the streaming and the
+//! buffered road to the FHIR server, and comparing their answers).
 #![allow(dead_code)]
 
 use serde_json::Value;

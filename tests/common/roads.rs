@@ -52,6 +52,16 @@ impl Road {
         gw.url(self.prefix())
     }
 
+    /// Whether an upstream request under a caller's correlation id is ParticipantFilter
+    /// looking the caller up before the caller's own request (a search by the gateway's
+    /// identity-link identifier): the buffered road makes such lookups, the streaming road
+    /// none.
+    pub fn identity_lookup(self, method: &str, url: &str) -> bool {
+        self == Road::Buffered
+            && method == "GET"
+            && url.contains("identifier=urn%3Afhir-gateway%3Aidentity-link|")
+    }
+
     /// Text this road wrote about a request, in the words the streaming road would use for
     /// the same request (its prefix back to `/fhir`): what must then be equal.
     pub fn as_streaming(self, text: &str) -> String {
