@@ -151,6 +151,9 @@ pub struct Answer {
     /// Statuses of the responses after the first on the same connection (pipelined or
     /// smuggled requests), in order.
     pub later: Vec<u16>,
+    /// Anything else the test holds must be equal on both roads, as (what, value): a
+    /// challenge header, the request head the upstream received.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Answer {
@@ -183,6 +186,7 @@ impl Answer {
             diagnostics,
             reached,
             later: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -233,12 +237,66 @@ pub fn road_difference(case: &str, streaming: &Answer, buffered: &Answer) -> Opt
     if streaming.later != buffered.later {
         what.push("the responses after the first");
     }
+    let mut extra = String::new();
+    for k in streaming
+        .headers
+        .iter()
+        .chain(&buffered.headers)
+        .map(|(k, _)| k)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (s, b) = (values(streaming, k), values(buffered, k));
+        if s != b {
+            what.push("headers");
+            extra.push_str(&format!("\n    {k}: streaming {s:?}, buffered {b:?}"));
+        }
+    }
+    what.dedup();
     (!what.is_empty()).then(|| {
         format!(
-            "{case}: the roads differ ({})\n    streaming: {}\n    buffered:  {}",
+            "{case}: the roads differ ({})\n    streaming: {}\n    buffered:  {}{extra}",
             what.join(", "),
             streaming.describe(),
             buffered.describe()
         )
     })
+}
+
+/// The values of one of an answer's `headers` entries (all its lines).
+fn values(a: &Answer, key: &str) -> Vec<String> {
+    a.headers
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Drops from a case's two answers every `headers` entry on which the roads differ exactly as
+/// they do for a control case (`control`: its streaming and buffered answers): that difference
+/// is the roads' baseline, to be reported once (by a test that pins it), not again for every
+/// case. A case that changes either side still differs. Returns the entries dropped.
+pub fn drop_baseline(
+    control: (&Answer, &Answer),
+    streaming: &mut Answer,
+    buffered: &mut Answer,
+) -> Vec<String> {
+    let keys: std::collections::BTreeSet<String> = control
+        .0
+        .headers
+        .iter()
+        .chain(&control.1.headers)
+        .map(|(k, _)| k.clone())
+        .filter(|k| values(control.0, k) != values(control.1, k))
+        .collect();
+    let mut dropped = Vec::new();
+    for k in keys {
+        let same_as_control = values(streaming, &k) == values(control.0, &k)
+            && values(buffered, &k) == values(control.1, &k);
+        if same_as_control {
+            streaming.headers.retain(|(n, _)| *n != k);
+            buffered.headers.retain(|(n, _)| *n != k);
+            dropped.push(k);
+        }
+    }
+    dropped
 }
