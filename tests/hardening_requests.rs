@@ -12,7 +12,8 @@
 //! included) and a case keeps its token on both roads. Each road must meet the case's own
 //! expectation, and the two roads must agree: the same status, the same OperationOutcome (issue
 //! code, diagnostics apart from the correlation id), and SEKMET receiving the case on both roads
-//! or on neither. The slow-connection group runs Pingora's own header reading once (it is the
+//! or on neither. PublishFHIREvent publishes for the buffered road's successful writes and for
+//! nothing else. The slow-connection group runs Pingora's own header reading once (it is the
 //! same code for every route) and the stalled body on both roads.
 //!
 //! A group runs all its cases, prints one line per case and a summary, and then fails with
@@ -26,7 +27,7 @@ use common::raw::*;
 use common::roads::{road_difference, Answer, Chain, EventsDir, Road};
 use common::*;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -799,6 +800,22 @@ fn answer(road: Road, c: &Case, ex: &Exchange, seen: &[Seen]) -> Answer {
     a
 }
 
+/// Whether a request's bytes (its first request) write: POST, PUT, PATCH or DELETE.
+fn is_write(bytes: &[u8]) -> bool {
+    ["POST ", "PUT ", "PATCH ", "DELETE "]
+        .iter()
+        .any(|m| bytes.starts_with(m.as_bytes()))
+}
+
+/// What one road did with a group's cases: its tally, its failures, its answer to each case,
+/// and the correlation ids of the writes it answered with a 2xx.
+struct RoadRun {
+    tally: Tally,
+    failures: Vec<String>,
+    answers: Answers,
+    writes: BTreeSet<String>,
+}
+
 /// Runs the cases one after another on one road, then judges them against SEKMET's log and
 /// its data.
 async fn run_group(
@@ -807,7 +824,7 @@ async fn run_group(
     port: u16,
     cases: Vec<Case>,
     family_prefix: Option<&str>,
-) -> (Tally, Vec<String>, Answers) {
+) -> RoadRun {
     let group = &format!("{group}, {} road", road.name());
     let mut results = Vec::new();
     for mut c in cases {
@@ -833,8 +850,17 @@ async fn run_group(
     let mut t = Tally::default();
     let mut failures = Vec::new();
     let mut answers = Vec::new();
+    let mut writes = BTreeSet::new();
     println!("== {group}");
     for (c, ex) in &results {
+        if is_write(&c.shown)
+            && ex
+                .responses
+                .first()
+                .is_some_and(|r| (200..300).contains(&r.status))
+        {
+            writes.insert(c.id.clone());
+        }
         let seen = log.get(&c.id).cloned().unwrap_or_default();
         let smuggled: Vec<Seen> = c
             .smuggled
@@ -893,7 +919,48 @@ async fn run_group(
         }
     }
     println!("{}", t.line(&format!(" [{group}]")));
-    (t, failures, answers)
+    RoadRun {
+        tally: t,
+        failures,
+        answers,
+        writes,
+    }
+}
+
+/// PublishFHIREvent published exactly for the buffered road's successful writes: nothing for a
+/// refused one, nothing for the streaming road (it has no modules).
+async fn check_events(
+    group: &str,
+    events: &EventsDir,
+    buffered_writes: &BTreeSet<String>,
+    all_ids: &BTreeSet<String>,
+) -> Vec<String> {
+    let published = events
+        .correlation_ids_with(buffered_writes, Duration::from_secs(5))
+        .await;
+    let mut out = Vec::new();
+    let missing: Vec<&String> = buffered_writes.difference(&published).collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "[{group}] no event for these successful writes on the buffered road: {missing:?}"
+        ));
+    }
+    let extra: Vec<&String> = published
+        .intersection(all_ids)
+        .filter(|id| !buffered_writes.contains(*id))
+        .collect();
+    if !extra.is_empty() {
+        out.push(format!(
+            "[{group}] events published for requests that wrote nothing on the buffered road: {extra:?}"
+        ));
+    }
+    println!(
+        "{group}: {} event(s) for {} successful write(s) on the buffered road, {} for anything else",
+        published.intersection(all_ids).count(),
+        buffered_writes.len(),
+        extra.len()
+    );
+    out
 }
 
 /// Runs a group on both roads (`build` makes its cases for a road, with that road's own
@@ -903,23 +970,27 @@ async fn run_group(
 async fn run_roads(
     group: &str,
     port: u16,
+    events: &EventsDir,
     build: impl Fn(Road, &str) -> Vec<Case>,
     family_prefix: Option<&str>,
 ) -> (Tally, Vec<String>) {
     let mut total = Tally::default();
     let mut failures = Vec::new();
-    let mut answers = Vec::new();
+    let mut runs = Vec::new();
+    let mut all_ids = BTreeSet::new();
     for road in Road::BOTH {
         let mark = family_prefix.map(|p| format!("{p}{}", road.letter()));
         let cases = build(road, mark.as_deref().unwrap_or(""));
-        let (t, f, a) = run_group(group, road, port, cases, mark.as_deref()).await;
-        total.add(&t);
-        failures.extend(f);
-        answers.push(a);
+        all_ids.extend(cases.iter().map(|c| c.id.clone()));
+        let run = run_group(group, road, port, cases, mark.as_deref()).await;
+        total.add(&run.tally);
+        failures.extend(run.failures.iter().cloned());
+        runs.push(run);
     }
-    let differences = compare_roads(group, &answers[0], &answers[1]);
+    let differences = compare_roads(group, &runs[0].answers, &runs[1].answers);
     total.differ += differences.len();
     failures.extend(differences);
+    failures.extend(check_events(group, events, &runs[1].writes, &all_ids).await);
     (total, failures)
 }
 
@@ -1141,7 +1212,7 @@ async fn hostile_paths_never_leave_the_fhir_base_on_both_roads() {
             })
             .collect()
     };
-    let (t, failures) = run_roads("paths", gw.port, build, None).await;
+    let (t, failures) = run_roads("paths", gw.port, &events, build, None).await;
     let healthy = health(&mut gw, None).await;
     finish_group("paths", t, failures, healthy);
 }
@@ -1153,7 +1224,14 @@ async fn hostile_paths_never_leave_the_fhir_base_on_both_roads() {
 async fn request_line_method_and_host_tricks_are_refused_or_kept_in_the_base_on_both_roads() {
     let events = EventsDir::new();
     let mut gw = insecure_gateway(&two_roads(&events)).await;
-    let (t, failures) = run_roads("request line and Host", gw.port, request_line_cases, None).await;
+    let (t, failures) = run_roads(
+        "request line and Host",
+        gw.port,
+        &events,
+        request_line_cases,
+        None,
+    )
+    .await;
     let healthy = health(&mut gw, None).await;
     finish_group("request line and Host", t, failures, healthy);
 }
@@ -1392,7 +1470,14 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled_on_b
     let reader = token("reader-app").await;
     let mark = format!("Hr{}", uniq());
     let build = |road: Road, mark: &str| framing_cases(road, mark, &admin);
-    let (t, failures) = run_roads("oversized and framing", gw.port, build, Some(&mark)).await;
+    let (t, failures) = run_roads(
+        "oversized and framing",
+        gw.port,
+        &events,
+        build,
+        Some(&mark),
+    )
+    .await;
     let healthy = health(&mut gw, Some(&reader)).await;
     finish_group("oversized and framing", t, failures, healthy);
 }
@@ -2001,6 +2086,16 @@ async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy_on_b
         t.differ += 1;
         failures.push(d);
     }
+    // Nor was an event published for it.
+    failures.extend(
+        check_events(
+            "slow",
+            &events,
+            &BTreeSet::new(),
+            &ids.iter().cloned().collect(),
+        )
+        .await,
+    );
     let healthy = health(&mut gw, Some(&reader)).await;
     finish_group("slow and idle", t, failures, healthy);
 }
@@ -2116,7 +2211,7 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing_on_both_roads(
     let reader = token("reader-app").await;
     let mark = format!("Hb{}", uniq());
     let build = |road: Road, mark: &str| body_cases(road, mark, &admin);
-    let (t, failures) = run_roads("bodies", gw.port, build, Some(&mark)).await;
+    let (t, failures) = run_roads("bodies", gw.port, &events, build, Some(&mark)).await;
     let healthy = health(&mut gw, Some(&reader)).await;
     finish_group("bodies", t, failures, healthy);
 }
@@ -2344,6 +2439,7 @@ async fn pipelined_requests_are_answered_in_order_or_refused_cleanly_on_both_roa
     let mut t = Tally::default();
     let mut failures = Vec::new();
     let mut answers: Vec<Answers> = Vec::new();
+    let (mut buffered_writes, mut all_ids) = (BTreeSet::new(), BTreeSet::new());
     for road in Road::BOTH {
         let p = road.prefix();
         let group = format!("pipelining, {} road", road.name());
@@ -2379,6 +2475,13 @@ async fn pipelined_requests_are_answered_in_order_or_refused_cleanly_on_both_roa
             );
             let bytes = [first.as_bytes(), second.as_bytes()].concat();
             let ex = exchange(gw.port, vec![Step::Send(bytes.clone())], 2, LINGER).await;
+            all_ids.extend([a.clone(), b.clone()]);
+            if road == Road::Buffered
+                && is_write(&bytes)
+                && ex.responses.first().is_some_and(|r| r.status == 201)
+            {
+                buffered_writes.insert(a.clone());
+            }
             sekmet_settle().await;
             let log = seen_log(&[a.clone(), b.clone()]);
             let seen_a = log.get(&a).cloned().unwrap_or_default();
@@ -2442,6 +2545,7 @@ async fn pipelined_requests_are_answered_in_order_or_refused_cleanly_on_both_roa
     let differences = compare_roads("pipelining", &answers[0], &answers[1]);
     t.differ += differences.len();
     failures.extend(differences);
+    failures.extend(check_events("pipelining", &events, &buffered_writes, &all_ids).await);
     let healthy = health(&mut gw, None).await;
     finish_group("pipelining", t, failures, healthy);
 }

@@ -123,6 +123,32 @@ impl EventsDir {
     pub fn events(&self) -> String {
         std::fs::read_to_string(self.path.join("events.jsonl")).unwrap_or_default()
     }
+
+    /// The correlation ids of the events written so far.
+    pub fn correlation_ids(&self) -> std::collections::BTreeSet<String> {
+        self.events()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|e| e["correlationid"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// The correlation ids of the events written, once every one of `expected` is among them
+    /// or `within` has passed (a background thread writes the file after the answer).
+    pub async fn correlation_ids_with(
+        &self,
+        expected: &std::collections::BTreeSet<String>,
+        within: Duration,
+    ) -> std::collections::BTreeSet<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let ids = self.correlation_ids();
+            if expected.is_subset(&ids) || Instant::now() > deadline {
+                return ids;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Default for EventsDir {
