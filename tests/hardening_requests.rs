@@ -5,16 +5,29 @@
 //! by correlation id, shows that nothing that should not be forwarded got there; after every
 //! group the gateway is healthy (`/healthz`, an authenticated read, no panic in its log).
 //!
+//! Every group runs on both roads to SEKMET (issue 13): `/fhir`, which Pingora streams, and
+//! `/chain`, whose post chain (PublishFHIREvent, ParticipantFilter, SamplePostProcess) makes the
+//! gateway read the request, call SEKMET itself and answer with the result. SamplePostProcess
+//! applies to every GET and POST, so `/chain` buffers reads for every caller (Administrator
+//! included) and a case keeps its token on both roads. Each road must meet the case's own
+//! expectation, and the two roads must agree: the same status, the same OperationOutcome (issue
+//! code, diagnostics apart from the correlation id), and SEKMET receiving the case on both roads
+//! or on neither. PublishFHIREvent publishes for the buffered road's successful writes and for
+//! nothing else. The slow-connection group runs Pingora's own header reading once (it is the
+//! same code for every route) and the stalled body on both roads.
+//!
 //! A group runs all its cases, prints one line per case and a summary, and then fails with
-//! every case that went wrong: the request bytes, what was expected and what happened.
+//! every case that went wrong: the request bytes, what was expected and what happened, and
+//! every case the roads answer differently.
 
 mod common;
 
 use common::idp::*;
 use common::raw::*;
+use common::roads::{road_difference, Answer, Chain, EventsDir, Road};
 use common::*;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -364,64 +377,12 @@ impl Seen {
     }
 }
 
-/// Waits until SEKMET has logged everything answered so far: its log is in request order, so
-/// once a marker sent now is there, earlier requests are too.
-async fn sekmet_settle() {
-    let marker = format!("marker-{}", uuid::Uuid::new_v4());
-    let r = client()
-        .get(format!("{}/metadata", sekmet_url()))
-        .header("X-Request-Id", &marker)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(sekmet_received(&marker).len(), 1, "marker not logged");
-}
-
-/// Every request SEKMET logged for these correlation ids. SEKMET logs paths under `/fhir`
-/// only; the gateway prefixes everything it forwards with the upstream base `/fhir`, so
-/// whatever it forwards is logged.
-fn sekmet_log(ids: &[String]) -> HashMap<String, Vec<Seen>> {
-    let db = std::env::var("SEKMET_DB")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
-    // A raw string: Python needs its indentation.
-    let script = r#"import sqlite3,sys,json
-db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)
-ids=json.loads(sys.stdin.read())
-out={}
-for i in range(0,len(ids),400):
-    c=ids[i:i+400]
-    q='select correlation_id,method,url,status,req_headers from traffic where correlation_id in (%s) order by id'%','.join('?'*len(c))
-    for k,m,u,s,h in db.execute(q,c):
-        out.setdefault(k,[]).append({'method':m,'url':u,'status':s,'headers':json.loads(h or '{}')})
-print(json.dumps(out))
-"#;
-    let mut child = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&db)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(serde_json::to_string(ids).unwrap().as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "reading SEKMET traffic log {}: {}",
-        db.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: HashMap<String, Vec<Value>> = serde_json::from_slice(&out.stdout).unwrap();
-    v.into_iter()
+/// Every request SEKMET logged for these correlation ids (`sekmet_log`, after
+/// `sekmet_settle`). SEKMET logs paths under `/fhir` only; the gateway prefixes everything it
+/// forwards with the upstream base `/fhir`, so whatever it forwards is logged.
+fn seen_log(ids: &[String]) -> HashMap<String, Vec<Seen>> {
+    sekmet_log(ids)
+        .into_iter()
         .map(|(k, rows)| {
             let rows = rows
                 .into_iter()
@@ -587,6 +548,8 @@ struct Tally {
     five_xx: usize,
     failed: usize,
     unhealthy: usize,
+    /// Cases the two roads answer differently.
+    differ: usize,
 }
 
 impl Tally {
@@ -601,6 +564,7 @@ impl Tally {
         self.five_xx += o.five_xx;
         self.failed += o.failed;
         self.unhealthy += o.unhealthy;
+        self.differ += o.differ;
     }
 
     fn line(&self, what: &str) -> String {
@@ -608,7 +572,7 @@ impl Tally {
             "hostile requests{what}: {} cases, {} refused with 4xx OperationOutcome (or clean close) \
              [{} OperationOutcome from the gateway, {} OperationOutcome from SEKMET (forwarded inside the base, or a streamed body), \
              {} bare HTTP-layer 4xx + close, {} clean close], {} served inside the FHIR base as intended, \
-             {} forwarded, {} 5xx, {} failed, gateway {}",
+             {} forwarded, {} 5xx, {} failed, {} answered differently by the two roads, gateway {}",
             self.cases,
             self.outcome + self.upstream_refused + self.bare + self.closed,
             self.outcome,
@@ -619,6 +583,7 @@ impl Tally {
             self.forwarded,
             self.five_xx,
             self.failed,
+            self.differ,
             if self.unhealthy == 0 {
                 "healthy"
             } else {
@@ -639,6 +604,7 @@ static TOTAL: Mutex<Tally> = Mutex::new(Tally {
     five_xx: 0,
     failed: 0,
     unhealthy: 0,
+    differ: 0,
 });
 static GROUPS_DONE: AtomicUsize = AtomicUsize::new(0);
 
@@ -816,13 +782,50 @@ fn judge(c: &Case, ex: &Exchange, seen: &[Seen], smuggled: &[Seen], written: usi
     }
 }
 
-/// Runs the cases one after another, then judges them against SEKMET's log and its data.
+/// What one road answered to one case, for comparing the roads: (case name, answer).
+type Answers = Vec<(String, Answer)>;
+
+/// One road's answer to a case, from the exchange and what SEKMET logged for it.
+fn answer(road: Road, c: &Case, ex: &Exchange, seen: &[Seen]) -> Answer {
+    let first = ex.responses.first();
+    let mut a = Answer::new(
+        road,
+        first.map(|r| r.status),
+        first.map_or(&[][..], |r| &r.body[..]),
+        &c.id,
+        !seen.is_empty(),
+    );
+    // Pipelined or smuggled requests behind the first: their statuses, in order.
+    a.later = ex.responses.iter().skip(1).map(|r| r.status).collect();
+    a
+}
+
+/// Whether a request's bytes (its first request) write: POST, PUT, PATCH or DELETE.
+fn is_write(bytes: &[u8]) -> bool {
+    ["POST ", "PUT ", "PATCH ", "DELETE "]
+        .iter()
+        .any(|m| bytes.starts_with(m.as_bytes()))
+}
+
+/// What one road did with a group's cases: its tally, its failures, its answer to each case,
+/// and the correlation ids of the writes it answered with a 2xx.
+struct RoadRun {
+    tally: Tally,
+    failures: Vec<String>,
+    answers: Answers,
+    writes: BTreeSet<String>,
+}
+
+/// Runs the cases one after another on one road, then judges them against SEKMET's log and
+/// its data.
 async fn run_group(
     group: &str,
+    road: Road,
     port: u16,
     cases: Vec<Case>,
     family_prefix: Option<&str>,
-) -> (Tally, Vec<String>) {
+) -> RoadRun {
+    let group = &format!("{group}, {} road", road.name());
     let mut results = Vec::new();
     for mut c in cases {
         let steps = std::mem::take(&mut c.steps);
@@ -839,15 +842,25 @@ async fn run_group(
         .iter()
         .flat_map(|(c, _)| std::iter::once(c.id.clone()).chain(c.smuggled.iter().cloned()))
         .collect();
-    let log = sekmet_log(&ids);
+    let log = seen_log(&ids);
     let written = match family_prefix {
         Some(p) => families_written(p).await,
         None => HashMap::new(),
     };
     let mut t = Tally::default();
     let mut failures = Vec::new();
+    let mut answers = Vec::new();
+    let mut writes = BTreeSet::new();
     println!("== {group}");
     for (c, ex) in &results {
+        if is_write(&c.shown)
+            && ex
+                .responses
+                .first()
+                .is_some_and(|r| (200..300).contains(&r.status))
+        {
+            writes.insert(c.id.clone());
+        }
         let seen = log.get(&c.id).cloned().unwrap_or_default();
         let smuggled: Vec<Seen> = c
             .smuggled
@@ -860,6 +873,7 @@ async fn run_group(
             .and_then(|f| written.get(f).copied())
             .unwrap_or(0);
         let v = judge(c, ex, &seen, &smuggled, w);
+        answers.push((c.name.clone(), answer(road, c, ex, &seen)));
         t.cases += 1;
         match v.kind {
             Kind::Outcome => t.outcome += 1,
@@ -904,11 +918,124 @@ async fn run_group(
             ));
         }
     }
-    (t, failures)
+    println!("{}", t.line(&format!(" [{group}]")));
+    RoadRun {
+        tally: t,
+        failures,
+        answers,
+        writes,
+    }
 }
 
-/// `/healthz`, an authenticated read that reaches SEKMET, the process alive, no panic logged.
+/// PublishFHIREvent published exactly for the buffered road's successful writes: nothing for a
+/// refused one, nothing for the streaming road (it has no modules).
+async fn check_events(
+    group: &str,
+    events: &EventsDir,
+    buffered_writes: &BTreeSet<String>,
+    all_ids: &BTreeSet<String>,
+) -> Vec<String> {
+    let published = events
+        .correlation_ids_with(buffered_writes, Duration::from_secs(5))
+        .await;
+    let mut out = Vec::new();
+    let missing: Vec<&String> = buffered_writes.difference(&published).collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "[{group}] no event for these successful writes on the buffered road: {missing:?}"
+        ));
+    }
+    let extra: Vec<&String> = published
+        .intersection(all_ids)
+        .filter(|id| !buffered_writes.contains(*id))
+        .collect();
+    if !extra.is_empty() {
+        out.push(format!(
+            "[{group}] events published for requests that wrote nothing on the buffered road: {extra:?}"
+        ));
+    }
+    println!(
+        "{group}: {} event(s) for {} successful write(s) on the buffered road, {} for anything else",
+        published.intersection(all_ids).count(),
+        buffered_writes.len(),
+        extra.len()
+    );
+    out
+}
+
+/// Runs a group on both roads (`build` makes its cases for a road, with that road's own
+/// family marker, so what one road writes never counts for the other) and then compares the
+/// roads case by case. Returns the tally of both and every problem: each road's own failures,
+/// then every case the roads answer differently.
+async fn run_roads(
+    group: &str,
+    port: u16,
+    events: &EventsDir,
+    build: impl Fn(Road, &str) -> Vec<Case>,
+    family_prefix: Option<&str>,
+) -> (Tally, Vec<String>) {
+    let mut total = Tally::default();
+    let mut failures = Vec::new();
+    let mut runs = Vec::new();
+    let mut all_ids = BTreeSet::new();
+    for road in Road::BOTH {
+        let mark = family_prefix.map(|p| format!("{p}{}", road.letter()));
+        let cases = build(road, mark.as_deref().unwrap_or(""));
+        all_ids.extend(cases.iter().map(|c| c.id.clone()));
+        let run = run_group(group, road, port, cases, mark.as_deref()).await;
+        total.add(&run.tally);
+        failures.extend(run.failures.iter().cloned());
+        runs.push(run);
+    }
+    let differences = compare_roads(group, &runs[0].answers, &runs[1].answers);
+    total.differ += differences.len();
+    failures.extend(differences);
+    failures.extend(check_events(group, events, &runs[1].writes, &all_ids).await);
+    (total, failures)
+}
+
+/// Every case the two roads answer differently (cases in the same order on both).
+fn compare_roads(group: &str, streaming: &Answers, buffered: &Answers) -> Vec<String> {
+    assert_eq!(
+        streaming.len(),
+        buffered.len(),
+        "{group}: case lists differ"
+    );
+    println!("== {group}: streaming and buffered roads compared");
+    let mut out = Vec::new();
+    for ((name, s), (_, b)) in streaming.iter().zip(buffered) {
+        match road_difference(&format!("[{group}] {name}"), s, b) {
+            Some(d) => {
+                println!(
+                    "  DIFF {name}: streaming {} | buffered {}",
+                    s.describe(),
+                    b.describe()
+                );
+                out.push(d);
+            }
+            None => println!("  same {name}: {}", s.describe()),
+        }
+    }
+    println!(
+        "{group}: {} cases, {} answered differently by the two roads",
+        streaming.len(),
+        out.len()
+    );
+    out
+}
+
+/// `/healthz`, an authenticated read on each road that reaches SEKMET, the process alive, no
+/// panic logged.
 async fn health(gw: &mut Gateway, bearer: Option<&str>) -> Result<(), String> {
+    for road in Road::BOTH {
+        health_on(gw, bearer, road)
+            .await
+            .map_err(|e| format!("{} road: {e}", road.name()))?;
+    }
+    Ok(())
+}
+
+async fn health_on(gw: &mut Gateway, bearer: Option<&str>, road: Road) -> Result<(), String> {
     if let Ok(Some(st)) = gw.child.try_wait() {
         return Err(format!("the gateway exited: {st}"));
     }
@@ -922,19 +1049,52 @@ async fn health(gw: &mut Gateway, bearer: Option<&str>) -> Result<(), String> {
     }
     let id = format!("health-{}", uniq());
     let mut rq = client()
-        .get(format!("{}/Patient?_count=1", gw.base()))
+        .get(format!("{}/Patient?_count=1", road.base(gw)))
         .header("X-Request-Id", &id);
     if let Some(t) = bearer {
         rq = rq.bearer_auth(t);
     }
     let r = rq.send().await.map_err(|e| format!("read: {e}"))?;
     let status = r.status();
+    // The road is the road: Pingora streams the rewritten answer chunked; the buffered road
+    // answers with a length.
+    let chunked = r
+        .headers()
+        .get("transfer-encoding")
+        .is_some_and(|v| v.as_bytes() == b"chunked");
+    if chunked != (road == Road::Streaming) {
+        return Err(format!(
+            "the read was not {}: headers {:?}",
+            road.name(),
+            r.headers()
+        ));
+    }
     let b: Value = r.json().await.unwrap_or(Value::Null);
     if status != 200 || b["resourceType"] != "Bundle" {
         return Err(format!("authenticated read: {status} {b}"));
     }
-    if sekmet_received(&id).len() != 1 {
-        return Err("the authenticated read did not reach SEKMET once".into());
+    // On the buffered road ParticipantFilter first looks the caller up (its identity links,
+    // under the same correlation id); the read itself reaches SEKMET once.
+    let got = sekmet_received(&id);
+    let reads = got
+        .iter()
+        .filter(|r| r["url"] == "/fhir/Patient?_count=1")
+        .count();
+    let others = got.iter().filter(|r| {
+        r["url"] != "/fhir/Patient?_count=1"
+            && !road.identity_lookup(
+                r["method"].as_str().unwrap_or(""),
+                r["url"].as_str().unwrap_or(""),
+            )
+    });
+    if reads != 1 || others.count() > 0 {
+        let urls: Vec<String> = got
+            .iter()
+            .map(|r| format!("{} {}", r["method"], r["url"]))
+            .collect();
+        return Err(format!(
+            "the authenticated read did not reach SEKMET once: {urls:?}"
+        ));
     }
     let log = gw.log();
     if log.contains("panicked") {
@@ -975,6 +1135,11 @@ fn finish_group(group: &str, mut t: Tally, failures: Vec<String>, healthy: Resul
     );
 }
 
+/// Both roads: `/fhir` streams, `/chain` buffers every read and write (see the file's notes).
+fn two_roads(events: &EventsDir) -> String {
+    events.yaml(Chain::FiltersAndTag)
+}
+
 fn insecure_gateway_yaml(extra: &str) -> String {
     format!(
         "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{extra}",
@@ -991,8 +1156,9 @@ async fn insecure_gateway(extra: &str) -> Gateway {
 // 1. Paths
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hostile_paths_never_leave_the_fhir_base() {
-    let mut gw = insecure_gateway("").await;
+async fn hostile_paths_never_leave_the_fhir_base_on_both_roads() {
+    let events = EventsDir::new();
+    let mut gw = insecure_gateway(&two_roads(&events)).await;
     let targets = [
         "/fhir/../manage",
         "/fhir/..%2fmanage",
@@ -1028,20 +1194,25 @@ async fn hostile_paths_never_leave_the_fhir_base() {
         "/fhir%2f..%2fmanage",
         "/fhir/Patient#/../../manage",
     ];
-    let mut cases = Vec::new();
-    for t in targets {
-        let id = format!("path-{}", uniq());
-        cases.push(
-            Case::new(
-                format!("GET {t}"),
-                Expect::InsideBase,
-                &id,
-                request("GET", t, &id, None, "", b""),
-            )
-            .path(t),
-        );
-    }
-    let (t, failures) = run_group("paths", gw.port, cases, None).await;
+    // The upstream path is the one written for `/fhir` on both roads: `/chain` maps to the
+    // same upstream base.
+    let build = |road: Road, _: &str| {
+        targets
+            .iter()
+            .map(|t| {
+                let id = format!("path-{}", uniq());
+                let target = road.target(t);
+                Case::new(
+                    format!("GET {target}"),
+                    Expect::InsideBase,
+                    &id,
+                    request("GET", &target, &id, None, "", b""),
+                )
+                .path(t)
+            })
+            .collect()
+    };
+    let (t, failures) = run_roads("paths", gw.port, &events, build, None).await;
     let healthy = health(&mut gw, None).await;
     finish_group("paths", t, failures, healthy);
 }
@@ -1050,10 +1221,28 @@ async fn hostile_paths_never_leave_the_fhir_base() {
 // 2. Request lines, methods, Host
 
 #[tokio::test(flavor = "multi_thread")]
-async fn request_line_method_and_host_tricks_are_refused_or_kept_in_the_base() {
-    let mut gw = insecure_gateway("").await;
+async fn request_line_method_and_host_tricks_are_refused_or_kept_in_the_base_on_both_roads() {
+    let events = EventsDir::new();
+    let mut gw = insecure_gateway(&two_roads(&events)).await;
+    let (t, failures) = run_roads(
+        "request line and Host",
+        gw.port,
+        &events,
+        request_line_cases,
+        None,
+    )
+    .await;
+    let healthy = health(&mut gw, None).await;
+    finish_group("request line and Host", t, failures, healthy);
+}
+
+/// The request-line, method and Host cases, their request lines on `road` (a `/fhir` in the
+/// request line becomes the road's prefix; `path` stays the upstream path).
+fn request_line_cases(road: Road, _: &str) -> Vec<Case> {
     let mut cases = Vec::new();
     let line = |name: &str, expect: Expect, path: &str, bytes: String, id: &str| {
+        let (first, rest) = bytes.split_at(bytes.find("\r\n").unwrap_or(bytes.len()));
+        let bytes = format!("{}{rest}", road.target(first));
         Case::new(name, expect, id, bytes.into_bytes()).path(path)
     };
     let id = |p: &str| format!("{p}-{}", uniq());
@@ -1262,22 +1451,42 @@ async fn request_line_method_and_host_tricks_are_refused_or_kept_in_the_base() {
             &i,
         ));
     }
-    let (t, failures) = run_group("request line and Host", gw.port, cases, None).await;
-    let healthy = health(&mut gw, None).await;
-    finish_group("request line and Host", t, failures, healthy);
+    cases
 }
 
 // ---------------------------------------------------------------------------------------------
 // 3. Oversized and ambiguous framing, smuggling (real JWT auth)
 
 #[tokio::test(flavor = "multi_thread")]
-async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
+async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled_on_both_roads() {
     // 64 KiB body limit: the over-limit bodies below are 100 KB.
-    let mut gw = jwt_gateway("limits:\n  max_request_body_bytes: 65536\n").await;
+    let events = EventsDir::new();
+    let mut gw = jwt_gateway(&format!(
+        "limits:\n  max_request_body_bytes: 65536\n{}",
+        two_roads(&events)
+    ))
+    .await;
     let admin = token("admin-app").await;
     let reader = token("reader-app").await;
-    let tok = Some(admin.as_str());
     let mark = format!("Hr{}", uniq());
+    let build = |road: Road, mark: &str| framing_cases(road, mark, &admin);
+    let (t, failures) = run_roads(
+        "oversized and framing",
+        gw.port,
+        &events,
+        build,
+        Some(&mark),
+    )
+    .await;
+    let healthy = health(&mut gw, Some(&reader)).await;
+    finish_group("oversized and framing", t, failures, healthy);
+}
+
+/// The oversized and ambiguous framing cases on `road`, as an Administrator.
+fn framing_cases(road: Road, mark: &str, admin: &str) -> Vec<Case> {
+    let tok = Some(admin);
+    let p = road.prefix();
+    let at = |rest: &str| format!("{p}{rest}");
     let id = |p: &str| format!("{p}-{}", uniq());
     let mut cases = Vec::new();
 
@@ -1289,7 +1498,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
         &i,
         request(
             "GET",
-            "/fhir/Patient?_count=1",
+            &at("/Patient?_count=1"),
             &i,
             tok,
             &format!("X-Padding: {}\r\n", "a".repeat(64 * 1024)),
@@ -1303,7 +1512,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
         &i,
         request(
             "GET",
-            "/fhir/Patient?_count=1",
+            &at("/Patient?_count=1"),
             &i,
             tok,
             &format!(
@@ -1320,7 +1529,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
         &i,
         request(
             "GET",
-            "/fhir/Patient?_count=1",
+            &at("/Patient?_count=1"),
             &i,
             tok,
             &format!("X-Padding: {}\r\n", "a".repeat(2 * 1024 * 1024)),
@@ -1338,11 +1547,11 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
                 Expect::Refused
             },
             &i,
-            request("GET", "/fhir/Patient?_count=1", &i, tok, &extra, b""),
+            request("GET", &at("/Patient?_count=1"), &i, tok, &extra, b""),
         ));
     }
     let i = id("query");
-    let q = format!("/fhir/Patient?family={}", "q".repeat(100 * 1000));
+    let q = at(&format!("/Patient?family={}", "q".repeat(100 * 1000)));
     cases.push(Case::new(
         "a 100 KB query string",
         // Over 64 KB, Pingora's URI parser refuses the request line before any hook runs
@@ -1362,7 +1571,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
             "a 100 KB body with Content-Length (limit 64 KiB)",
             Expect::Refused,
             &i,
-            post("/fhir/Patient", &i, tok, FHIR_JSON, &big),
+            post(&at("/Patient"), &i, tok, FHIR_JSON, &big),
         )
         .family(&format!("{mark}big")),
     );
@@ -1372,7 +1581,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
             "a 100 KB chunked body (limit 64 KiB)",
             Expect::Cut,
             &i,
-            post_chunked("/fhir/Patient", &i, tok, FHIR_JSON, &chunked(&big, 8192)),
+            post_chunked(&at("/Patient"), &i, tok, FHIR_JSON, &chunked(&big, 8192)),
         )
         .family(&format!("{mark}big")),
     );
@@ -1382,7 +1591,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let body = patient(&format!("{mark}cllong"));
     let head = request(
         "POST",
-        "/fhir/Patient",
+        &at("/Patient"),
         &i,
         tok,
         &format!(
@@ -1407,11 +1616,11 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let i = id("clshort");
     let s = id("smuggled");
     let smuggled = format!(
-        "GET /fhir/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nX-MS-AZUREFHIR-AUDIT-USERID: smuggled-user\r\nConnection: close\r\n\r\n"
+        "GET {p}/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nX-MS-AZUREFHIR-AUDIT-USERID: smuggled-user\r\nConnection: close\r\n\r\n"
     );
     let body = patient(&format!("{mark}clshort"));
     let mut bytes = format!(
-        "POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n",
+        "POST {p}/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -1431,11 +1640,11 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let i = id("clte");
     let s = id("smuggled");
     let smuggled = format!(
-        "GET /fhir/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nConnection: close\r\n\r\n"
+        "GET {p}/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nConnection: close\r\n\r\n"
     );
     let body = format!("0\r\n\r\n{smuggled}");
     let bytes = format!(
-        "POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+        "POST {p}/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
         body.len()
     );
     cases.push(
@@ -1453,11 +1662,11 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let i = id("tecl");
     let s = id("smuggled");
     let inner = format!(
-        "GET /fhir/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nConnection: close\r\n\r\n"
+        "GET {p}/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {s}\r\nConnection: close\r\n\r\n"
     );
     let chunk = format!("{:x}\r\n{inner}\r\n0\r\n\r\n", inner.len());
     let bytes = format!(
-        "POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}"
+        "POST {p}/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {i}\r\nAuthorization: Bearer {admin}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}"
     );
     cases.push(
         Case::new(
@@ -1484,7 +1693,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
                 &i,
                 request(
                     "POST",
-                    "/fhir/Patient",
+                    &at("/Patient"),
                     &i,
                     tok,
                     &format!("Content-Type: {FHIR_JSON}\r\nTransfer-Encoding: {te}\r\n"),
@@ -1501,7 +1710,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
         &i,
         request(
             "POST",
-            "/fhir/Patient",
+            &at("/Patient"),
             &i,
             tok,
             &format!("Content-Type: {FHIR_JSON}\r\nTransfer-Encoding : chunked\r\n"),
@@ -1516,7 +1725,7 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
             &i,
             request(
                 "POST",
-                "/fhir/Patient",
+                &at("/Patient"),
                 &i,
                 tok,
                 &format!("Content-Type: {FHIR_JSON}\r\nContent-Length: {cl}\r\n"),
@@ -1559,16 +1768,14 @@ async fn oversized_and_ambiguous_framing_is_refused_and_nothing_is_smuggled() {
         ),
     ] {
         let i = id("chunk");
-        let head = post_chunked("/fhir/Patient", &i, tok, FHIR_JSON, &framed);
+        let head = post_chunked(&at("/Patient"), &i, tok, FHIR_JSON, &framed);
         cases.push(
             Case::new(name, Expect::Cut, &i, Vec::new())
                 .steps(vec![Step::Send(head), Step::ShutdownWrite])
                 .family(&format!("{mark}chunk")),
         );
     }
-    let (t, failures) = run_group("oversized and framing", gw.port, cases, Some(&mark)).await;
-    let healthy = health(&mut gw, Some(&reader)).await;
-    finish_group("oversized and framing", t, failures, healthy);
+    cases
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1631,15 +1838,17 @@ async fn wait_closed(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy() {
+async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy_on_both_roads() {
     // The config has no request-header timeout. What bounds a client that goes quiet is
     // Pingora's downstream read timeout (60 s per read, not configurable here) and, between
     // requests on a kept-alive connection, `downstream_keepalive_secs` (5 s here). The deadline
     // is well above the longer one.
     let keepalive = 5;
     let idle_bound = Duration::from_secs(60);
+    let events = EventsDir::new();
     let mut gw = jwt_gateway(&format!(
-        "limits:\n  downstream_keepalive_secs: {keepalive}\n"
+        "limits:\n  downstream_keepalive_secs: {keepalive}\n{}",
+        two_roads(&events)
     ))
     .await;
     let reader = token("reader-app").await;
@@ -1695,26 +1904,33 @@ async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy() {
         (first_status, end)
     });
 
-    // C: a body that stops: Content-Length 1,000, about 60 bytes sent, then silence.
-    let cid = format!("stall-{}", uniq());
-    let body = patient(&format!("{mark}stall"));
-    let stalled = request(
-        "POST",
-        "/fhir/Patient",
-        &cid,
-        Some(&admin),
-        &format!("Content-Type: {FHIR_JSON}\r\nContent-Length: 1000\r\n"),
-        &body,
-    );
-    let stalled_shown = stalled.clone();
-    let c = tokio::spawn(async move {
-        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (mut rd, mut wr) = s.into_split();
-        wr.write_all(&stalled).await.unwrap();
-        let end = wait_closed(&mut rd, deadline, start).await;
-        drop(wr);
-        end
-    });
+    // C: a body that stops: Content-Length 1,000, about 60 bytes sent, then silence. The
+    // gateway reads the body itself on both roads; A, B and D are Pingora reading a head,
+    // before any route is known.
+    let mut stalls = Vec::new();
+    for road in Road::BOTH {
+        let cid = format!("stall-{}", uniq());
+        let family = format!("{mark}stall{}", road.letter());
+        let body = patient(&family);
+        let stalled = request(
+            "POST",
+            &road.target("/fhir/Patient"),
+            &cid,
+            Some(&admin),
+            &format!("Content-Type: {FHIR_JSON}\r\nContent-Length: 1000\r\n"),
+            &body,
+        );
+        let shown = stalled.clone();
+        let c = tokio::spawn(async move {
+            let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            wr.write_all(&stalled).await.unwrap();
+            let end = wait_closed(&mut rd, deadline, start).await;
+            drop(wr);
+            end
+        });
+        stalls.push((road, cid, family, shown, c));
+    }
 
     // D: 200 connections at once: 100 that send nothing, 100 with half a request head.
     let mut idle = Vec::new();
@@ -1756,7 +1972,10 @@ async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy() {
 
     let a = a.await.unwrap();
     let (b_first, b) = b.await.unwrap();
-    let c = c.await.unwrap();
+    let mut stalled = Vec::new();
+    for (road, cid, family, shown, c) in stalls {
+        stalled.push((road, cid, family, shown, c.await.unwrap()));
+    }
 
     let mut shown_a = slow_head.clone();
     shown_a.extend_from_slice(b"a<1 byte/s>...");
@@ -1765,31 +1984,28 @@ async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy() {
         (
             "header trickled at 1 byte/s on a fresh connection",
             shown_a,
-            a,
+            &a,
         ),
         (
             "header trickled at 1 byte/s after a kept-alive request",
             b"GET /fhir/Patient?_count=1 HTTP/1.1\r\nX-Slow: a<1 byte/s>...".to_vec(),
-            b,
-        ),
-        (
-            "body stalled after 60 of 1,000 declared bytes",
-            stalled_shown,
-            c,
+            &b,
         ),
     ];
-    for (i, (name, shown, end)) in slow.iter().enumerate() {
-        let verdict = judge_slow(name, shown, end, span, &mut t);
-        if i < 2 {
-            // Known limitation, measured and documented (docs/reliability.md): Pingora 0.9
-            // restarts its read timeout at every byte of a request head and has no total
-            // header deadline; the load balancer's header timeout covers it.
-            if let Some(f) = verdict {
-                println!("  known limitation, not counted as a failure: {f}");
-            }
-            continue;
+    for (name, shown, end) in &slow {
+        // Known limitation, measured and documented (docs/reliability.md): Pingora 0.9
+        // restarts its read timeout at every byte of a request head and has no total header
+        // deadline; the load balancer's header timeout covers it.
+        if let Some(f) = judge_slow(name, shown, end, span, &mut t) {
+            println!("  known limitation, not counted as a failure: {f}");
         }
-        if let Some(f) = verdict {
+    }
+    for (road, _, _, shown, end) in &stalled {
+        let name = format!(
+            "body stalled after 60 of 1,000 declared bytes ({} road)",
+            road.name()
+        );
+        if let Some(f) = judge_slow(&name, shown, end, span, &mut t) {
             failures.push(f);
         }
     }
@@ -1826,26 +2042,60 @@ async fn slow_and_idle_connections_are_closed_and_the_gateway_stays_healthy() {
             "[slow] 200 idle connections\n    request: 100 × <connect, nothing>, 100 × GET /fhir/Patient?_count=1 HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n<silence>\n    expected: all closed before the deadline, no 5xx\n    actual: {open} still open, {answered_5xx} answered 5xx"
         ));
     }
-    // The stalled body never completed upstream and wrote nothing.
+    // The stalled body never completed upstream and wrote nothing, on either road; and the
+    // roads answered it alike.
     sekmet_settle().await;
-    let seen = sekmet_log(std::slice::from_ref(&cid))
-        .remove(&cid)
-        .unwrap_or_default();
-    if let Some(s) = seen
-        .iter()
-        .find(|s| s.status.is_some_and(|st| (200..300).contains(&st)))
-    {
-        t.forwarded += 1;
-        failures.push(format!(
-            "[slow] stalled body completed at SEKMET: {}",
-            s.describe()
+    let ids: Vec<String> = stalled.iter().map(|(_, cid, ..)| cid.clone()).collect();
+    let mut log = seen_log(&ids);
+    let written = families_written(&mark).await;
+    let mut answers = Vec::new();
+    for (road, cid, family, _, end) in &stalled {
+        let seen = log.remove(cid).unwrap_or_default();
+        if let Some(s) = seen
+            .iter()
+            .find(|s| s.status.is_some_and(|st| (200..300).contains(&st)))
+        {
+            t.forwarded += 1;
+            failures.push(format!(
+                "[slow, {} road] stalled body completed at SEKMET: {}",
+                road.name(),
+                s.describe()
+            ));
+        }
+        if written.get(family).copied().unwrap_or(0) > 0 {
+            t.forwarded += 1;
+            failures.push(format!(
+                "[slow, {} road] stalled body was written",
+                road.name()
+            ));
+        }
+        let first = end.answer.first();
+        answers.push(Answer::new(
+            *road,
+            first.map(|r| r.status),
+            first.map_or(&[][..], |r| &r.body[..]),
+            cid,
+            !seen.is_empty(),
         ));
     }
-    let written = families_written(&mark).await;
-    if written.get(&format!("{mark}stall")).copied().unwrap_or(0) > 0 {
-        t.forwarded += 1;
-        failures.push("[slow] stalled body was written".into());
+    if let Some(d) = road_difference(
+        "[slow] body stalled after 60 of 1,000 declared bytes",
+        &answers[0],
+        &answers[1],
+    ) {
+        t.differ += 1;
+        failures.push(d);
     }
+    // Nor was an event published for it.
+    failures.extend(
+        check_events(
+            "slow",
+            &events,
+            &BTreeSet::new(),
+            &ids.iter().cloned().collect(),
+        )
+        .await,
+    );
     let healthy = health(&mut gw, Some(&reader)).await;
     finish_group("slow and idle", t, failures, healthy);
 }
@@ -1949,13 +2199,27 @@ fn billion_laughs(family: &str, root: &str) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
+async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing_on_both_roads() {
     // 1 MiB body limit: the 100,000-entry transaction (about 12 MB) is over it.
-    let mut gw = jwt_gateway("limits:\n  max_request_body_bytes: 1048576\n").await;
+    let events = EventsDir::new();
+    let mut gw = jwt_gateway(&format!(
+        "limits:\n  max_request_body_bytes: 1048576\n{}",
+        two_roads(&events)
+    ))
+    .await;
     let admin = token("admin-app").await;
     let reader = token("reader-app").await;
-    let tok = Some(admin.as_str());
     let mark = format!("Hb{}", uniq());
+    let build = |road: Road, mark: &str| body_cases(road, mark, &admin);
+    let (t, failures) = run_roads("bodies", gw.port, &events, build, Some(&mark)).await;
+    let healthy = health(&mut gw, Some(&reader)).await;
+    finish_group("bodies", t, failures, healthy);
+}
+
+/// The malformed and oversized body cases on `road`, as an Administrator.
+fn body_cases(road: Road, mark: &str, admin: &str) -> Vec<Case> {
+    let tok = Some(admin);
+    let at = |rest: &str| format!("{}{rest}", road.prefix());
     let id = |p: &str| format!("{p}-{}", uniq());
     let mut cases = Vec::new();
     let json_patient = |f: &str, tail: &str| {
@@ -2038,7 +2302,7 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
                 format!("POST /Patient: {name}"),
                 expect,
                 &i,
-                post("/fhir/Patient", &i, tok, ct, &body),
+                post(&at("/Patient"), &i, tok, ct, &body),
             )
             .family(&family),
         );
@@ -2053,7 +2317,7 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
         &i,
         request(
             "PUT",
-            &format!("/fhir/Patient/{mark}x"),
+            &at(&format!("/Patient/{mark}x")),
             &i,
             tok,
             &format!(
@@ -2127,7 +2391,7 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
                 format!("POST /fhir: {name}"),
                 Expect::Refused,
                 &i,
-                post("/fhir", &i, tok, ct, &body),
+                post(&at(""), &i, tok, ct, &body),
             )
             .family(&format!("{mark}b{}", k + 1)),
         );
@@ -2144,7 +2408,7 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
             ),
             Expect::Refused,
             &i,
-            post("/fhir", &i, tok, FHIR_JSON, &huge),
+            post(&at(""), &i, tok, FHIR_JSON, &huge),
         )
         .family(&format!("{mark}huge")),
     );
@@ -2157,103 +2421,131 @@ async fn malformed_and_oversized_bodies_get_4xx_and_write_nothing() {
             ),
             Expect::Refused,
             &i,
-            post_chunked("/fhir", &i, tok, FHIR_JSON, &chunked(&huge, 64 * 1024)),
+            post_chunked(&at(""), &i, tok, FHIR_JSON, &chunked(&huge, 64 * 1024)),
         )
         .family(&format!("{mark}huge")),
     );
-    let (t, failures) = run_group("bodies", gw.port, cases, Some(&mark)).await;
-    let healthy = health(&mut gw, Some(&reader)).await;
-    finish_group("bodies", t, failures, healthy);
+    cases
 }
 
 // ---------------------------------------------------------------------------------------------
 // 6. Pipelining
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pipelined_requests_are_answered_in_order_or_refused_cleanly() {
-    let mut gw = insecure_gateway("").await;
+async fn pipelined_requests_are_answered_in_order_or_refused_cleanly_on_both_roads() {
+    let events = EventsDir::new();
+    let mut gw = insecure_gateway(&two_roads(&events)).await;
     let mark = format!("Hp{}", uniq());
     let mut t = Tally::default();
     let mut failures = Vec::new();
-    println!("== pipelining");
-    let body = patient(&format!("{mark}p"));
-    let pairs: Vec<(&str, String, u16, String)> = {
-        let mut v = Vec::new();
-        let a = format!("pipe-{}", uniq());
-        v.push((
-            "two GETs in one write",
-            format!("GET /fhir/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {a}\r\n\r\n"),
-            200,
-            a,
-        ));
-        let a = format!("pipe-{}", uniq());
-        v.push((
-            "a create and a GET in one write",
-            format!(
-                "POST /fhir/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {a}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n{}",
-                body.len(),
-                String::from_utf8_lossy(&body)
-            ),
-            201,
-            a,
-        ));
-        v
-    };
-    for (name, first, first_status, a) in pairs {
-        let b = format!("pipe-{}", uniq());
-        let second = format!(
-            "GET /fhir/metadata HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {b}\r\nConnection: close\r\n\r\n"
-        );
-        let bytes = [first.as_bytes(), second.as_bytes()].concat();
-        let ex = exchange(gw.port, vec![Step::Send(bytes.clone())], 2, LINGER).await;
-        sekmet_settle().await;
-        let log = sekmet_log(&[a.clone(), b.clone()]);
-        let seen_a = log.get(&a).cloned().unwrap_or_default();
-        let seen_b = log.get(&b).cloned().unwrap_or_default();
-        let rid = |r: &RawResp| r.header("x-request-id").unwrap_or("").to_string();
-        let first_ok = ex
-            .responses
-            .first()
-            .is_some_and(|r| r.status == first_status && rid(r) == a)
-            && seen_a.len() == 1;
-        let both = ex.responses.len() == 2
-            && ex.responses[1].status == 200
-            && rid(&ex.responses[1]) == b
-            && seen_b.len() == 1;
-        let second_refused = ex.responses.len() == 1 && ex.closed && seen_b.is_empty();
-        let ok = first_ok && (both || second_refused);
-        t.cases += 1;
-        t.five_xx += ex.any_5xx() as usize;
-        if ok {
-            t.served += 1;
-        } else {
-            t.failed += 1;
-        }
-        let actual = format!(
-            "{}; SEKMET saw the first {} time(s), the second {} time(s)",
-            ex.describe(),
-            seen_a.len(),
-            seen_b.len()
-        );
-        println!(
-            "  {} {name}: {actual}{}",
-            if ok { "ok  " } else { "FAIL" },
-            if both {
-                " (both answered in order)"
-            } else if second_refused && first_ok {
-                " (second refused by closing after the first)"
-            } else {
-                ""
-            }
-        );
-        if !ok {
-            failures.push(format!(
-                "[pipelining] {name}\n    request: {}\n    expected: the first answered {first_status} (x-request-id {a}), then the second answered 200 \
-                 (x-request-id {b}) or the connection closed with the second never sent to SEKMET\n    actual: {actual}",
-                show(&bytes)
+    let mut answers: Vec<Answers> = Vec::new();
+    let (mut buffered_writes, mut all_ids) = (BTreeSet::new(), BTreeSet::new());
+    for road in Road::BOTH {
+        let p = road.prefix();
+        let group = format!("pipelining, {} road", road.name());
+        println!("== {group}");
+        let body = patient(&format!("{mark}p{}", road.letter()));
+        let pairs: Vec<(&str, String, u16, String)> = {
+            let mut v = Vec::new();
+            let a = format!("pipe-{}", uniq());
+            v.push((
+                "two GETs in one write",
+                format!("GET {p}/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {a}\r\n\r\n"),
+                200,
+                a,
             ));
+            let a = format!("pipe-{}", uniq());
+            v.push((
+                "a create and a GET in one write",
+                format!(
+                    "POST {p}/Patient HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {a}\r\nContent-Type: {FHIR_JSON}\r\nContent-Length: {}\r\n\r\n{}",
+                    body.len(),
+                    String::from_utf8_lossy(&body)
+                ),
+                201,
+                a,
+            ));
+            v
+        };
+        let mut road_answers = Vec::new();
+        for (name, first, first_status, a) in pairs {
+            let b = format!("pipe-{}", uniq());
+            let second = format!(
+                "GET {p}/metadata HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {b}\r\nConnection: close\r\n\r\n"
+            );
+            let bytes = [first.as_bytes(), second.as_bytes()].concat();
+            let ex = exchange(gw.port, vec![Step::Send(bytes.clone())], 2, LINGER).await;
+            all_ids.extend([a.clone(), b.clone()]);
+            if road == Road::Buffered
+                && is_write(&bytes)
+                && ex.responses.first().is_some_and(|r| r.status == 201)
+            {
+                buffered_writes.insert(a.clone());
+            }
+            sekmet_settle().await;
+            let log = seen_log(&[a.clone(), b.clone()]);
+            let seen_a = log.get(&a).cloned().unwrap_or_default();
+            let seen_b = log.get(&b).cloned().unwrap_or_default();
+            let rid = |r: &RawResp| r.header("x-request-id").unwrap_or("").to_string();
+            let first_ok = ex
+                .responses
+                .first()
+                .is_some_and(|r| r.status == first_status && rid(r) == a)
+                && seen_a.len() == 1;
+            let both = ex.responses.len() == 2
+                && ex.responses[1].status == 200
+                && rid(&ex.responses[1]) == b
+                && seen_b.len() == 1;
+            let second_refused = ex.responses.len() == 1 && ex.closed && seen_b.is_empty();
+            let ok = first_ok && (both || second_refused);
+            t.cases += 1;
+            t.five_xx += ex.any_5xx() as usize;
+            if ok {
+                t.served += 1;
+            } else {
+                t.failed += 1;
+            }
+            let actual = format!(
+                "{}; SEKMET saw the first {} time(s), the second {} time(s)",
+                ex.describe(),
+                seen_a.len(),
+                seen_b.len()
+            );
+            println!(
+                "  {} {name}: {actual}{}",
+                if ok { "ok  " } else { "FAIL" },
+                if both {
+                    " (both answered in order)"
+                } else if second_refused && first_ok {
+                    " (second refused by closing after the first)"
+                } else {
+                    ""
+                }
+            );
+            if !ok {
+                failures.push(format!(
+                    "[{group}] {name}\n    request: {}\n    expected: the first answered {first_status} (x-request-id {a}), then the second answered 200 \
+                     (x-request-id {b}) or the connection closed with the second never sent to SEKMET\n    actual: {actual}",
+                    show(&bytes)
+                ));
+            }
+            let first = ex.responses.first();
+            let mut answer = Answer::new(
+                road,
+                first.map(|r| r.status),
+                first.map_or(&[][..], |r| &r.body[..]),
+                &a,
+                !seen_a.is_empty(),
+            );
+            answer.later = ex.responses.iter().skip(1).map(|r| r.status).collect();
+            road_answers.push((name.to_string(), answer));
         }
+        answers.push(road_answers);
     }
+    let differences = compare_roads("pipelining", &answers[0], &answers[1]);
+    t.differ += differences.len();
+    failures.extend(differences);
+    failures.extend(check_events("pipelining", &events, &buffered_writes, &all_ids).await);
     let healthy = health(&mut gw, None).await;
     finish_group("pipelining", t, failures, healthy);
 }

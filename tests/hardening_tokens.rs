@@ -6,11 +6,21 @@
 //! Two trust anchors: the real OIDC provider, and a local JWKS of keys generated here, so the
 //! tests can sign exactly the bytes an attacker (or a buggy issuer) would produce: duplicate
 //! JSON keys, `crit`, embedded `jwk`, control characters in claims.
+//!
+//! Every case runs on both roads to the upstream (issue 13): `/fhir`, which Pingora streams,
+//! and `/chain`, whose post chain (PublishFHIREvent + ParticipantFilter; every caller here is
+//! one the filter judges) makes the gateway call the upstream through its own client. Each
+//! road must meet the case's expectation, and the roads must agree: the same status and
+//! OperationOutcome, the same challenge, the upstream receiving the case on both roads or on
+//! neither, and the same request head there (beyond how the heads differ for a request with no
+//! spoof at all, which tests/one_road.rs pins). What SEKMET logged is read once, after all
+//! cases, not case by case (one query instead of a marker request and two reads per case).
 
 mod common;
 
 use common::idp::*;
 use common::raw::*;
+use common::roads::{drop_baseline, road_difference, Answer, Chain, EventsDir, Road};
 use common::*;
 use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey};
@@ -21,6 +31,7 @@ use openssl::pkey::{PKey, Private};
 use openssl::rsa::{Padding, Rsa};
 use openssl::sign::{RsaPssSaltlen, Signer};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -193,7 +204,8 @@ async fn jwks_server(k: &Keys) -> ScriptedUpstream {
     .await
 }
 
-async fn gateway(upstream: &str, jwks: &ScriptedUpstream) -> Gateway {
+/// `events` holds the buffered road's events file (see the file's notes).
+async fn gateway(upstream: &str, jwks: &ScriptedUpstream, events: &EventsDir) -> Gateway {
     require_peer(&format!("{IDP}/.well-known/openid-configuration")).await;
     // The shared IdP issuer (tenants A and B), plus two issuers trusting the local JWKS.
     let local = format!(
@@ -210,8 +222,9 @@ async fn gateway(upstream: &str, jwks: &ScriptedUpstream) -> Gateway {
         a = jwks.addr
     );
     let gw = Gateway::start(&format!(
-        "upstream:\n  url: {upstream}\n{}{local}",
-        jwt_auth_yaml(IDP)
+        "upstream:\n  url: {upstream}\n{}{local}{}",
+        jwt_auth_yaml(IDP),
+        events.yaml(Chain::Filters)
     ))
     .await;
     wait_ready(&gw).await;
@@ -231,15 +244,6 @@ async fn tripwire() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, hits)
-}
-
-/// `assert_sekmet_never_received` without stopping the run: the catalogue and the matrix
-/// report every failing case at once.
-async fn sekmet_never_received(id: &str) -> bool {
-    let id = id.to_string();
-    tokio::spawn(async move { assert_sekmet_never_received(&id).await })
-        .await
-        .is_ok()
 }
 
 /// Whether a gateway-made error is a proper one: OperationOutcome JSON with `code`, the
@@ -951,18 +955,68 @@ fn catalogue(k: &Keys, idp_good: &str, trip: SocketAddr) -> Vec<Case> {
     cases
 }
 
-/// Runs one case; `Ok` carries a short description of what happened.
-async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
+/// The read every case makes, as the upstream sees it (both roads map to the upstream base).
+const READ_URL: &str = "/fhir/Patient?_count=1";
+
+/// One case as sent on one road, judged once SEKMET's log has been read.
+struct Sent {
+    road: Road,
+    rid: String,
+    /// The last 16 characters of whatever was presented: never echoed back.
+    tail: Option<String>,
+    /// `None`: the connection closed without a response.
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// The request failed, or the gateway stopped answering: a failure as it stands.
+    error: Option<String>,
+}
+
+impl Sent {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// What must be the same on the other road.
+    fn answer(&self, seen: &[Value]) -> Answer {
+        let mut a = Answer::new(
+            self.road,
+            self.status,
+            &self.body,
+            &self.rid,
+            !seen.is_empty(),
+        );
+        if let Some(w) = self.header("www-authenticate") {
+            a.headers
+                .push(("www-authenticate".into(), self.road.as_streaming(w)));
+        }
+        a
+    }
+}
+
+/// Sends one case on `road`.
+async fn send_case(gw: &Gateway, road: Road, c: &Case) -> Sent {
     let rid = format!("tok-{}", uniq());
-    let url = format!("{}/Patient?_count=1{}", gw.base(), c.query);
-    // The last 16 characters of whatever was presented: never echoed back.
     let tail = c.auth.first().and_then(|a| {
         let s: Vec<char> = String::from_utf8_lossy(a).chars().collect();
         (s.len() > 40).then(|| s[s.len() - 16..].iter().collect::<String>())
     });
+    let mut sent = Sent {
+        road,
+        rid: rid.clone(),
+        tail,
+        status: None,
+        headers: Vec::new(),
+        body: Vec::new(),
+        error: None,
+    };
     if c.expect == Expect::Oversize {
         let mut req = format!(
-            "GET /fhir/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: {rid}\r\nConnection: close\r\n",
+            "GET {}/Patient?_count=1 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: {rid}\r\nConnection: close\r\n",
+            road.prefix(),
             gw.port
         )
         .into_bytes();
@@ -972,37 +1026,18 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"\r\n");
-        let resp = raw_exchange(gw.port, &req).await;
+        if let Some(r) = raw_exchange(gw.port, &req).await {
+            sent.status = Some(r.status);
+            sent.headers = r.headers;
+            sent.body = r.body;
+        }
         let alive = client().get(gw.url("/healthz")).send().await;
         if !alive.is_ok_and(|r| r.status() == 200) {
-            return Err("the gateway no longer answers /healthz".into());
+            sent.error = Some("the gateway no longer answers /healthz".into());
         }
-        if !sekmet_never_received(&rid).await {
-            return Err("SEKMET received it".into());
-        }
-        return match resp {
-            None => Ok("connection closed without a response".into()),
-            Some(r) if matches!(r.status, 401 | 431) => {
-                let code = if r.status == 401 {
-                    "login"
-                } else {
-                    "too-costly"
-                };
-                outcome_ok(r.status, &r.headers, &r.body, code, &rid, tail.as_deref())?;
-                Ok(format!("{} OperationOutcome", r.status))
-            }
-            // Pingora refuses a request head over 1 MiB itself, before any gateway code runs.
-            Some(r) if r.status == 400 && r.header("x-request-id").is_none() => Ok(format!(
-                "400 from the HTTP layer (no OperationOutcome, body {:?})",
-                String::from_utf8_lossy(&r.body)
-            )),
-            Some(r) => Err(format!(
-                "{}: {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            )),
-        };
+        return sent;
     }
+    let url = format!("{}/Patient?_count=1{}", road.base(gw), c.query);
     let mut rb = client().get(&url).header("X-Request-Id", &rid);
     for a in &c.auth {
         rb = rb.header(
@@ -1010,12 +1045,15 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             reqwest::header::HeaderValue::from_bytes(a).unwrap(),
         );
     }
-    let r = rb
-        .send()
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
-    let status = r.status().as_u16();
-    let headers: Vec<(String, String)> = r
+    let r = match rb.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            sent.error = Some(format!("request failed: {e}"));
+            return sent;
+        }
+    };
+    sent.status = Some(r.status().as_u16());
+    sent.headers = r
         .headers()
         .iter()
         .map(|(k, v)| {
@@ -1025,17 +1063,75 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             )
         })
         .collect();
-    let body = r.bytes().await.map_err(|e| e.to_string())?.to_vec();
+    match r.bytes().await {
+        Ok(b) => sent.body = b.to_vec(),
+        Err(e) => sent.error = Some(e.to_string()),
+    }
+    sent
+}
+
+/// Judges one sent case against what SEKMET logged for it; `Ok` carries a short description
+/// of what happened.
+fn judge_case(c: &Case, sent: &Sent, seen: &[Value]) -> Result<String, String> {
+    if let Some(e) = &sent.error {
+        return Err(e.clone());
+    }
+    let (rid, tail) = (&sent.rid, sent.tail.as_deref());
+    if c.expect == Expect::Oversize {
+        if !seen.is_empty() {
+            return Err("SEKMET received it".into());
+        }
+        return match sent.status {
+            None => Ok("connection closed without a response".into()),
+            Some(st @ (401 | 431)) => {
+                let code = if st == 401 { "login" } else { "too-costly" };
+                outcome_ok(st, &sent.headers, &sent.body, code, rid, tail)?;
+                Ok(format!("{st} OperationOutcome"))
+            }
+            // Pingora refuses a request head over 1 MiB itself, before any gateway code runs.
+            Some(400) if sent.header("x-request-id").is_none() => Ok(format!(
+                "400 from the HTTP layer (no OperationOutcome, body {:?})",
+                String::from_utf8_lossy(&sent.body)
+            )),
+            Some(st) => Err(format!("{st}: {}", String::from_utf8_lossy(&sent.body))),
+        };
+    }
+    let status = sent.status.unwrap_or(0);
+    let body = &sent.body;
     if c.expect == Expect::Accept {
         if status != 200 {
             return Err(format!(
                 "control refused: {status} {}",
-                String::from_utf8_lossy(&body)
+                String::from_utf8_lossy(body)
             ));
         }
-        let n = sekmet_received(&rid).len();
-        if n != 1 {
-            return Err(format!("SEKMET received it {n} times"));
+        // Besides the read, the buffered road's ParticipantFilter looks the caller up.
+        let reads = seen.iter().filter(|r| r["url"] == READ_URL).count();
+        let lookups = seen
+            .iter()
+            .filter(|r| {
+                sent.road.identity_lookup(
+                    r["method"].as_str().unwrap_or(""),
+                    r["url"].as_str().unwrap_or(""),
+                )
+            })
+            .count();
+        if reads != 1 || reads + lookups != seen.len() {
+            let urls: Vec<&str> = seen
+                .iter()
+                .map(|r| r["url"].as_str().unwrap_or(""))
+                .collect();
+            return Err(format!("SEKMET received it {reads} times: {urls:?}"));
+        }
+        // The road is the road: Pingora streams the rewritten answer chunked, the buffered
+        // road answers with a length.
+        let chunked = sent.header("transfer-encoding") == Some("chunked");
+        if chunked != (sent.road == Road::Streaming) {
+            return Err(format!(
+                "not answered by the {} road: {:?}",
+                sent.road.name(),
+                sent.headers
+            ));
         }
         return Ok("200, reached SEKMET once".into());
     }
@@ -1046,17 +1142,13 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
     };
     let mut problems = Vec::new();
     if status != want {
-        let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        let text: String = String::from_utf8_lossy(body).chars().take(300).collect();
         problems.push(format!("status {status} (want {want}): {text}"));
-    } else if let Err(e) = outcome_ok(status, &headers, &body, code, &rid, tail.as_deref()) {
+    } else if let Err(e) = outcome_ok(status, &sent.headers, body, code, rid, tail) {
         problems.push(e);
     }
     if want == 401 && status == 401 {
-        let www = headers
-            .iter()
-            .find(|(k, _)| k == "www-authenticate")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("");
+        let www = sent.header("www-authenticate").unwrap_or("");
         if !www.starts_with("Bearer") {
             problems.push(format!("WWW-Authenticate {www:?}"));
         }
@@ -1064,11 +1156,10 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             problems.push(format!("no invalid_token in {www:?}"));
         }
     }
-    if !sekmet_never_received(&rid).await {
-        let leaked = sekmet_received(&rid).iter().any(|r| {
-            tail.as_ref()
-                .is_some_and(|t| r["url"].as_str().unwrap_or("").contains(t.as_str()))
-        });
+    if !seen.is_empty() {
+        let leaked = seen
+            .iter()
+            .any(|r| tail.is_some_and(|t| r["url"].as_str().unwrap_or("").contains(t)));
         problems.push(if leaked {
             "SEKMET received it, the caller's token in its URL".into()
         } else {
@@ -1083,11 +1174,12 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn token_catalogue_every_hostile_token_is_refused_before_sekmet() {
+async fn token_catalogue_every_hostile_token_is_refused_before_sekmet_on_both_roads() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let keys = Keys::generate();
     let jwks = jwks_server(&keys).await;
-    let mut gw = gateway(&sekmet_url(), &jwks).await;
+    let events = EventsDir::new();
+    let mut gw = gateway(&sekmet_url(), &jwks, &events).await;
     let (trip, hits) = tripwire().await;
     let idp_good = token("reader-app").await;
     let mut cases = catalogue(&keys, &idp_good, trip);
@@ -1108,31 +1200,55 @@ async fn token_catalogue_every_hostile_token_is_refused_before_sekmet() {
         Expect::Accept,
     ));
 
-    let mut failures = Vec::new();
-    let (mut refused, mut accepted_hostile, mut controls) = (0, 0, 0);
+    // Each case on both roads, one after the other (the tokens stay as fresh on both).
+    let mut sent = Vec::new();
     for c in &cases {
-        let r = run_case(&gw, c).await;
-        match &r {
-            Ok(what) => {
-                println!("  ok   {:<70} {what}", c.name);
-                if c.expect == Expect::Accept {
-                    controls += 1;
-                } else {
-                    refused += 1;
+        let mut pair = Vec::new();
+        for road in Road::BOTH {
+            pair.push(send_case(&gw, road, c).await);
+        }
+        sent.push(pair);
+    }
+    sekmet_settle().await;
+    let ids: Vec<String> = sent.iter().flatten().map(|s| s.rid.clone()).collect();
+    let log = sekmet_log(&ids);
+
+    let mut failures = Vec::new();
+    let mut differences = Vec::new();
+    let (mut refused, mut accepted_hostile, mut controls) = (0, 0, 0);
+    for (c, pair) in cases.iter().zip(&sent) {
+        let mut answers = Vec::new();
+        for s in pair {
+            let seen = log.get(&s.rid).map(Vec::as_slice).unwrap_or_default();
+            let label = format!("{} ({} road)", c.name, s.road.name());
+            match judge_case(c, s, seen) {
+                Ok(what) => {
+                    println!("  ok   {label:<80} {what}");
+                    if c.expect == Expect::Accept {
+                        controls += 1;
+                    } else {
+                        refused += 1;
+                    }
+                }
+                Err(why) => {
+                    println!("  FAIL {label:<80} {why}");
+                    if c.expect != Expect::Accept && why.starts_with("status 200") {
+                        accepted_hostile += 1;
+                    }
+                    failures.push(format!("{label}: {why}"));
                 }
             }
-            Err(why) => {
-                println!("  FAIL {:<70} {why}", c.name);
-                if c.expect != Expect::Accept && why.starts_with("status 200") {
-                    accepted_hostile += 1;
-                }
-                failures.push(format!("{}: {why}", c.name));
-            }
+            answers.push(s.answer(seen));
+        }
+        if let Some(d) = road_difference(&c.name, &answers[0], &answers[1]) {
+            println!("  DIFF {d}");
+            differences.push(d);
         }
     }
     let hostile = cases.iter().filter(|c| c.expect != Expect::Accept).count();
     println!(
-        "token catalogue: {hostile} cases, {accepted_hostile} accepted ({refused} refused as expected; {controls} positive controls passed)"
+        "token catalogue: {hostile} cases on 2 roads, {accepted_hostile} accepted ({refused} refused as expected; {controls} positive controls passed); {} answered differently by the two roads",
+        differences.len()
     );
 
     // Nothing was fetched from a URL a token named; the JWKS was fetched only where configured.
@@ -1150,10 +1266,11 @@ async fn token_catalogue_every_hostile_token_is_refused_before_sekmet() {
         !gw.log().contains(&idp_good[idp_good.len() - 30..]),
         "a token appears in the log"
     );
+    let (f, d) = (failures.len(), differences.len());
+    failures.extend(differences);
     assert!(
         failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
+        "{} cases on 2 roads: {f} failed on a road, {d} answered differently by the two roads:\n{}",
         cases.len(),
         failures.join("\n")
     );
@@ -1402,6 +1519,24 @@ fn matrix(m_prefix: &str) -> Vec<Spoof> {
         // Pingora answers this one with a 400 OperationOutcome: the caller only breaks its own request.
         ("Connection: Host", "Connection: Host\r\n".into(), true),
         ("Connection: Authorization", "Connection: Authorization\r\n".into(), true),
+        // Nominations Pingora's proxy refuses before the upstream request (protected names,
+        // pseudo-headers, non-tokens, ten or more): refusing is fine, on both roads alike.
+        (
+            "Connection: X-Forwarded-For (with one)",
+            "Connection: X-Forwarded-For\r\nX-Forwarded-For: 198.51.100.66\r\n".into(),
+            true,
+        ),
+        ("Connection: :authority", "Connection: :authority\r\n".into(), true),
+        (
+            "Connection: a quoted token",
+            "Connection: \"X-MS-AZUREFHIR-AUDIT-USERID\"\r\n".into(),
+            true,
+        ),
+        (
+            "Connection with ten nominations",
+            "Connection: a, b, c, d, e, f, g, h, i, X-MS-AZUREFHIR-AUDIT-USERID\r\n".into(),
+            true,
+        ),
         (
             "h2c upgrade smuggling",
             "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n".into(),
@@ -1442,15 +1577,20 @@ fn matrix(m_prefix: &str) -> Vec<Spoof> {
 }
 
 /// Where the gateway sends requests, and how to read what arrived there.
+#[derive(Clone, Copy)]
 enum Target<'a> {
     Sekmet,
     Recorder(&'a ScriptedUpstream),
 }
 
 struct Arrived {
+    method: String,
     url: String,
     headers: Vec<(String, String)>,
 }
+
+/// SEKMET's traffic log for a batch of correlation ids (`sekmet_log`).
+type Log = HashMap<String, Vec<Value>>;
 
 impl Target<'_> {
     fn host(&self) -> String {
@@ -1460,13 +1600,18 @@ impl Target<'_> {
         }
     }
 
-    fn arrived(&self, id: &str) -> Vec<Arrived> {
+    /// What arrived upstream for a correlation id: SEKMET's from `log` (`read_log`, after the
+    /// requests were sent), the recorder's from its records.
+    fn arrived(&self, id: &str, log: &Log) -> Vec<Arrived> {
         match self {
             // SEKMET's log keeps one value per name (the last): the recorder below sees
             // every line.
-            Target::Sekmet => sekmet_received(id)
+            Target::Sekmet => log
+                .get(id)
                 .into_iter()
+                .flatten()
                 .map(|r| Arrived {
+                    method: r["method"].as_str().unwrap_or("").to_string(),
                     url: r["url"].as_str().unwrap_or("").to_string(),
                     headers: r["headers"]
                         .as_object()
@@ -1481,6 +1626,7 @@ impl Target<'_> {
                 .into_iter()
                 .filter(|r| r.header("x-request-id") == Some(id))
                 .map(|r| Arrived {
+                    method: r.method.clone(),
                     url: r.target.clone(),
                     headers: r.headers.clone(),
                 })
@@ -1488,10 +1634,24 @@ impl Target<'_> {
         }
     }
 
-    async fn never_received(&self, id: &str, count_before: usize) -> bool {
+    /// SEKMET's log for these ids, once it has logged everything answered so far; nothing to
+    /// read for the recorder.
+    async fn read_log(&self, ids: &[String]) -> Log {
         match self {
-            Target::Sekmet => sekmet_never_received(id).await,
-            Target::Recorder(u) => u.received().len() == count_before,
+            Target::Sekmet => {
+                sekmet_settle().await;
+                sekmet_log(ids)
+            }
+            Target::Recorder(_) => Log::new(),
+        }
+    }
+
+    /// Whether the upstream never got a request: SEKMET has nothing for `id`; the recorder
+    /// recorded nothing while it was sent (`recorded`, its count then).
+    fn never_received(&self, id: &str, log: &Log, recorded: usize) -> bool {
+        match self {
+            Target::Sekmet => self.arrived(id, log).is_empty(),
+            Target::Recorder(_) => recorded == 0,
         }
     }
 
@@ -1501,6 +1661,26 @@ impl Target<'_> {
             Target::Recorder(u) => u.received().len(),
         }
     }
+}
+
+/// The request head as it arrived upstream, for comparing the roads: every line (sorted, so
+/// order does not count), the correlation id's value and the route in the URL aside.
+fn head_of(road: Road, a: &Arrived) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = a
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let v = if k == "x-request-id" {
+                "<id>".to_string()
+            } else {
+                road.as_streaming(v)
+            };
+            (format!("upstream {k}"), v)
+        })
+        .collect();
+    h.sort();
+    h.push(("upstream target".into(), road.as_streaming(&a.url)));
+    h
 }
 
 /// What the upstream got must carry only the gateway's values.
@@ -1583,15 +1763,35 @@ fn fill_token_slot(req: &[u8], token: &str) -> Vec<u8> {
     out
 }
 
-async fn run_spoof(
+/// One spoof as sent on one road, judged once the upstream's log has been read.
+struct SentSpoof {
+    road: Road,
+    rid: String,
+    /// The caller's token it carried (tokens are renewed during a run).
+    token: String,
+    resp: Option<RawResp>,
+    /// The id to look the request up by upstream: the gateway's (in its answer) when it was
+    /// answered 200; otherwise ours, or the spoofed value when the spoof replaced our line.
+    id: String,
+    /// Requests the recorder got while it was sent (SEKMET: 0, its log is read by id).
+    recorded: usize,
+}
+
+impl SentSpoof {
+    fn refused(&self) -> bool {
+        self.resp.as_ref().is_none_or(|r| r.status != 200)
+    }
+}
+
+async fn send_spoof(
     gw: &Gateway,
     target: &Target<'_>,
+    road: Road,
     s: &Spoof,
     token: &str,
-    audit: &[(&str, &str); 5],
-) -> Result<Option<String>, String> {
+) -> SentSpoof {
     let rid = format!("spoof-{}", uniq());
-    let mut req = b"GET /fhir/Patient?_count=1 HTTP/1.1\r\n".to_vec();
+    let mut req = format!("GET {}/Patient?_count=1 HTTP/1.1\r\n", road.prefix()).into_bytes();
     if s.replaces != Replaces::Host {
         req.extend_from_slice(format!("Host: 127.0.0.1:{}\r\n", gw.port).as_bytes());
     }
@@ -1607,11 +1807,36 @@ async fn run_spoof(
     let req = fill_token_slot(&req, token);
     let before = target.count();
     let resp = raw_exchange(gw.port, &req).await;
-    let refused = match &resp {
-        None => true,
-        Some(r) => r.status != 200,
+    let recorded = target.count() - before;
+    let answered = resp.as_ref().filter(|r| r.status == 200);
+    let id = match answered {
+        Some(r) => r.header("x-request-id").unwrap_or("").to_string(),
+        // Malformed X-Request-Id lines: nothing valid to look up by but the spoof itself.
+        None if s.replaces == Replaces::RequestId => s.needles[0].clone(),
+        None => rid.clone(),
     };
-    if refused {
+    SentSpoof {
+        road,
+        rid,
+        token: token.to_string(),
+        resp,
+        id,
+        recorded,
+    }
+}
+
+/// Judges one sent spoof against what arrived upstream. `Ok(Some(..))`: refused, and that is
+/// fine for this spoof; `Ok(None)`: forwarded with only the gateway's values.
+fn judge_spoof(
+    gw: &Gateway,
+    target: &Target<'_>,
+    s: &Spoof,
+    sent: &SentSpoof,
+    log: &Log,
+    audit: &[(&str, &str); 5],
+) -> Result<Option<String>, String> {
+    let resp = &sent.resp;
+    if sent.refused() {
         let what = resp
             .as_ref()
             .map(|r| format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
@@ -1619,13 +1844,7 @@ async fn run_spoof(
         if !s.may_refuse {
             return Err(format!("refused: {what}"));
         }
-        // Malformed X-Request-Id lines: nothing valid to look up by but the spoof itself.
-        let id = if s.replaces == Replaces::RequestId {
-            s.needles[0].clone()
-        } else {
-            rid.clone()
-        };
-        if !target.never_received(&id, before).await {
+        if !target.never_received(&sent.id, log, sent.recorded) {
             return Err(format!("refused ({what}) but the upstream received it"));
         }
         if resp.as_ref().is_some_and(|r| r.status >= 500) {
@@ -1634,23 +1853,43 @@ async fn run_spoof(
         let what: String = what.chars().take(160).collect();
         return Ok(Some(what));
     }
-    let r = resp.unwrap();
+    let r = resp.as_ref().unwrap();
     // The id the gateway used: ours, or a fresh one when the spoof replaced it.
-    let id = r.header("x-request-id").unwrap_or("").to_string();
-    if s.replaces != Replaces::RequestId && id != rid {
-        return Err(format!("response x-request-id {id:?}, sent {rid}"));
+    let id = &sent.id;
+    if s.replaces != Replaces::RequestId && *id != sent.rid {
+        return Err(format!("response x-request-id {id:?}, sent {}", sent.rid));
     }
     if s.replaces == Replaces::RequestId && (id.len() != 36 || id.contains(' ')) {
         return Err(format!("malformed id not replaced by a fresh one: {id:?}"));
     }
-    let arrived = target.arrived(&id);
-    if arrived.len() != 1 {
+    // The caller's read once; on the buffered road ParticipantFilter's lookups of the caller
+    // too, which carry only the gateway's values as well.
+    let arrived = target.arrived(id, log);
+    let reads = arrived.iter().filter(|a| a.url == READ_URL).count();
+    let strays: Vec<&str> = arrived
+        .iter()
+        .filter(|a| a.url != READ_URL && !sent.road.identity_lookup(&a.method, &a.url))
+        .map(|a| a.url.as_str())
+        .collect();
+    if reads != 1 || !strays.is_empty() {
         return Err(format!(
-            "upstream received {} requests for {id}",
-            arrived.len()
+            "upstream received {reads} reads for {id}, and {strays:?}"
         ));
     }
-    check_arrived(&arrived[0], &id, &target.host(), &s.needles, token, audit)?;
+    for a in &arrived {
+        check_arrived(a, id, &target.host(), &s.needles, &sent.token, audit)
+            .map_err(|e| format!("{}: {e}", a.url))?;
+    }
+    // The road is the road: Pingora streams the rewritten answer chunked, the buffered road
+    // answers with a length.
+    let chunked = r.header("transfer-encoding") == Some("chunked");
+    if chunked != (sent.road == Road::Streaming) {
+        return Err(format!(
+            "not answered by the {} road: {:?}",
+            sent.road.name(),
+            r.headers
+        ));
+    }
     // Nor does the caller's response reflect a spoof (links stay on the gateway's base).
     if !s.reflected {
         let text = String::from_utf8_lossy(&r.body).to_ascii_lowercase();
@@ -1658,7 +1897,7 @@ async fn run_spoof(
             return Err(format!("response body reflects {:?}", s.marker));
         }
         if let Ok(b) = serde_json::from_slice::<Value>(&r.body) {
-            let base = format!("http://127.0.0.1:{}/fhir", gw.port);
+            let base = format!("http://127.0.0.1:{}{}", gw.port, sent.road.prefix());
             for l in b["link"].as_array().into_iter().flatten() {
                 let u = l["url"].as_str().unwrap_or("");
                 if !u.starts_with(&base) {
@@ -1670,6 +1909,37 @@ async fn run_spoof(
     Ok(None)
 }
 
+/// What must be the same on the other road: the answer (a refusal's OperationOutcome), whether
+/// the upstream got it, and the head it got.
+fn spoof_answer(target: &Target<'_>, sent: &SentSpoof, log: &Log) -> Answer {
+    let r = sent.resp.as_ref();
+    let arrived = target.arrived(&sent.id, log);
+    let reached = if sent.refused() {
+        !target.never_received(&sent.id, log, sent.recorded)
+    } else {
+        !arrived.is_empty()
+    };
+    let rid = r
+        .and_then(|r| r.header("x-request-id"))
+        .unwrap_or(&sent.rid);
+    let mut a = Answer::new(
+        sent.road,
+        r.map(|r| r.status),
+        r.map_or(&[][..], |r| &r.body[..]),
+        rid,
+        reached,
+    );
+    if let Some(read) = arrived.iter().find(|a| a.url == READ_URL) {
+        a.headers = head_of(sent.road, read);
+    }
+    a
+}
+
+/// Runs the matrix on both roads, spoof by spoof, then judges every case against what
+/// arrived upstream and compares the roads. A control without any spoof goes first: where the
+/// roads' request heads differ for it too, that difference is theirs, not the spoof's
+/// (`the_upstream_gets_the_same_request_head_on_both_roads` in tests/one_road.rs pins it),
+/// and a case is compared beyond it.
 async fn run_matrix(gw: &Gateway, target: Target<'_>, what: &str) {
     let audit = [
         (AUDIT[0], "oid-reader-app"),
@@ -1678,50 +1948,102 @@ async fn run_matrix(gw: &Gateway, target: Target<'_>, what: &str) {
         (AUDIT[3], "127.0.0.1"),
         (AUDIT[4], "fhir-gateway"),
     ];
-    let spoofs = matrix(&format!("spf{}", &uniq()[..6]));
+    let mut spoofs = matrix(&format!("spf{}", &uniq()[..6]));
+    let control = format!("spf{}ctl", &uniq()[..6]);
+    spoofs.insert(
+        0,
+        Spoof {
+            label: "control: no spoofed header".into(),
+            lines: Vec::new(),
+            replaces: Replaces::Nothing,
+            needles: vec![control.clone()],
+            marker: control,
+            may_refuse: false,
+            reflected: false,
+        },
+    );
     let mut token = common::idp::token("reader-app").await;
     let mut fetched = Instant::now();
-    let (mut stripped, mut refused) = (0, 0);
-    let mut failures = Vec::new();
+    let mut sent = Vec::new();
     for s in &spoofs {
         // IdP tokens live 300 s; a matrix run against SEKMET on a busy machine takes longer.
         if fetched.elapsed() > Duration::from_secs(120) {
             token = common::idp::token("reader-app").await;
             fetched = Instant::now();
         }
-        match run_spoof(gw, &target, s, &token, &audit).await {
-            Ok(how) => {
-                if let Some(what) = how {
-                    refused += 1;
-                    println!("  refused  {}: {what}", s.label);
+        let mut pair = Vec::new();
+        for road in Road::BOTH {
+            pair.push(send_spoof(gw, &target, road, s, &token).await);
+        }
+        sent.push(pair);
+    }
+    let ids: Vec<String> = sent.iter().flatten().map(|s| s.id.clone()).collect();
+    let log = target.read_log(&ids).await;
+    let (mut stripped, mut refused) = ([0; 2], [0; 2]);
+    let mut failures = Vec::new();
+    let mut differences = Vec::new();
+    let baseline = (
+        spoof_answer(&target, &sent[0][0], &log),
+        spoof_answer(&target, &sent[0][1], &log),
+    );
+    if let Some(d) = road_difference(&spoofs[0].label, &baseline.0, &baseline.1) {
+        println!("  BASELINE {d}");
+    }
+    for (s, pair) in spoofs.iter().zip(&sent) {
+        for (k, one) in pair.iter().enumerate() {
+            let label = format!("{} ({} road)", s.label, one.road.name());
+            match judge_spoof(gw, &target, s, one, &log, &audit) {
+                Ok(how) => {
+                    if let Some(what) = how {
+                        refused[k] += 1;
+                        println!("  refused  {label}: {what}");
+                    }
+                    stripped[k] += 1;
                 }
-                stripped += 1;
+                Err(e) => {
+                    println!("  FAIL     {label}: {e}");
+                    failures.push(format!("{label}: {e}"));
+                }
             }
-            Err(e) => {
-                println!("  FAIL     {}: {e}", s.label);
-                failures.push(format!("{}: {e}", s.label));
-            }
+        }
+        let mut streaming = spoof_answer(&target, &pair[0], &log);
+        let mut buffered = spoof_answer(&target, &pair[1], &log);
+        drop_baseline((&baseline.0, &baseline.1), &mut streaming, &mut buffered);
+        if let Some(d) = road_difference(&s.label, &streaming, &buffered) {
+            println!("  DIFF     {d}");
+            differences.push(d);
         }
     }
     let n = spoofs.len();
+    for (k, road) in Road::BOTH.iter().enumerate() {
+        println!(
+            "header spoofing matrix ({what}, {} road): {n} cases, {} replaced/stripped ({:.0}%), of which {} refused before reaching the upstream",
+            road.name(),
+            stripped[k],
+            100.0 * stripped[k] as f64 / n as f64,
+            refused[k]
+        );
+    }
     println!(
-        "header spoofing matrix ({what}): {n} cases, {stripped} replaced/stripped ({:.0}%), of which {refused} refused before reaching the upstream",
-        100.0 * stripped as f64 / n as f64
+        "header spoofing matrix ({what}): {} of {n} cases answered differently by the two roads",
+        differences.len()
     );
+    let (f, d) = (failures.len(), differences.len());
+    failures.extend(differences);
     assert!(
         failures.is_empty(),
-        "{} of {n} spoofing cases failed ({what}):\n{}",
-        failures.len(),
+        "{n} spoofing cases on 2 roads ({what}): {f} failed on a road, {d} answered differently by the two roads:\n{}",
         failures.join("\n")
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn header_spoofing_matrix_sekmet_gets_only_the_gateways_values() {
+async fn header_spoofing_matrix_sekmet_gets_only_the_gateways_values_on_both_roads() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let keys = Keys::generate();
     let jwks = jwks_server(&keys).await;
-    let gw = gateway(&sekmet_url(), &jwks).await;
+    let events = EventsDir::new();
+    let gw = gateway(&sekmet_url(), &jwks, &events).await;
     run_matrix(&gw, Target::Sekmet, "SEKMET").await;
 }
 
@@ -1735,11 +2057,12 @@ fn empty_bundle() -> Reply {
 /// SEKMET's log folds duplicate lines into one value; the recorder keeps every line, so a
 /// client copy sent next to the gateway's own would show here.
 #[tokio::test(flavor = "multi_thread")]
-async fn header_spoofing_matrix_every_line_on_the_wire() {
+async fn header_spoofing_matrix_every_line_on_the_wire_on_both_roads() {
     let keys = Keys::generate();
     let jwks = jwks_server(&keys).await;
     let up = ScriptedUpstream::start(|_, _| empty_bundle()).await;
-    let gw = gateway(&up.base(), &jwks).await;
+    let events = EventsDir::new();
+    let gw = gateway(&up.base(), &jwks, &events).await;
     run_matrix(&gw, Target::Recorder(&up), "recorded upstream").await;
 }
 
@@ -1747,13 +2070,14 @@ async fn header_spoofing_matrix_every_line_on_the_wire() {
 // Claims that carry control characters (pitfall 6)
 
 #[tokio::test(flavor = "multi_thread")]
-async fn claims_with_control_characters_never_inject_upstream_headers() {
+async fn claims_with_control_characters_never_inject_upstream_headers_on_both_roads() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     let keys = Keys::generate();
     let jwks = jwks_server(&keys).await;
     let up = ScriptedUpstream::start(|_, _| empty_bundle()).await;
-    let to_sekmet = gateway(&sekmet_url(), &jwks).await;
-    let to_recorder = gateway(&up.base(), &jwks).await;
+    let (events_s, events_r) = (EventsDir::new(), EventsDir::new());
+    let to_sekmet = gateway(&sekmet_url(), &jwks, &events_s).await;
+    let to_recorder = gateway(&up.base(), &jwks, &events_r).await;
 
     let long = format!("{}\r\nX-Injected-L: 1", "a".repeat(5000));
     let cases: Vec<(&str, &str, String)> =
@@ -1779,9 +2103,20 @@ async fn claims_with_control_characters_never_inject_upstream_headers() {
         ("oid of control characters only", "oid", "\r\n".into()),
         ("oid of 5,000 bytes ending in CRLF", "oid", long),
     ];
-    let mut failures = Vec::new();
-    let mut sanitized = 0;
-    let mut refused_n = 0;
+    // Every case to each upstream on each road; then judged against what arrived.
+    struct Sent<'t> {
+        label: String,
+        claim: &'static str,
+        value: String,
+        target: Target<'t>,
+        road: Road,
+        rid: String,
+        status: u16,
+        body: String,
+        /// Requests the recorder got while it was sent (SEKMET: 0).
+        recorded: usize,
+    }
+    let mut sent = Vec::new();
     for (what, claim, value) in &cases {
         let mut c = local_claims();
         c["iss"] = json!(OPEN_ISS);
@@ -1791,99 +2126,174 @@ async fn claims_with_control_characters_never_inject_upstream_headers() {
             (&to_sekmet, Target::Sekmet),
             (&to_recorder, Target::Recorder(&up)),
         ] {
-            let rid = format!("crlf-{}", uniq());
-            let before = target.count();
-            let r = client()
-                .get(format!("{}/Patient?_count=1", gw.base()))
-                .bearer_auth(&t)
-                .header("X-Request-Id", &rid)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let label = format!(
-                "{what} ({})",
-                if matches!(target, Target::Sekmet) {
-                    "SEKMET"
-                } else {
-                    "recorder"
-                }
-            );
-            if status != 200 {
-                // Refusing is allowed; it must be a proper refusal that reached nobody.
+            for road in Road::BOTH {
+                let rid = format!("crlf-{}", uniq());
+                let before = target.count();
+                let r = client()
+                    .get(format!("{}/Patient?_count=1", road.base(gw)))
+                    .bearer_auth(&t)
+                    .header("X-Request-Id", &rid)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
                 let body = r.text().await.unwrap_or_default();
-                if !matches!(status, 401 | 403) || !target.never_received(&rid, before).await {
-                    failures.push(format!("{label}: {status} {body}"));
-                } else {
-                    refused_n += 1;
-                }
-                continue;
+                let label = format!(
+                    "{what} ({}, {} road)",
+                    if matches!(target, Target::Sekmet) {
+                        "SEKMET"
+                    } else {
+                        "recorder"
+                    },
+                    road.name()
+                );
+                let recorded = target.count() - before;
+                sent.push(Sent {
+                    label,
+                    claim,
+                    value: value.clone(),
+                    target,
+                    road,
+                    rid,
+                    status,
+                    body,
+                    recorded,
+                });
             }
-            let arrived = target.arrived(&rid);
-            if arrived.len() != 1 {
-                failures.push(format!("{label}: upstream got {} requests", arrived.len()));
-                continue;
-            }
-            let mut problems = Vec::new();
-            for (k, v) in &arrived[0].headers {
-                if !ALLOWED_UPSTREAM.contains(&k.as_str()) {
-                    problems.push(format!("header {k}: {v:?} reached the upstream"));
-                }
-                if AUDIT.contains(&k.as_str())
-                    && (v.len() > 2048 || !v.bytes().all(|b| (0x20..0x7f).contains(&b)))
-                {
-                    problems.push(format!("{k} is not header-safe: {v:?}"));
-                }
-            }
-            let audit_name = match *claim {
-                "oid" => AUDIT[0],
-                "upn" => AUDIT[1],
-                _ => AUDIT[2],
-            };
-            let got = arrived[0]
-                .headers
+        }
+    }
+    sekmet_settle().await;
+    let ids: Vec<String> = sent.iter().map(|s| s.rid.clone()).collect();
+    let log = sekmet_log(&ids);
+
+    let mut failures = Vec::new();
+    let mut differences = Vec::new();
+    let mut sanitized = 0;
+    let mut refused_n = 0;
+    let mut answers: Vec<Answer> = Vec::new();
+    for one in &sent {
+        let Sent {
+            label,
+            claim,
+            value,
+            target,
+            road,
+            rid,
+            status,
+            body,
+            recorded,
+        } = one;
+        let (status, recorded) = (*status, *recorded);
+        let arrived = target.arrived(rid, &log);
+        let audit_name = match *claim {
+            "oid" => AUDIT[0],
+            "upn" => AUDIT[1],
+            _ => AUDIT[2],
+        };
+        // The caller's read; on the buffered road ParticipantFilter's lookups of the caller
+        // come first, and must be as safe.
+        let read = arrived.iter().find(|a| a.url == READ_URL);
+        let got = read.and_then(|a| {
+            a.headers
                 .iter()
                 .find(|(k, _)| k == audit_name)
-                .map(|(_, v)| v.clone());
-            match &got {
-                None => problems.push(format!("{audit_name} missing")),
-                // The visible prefix survives: the identity is kept, only made safe.
-                Some(v) => {
-                    let visible: String = value
-                        .chars()
-                        .take_while(|c| (' '..='~').contains(c))
-                        .collect();
-                    if !v.starts_with(&visible[..visible.len().min(2048)]) {
-                        problems.push(format!("{audit_name} = {v:?} lost the claim's value"));
-                    }
+                .map(|(_, v)| v.clone())
+        });
+        let mut answer = Answer::new(
+            *road,
+            Some(status),
+            body.as_bytes(),
+            rid,
+            !target.never_received(rid, &log, recorded),
+        );
+        answer.headers.push((
+            format!("upstream {audit_name}"),
+            got.clone().unwrap_or_default(),
+        ));
+        answers.push(answer);
+        if answers.len() == 2 {
+            let b = answers.pop().unwrap();
+            let s = answers.pop().unwrap();
+            let name = label.replace(" buffered road)", " both roads)");
+            if let Some(d) = road_difference(&name, &s, &b) {
+                println!("  DIFF {d}");
+                differences.push(d);
+            }
+        }
+        if status != 200 {
+            // Refusing is allowed; it must be a proper refusal that reached nobody.
+            if !matches!(status, 401 | 403) || !target.never_received(rid, &log, recorded) {
+                failures.push(format!("{label}: {status} {body}"));
+            } else {
+                refused_n += 1;
+            }
+            continue;
+        }
+        let reads = arrived.iter().filter(|a| a.url == READ_URL).count();
+        let lookups = arrived
+            .iter()
+            .filter(|a| road.identity_lookup(&a.method, &a.url))
+            .count();
+        if reads != 1 || reads + lookups != arrived.len() {
+            let urls: Vec<&str> = arrived.iter().map(|a| a.url.as_str()).collect();
+            failures.push(format!("{label}: upstream got {urls:?}"));
+            continue;
+        }
+        let mut problems = Vec::new();
+        for (k, v) in arrived.iter().flat_map(|a| &a.headers) {
+            if !ALLOWED_UPSTREAM.contains(&k.as_str()) {
+                problems.push(format!("header {k}: {v:?} reached the upstream"));
+            }
+            if AUDIT.contains(&k.as_str())
+                && (v.len() > 2048 || !v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            {
+                problems.push(format!("{k} is not header-safe: {v:?}"));
+            }
+        }
+        match &got {
+            None => problems.push(format!("{audit_name} missing")),
+            // The visible prefix survives: the identity is kept, only made safe.
+            Some(v) => {
+                let visible: String = value
+                    .chars()
+                    .take_while(|c| (' '..='~').contains(c))
+                    .collect();
+                if !v.starts_with(&visible[..visible.len().min(2048)]) {
+                    problems.push(format!("{audit_name} = {v:?} lost the claim's value"));
                 }
             }
-            if let Target::Recorder(u) = &target {
-                // One request, and nothing smuggled behind it.
-                let extra: Vec<String> = u.received()[before..]
+        }
+        if let Target::Recorder(u) = &target {
+            // Those requests, and nothing smuggled behind them.
+            if recorded != arrived.len() {
+                let all: Vec<String> = u
+                    .received()
                     .iter()
                     .filter(|r| r.header("x-request-id") != Some(rid.as_str()))
                     .map(|r| format!("{} {}", r.method, r.target))
                     .collect();
-                if !extra.is_empty() {
-                    problems.push(format!("other requests reached the upstream: {extra:?}"));
-                }
+                problems.push(format!(
+                    "{recorded} requests reached the upstream for {} (others recorded: {all:?})",
+                    arrived.len()
+                ));
             }
-            if problems.is_empty() {
-                sanitized += 1;
-                println!(
-                    "  sanitized {label}: {audit_name} = {:?}",
-                    got.unwrap_or_default().chars().take(60).collect::<String>()
-                );
-            } else {
-                failures.push(format!("{label}: {}", problems.join("; ")));
-            }
+        }
+        if problems.is_empty() {
+            sanitized += 1;
+            println!(
+                "  sanitized {label}: {audit_name} = {:?}",
+                got.unwrap_or_default().chars().take(60).collect::<String>()
+            );
+        } else {
+            failures.push(format!("{label}: {}", problems.join("; ")));
         }
     }
     println!(
-        "control characters in claims: {} cases x 2 upstreams, {sanitized} sanitized, {refused_n} refused, {} failed",
+        "control characters in claims: {} cases x 2 upstreams x 2 roads, {sanitized} sanitized, {refused_n} refused, {} failed, {} answered differently by the two roads",
         cases.len(),
-        failures.len()
+        failures.len(),
+        differences.len()
     );
+    failures.extend(differences);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

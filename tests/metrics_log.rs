@@ -95,11 +95,11 @@ async fn metrics_and_access_log_describe_the_traffic() {
     assert!(metric_value(&text, "fhirgw_body_bytes_total{direction=\"response\"}") > 100.0);
     assert!(text.contains("fhirgw_request_seconds_bucket"));
     // One access line per request: correlation id, user, tenant, durations, no query string.
+    // A background thread writes it after the answer: wait for it.
+    let line = gw
+        .log_line("id=metrics-read-1", std::time::Duration::from_secs(5))
+        .await;
     let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("id=metrics-read-1"))
-        .expect("access line");
     let oid = claims_of(&reader)["oid"].as_str().unwrap().to_string();
     assert!(line.contains(&format!("user={oid}")), "{line}");
     assert!(line.contains(&format!("tenant={TENANT_A}")), "{line}");

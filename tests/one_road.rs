@@ -5,14 +5,16 @@
 
 mod common;
 
+use common::roads::{self, Chain, EventsDir, Road};
 use common::*;
 use serde_json::Value;
 
-/// `/fhir` streams (no modules); `/chain` buffers every write and every read.
+/// `/fhir` streams (no modules); `/chain` buffers every write and every read (no caller is
+/// bypassed in insecure_dev).
 fn two_roads_yaml(upstream: &str, dir: &std::path::Path) -> String {
     format!(
-        "upstream:\n  url: {upstream}\nauth:\n  mode: insecure_dev\nevents:\n  file: {}\nroutes:\n  - prefix: /chain\n    post:\n      - name: PublishFHIREvent\n      - name: ParticipantFilter\n",
-        dir.join("events.jsonl").display()
+        "upstream:\n  url: {upstream}\nauth:\n  mode: insecure_dev\n{}",
+        roads::two_roads_yaml(dir, Chain::Filters)
     )
 }
 
@@ -33,9 +35,8 @@ type Hostile = (
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_server() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let deep = format!(
         "{{\"resourceType\":\"Patient\",\"extension\":{}1{}}}",
         "[".repeat(101),
@@ -88,7 +89,7 @@ async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_s
     let mut bodies = Vec::new();
     for (name, ct, ce, body, status, code) in &cases {
         let mut outcomes = Vec::new();
-        for road in ["/fhir", "/chain"] {
+        for road in Road::BOTH.map(Road::prefix) {
             let id = format!("oneroad-{}", uniq());
             let mut rq = client()
                 .post(gw.url(&format!("{road}/Patient")))
@@ -114,8 +115,11 @@ async fn hostile_bodies_get_the_same_outcome_on_both_roads_and_never_reach_the_s
         bodies.push(outcomes[0].clone());
     }
     // The buffered road published nothing for refused writes.
-    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap_or_default();
-    assert!(events.is_empty(), "events of refused writes: {events}");
+    let published = events.events();
+    assert!(
+        published.is_empty(),
+        "events of refused writes: {published}"
+    );
     assert_eq!(bodies.len(), cases.len());
 }
 
@@ -158,9 +162,8 @@ async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
         Reply::json(200, &searchset(&base))
     })
     .await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&up.base(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &events.path)).await;
     let public = gw.url("/chain");
     let server_set = searchset(&public);
     let server_entries = entries(&server_set);
@@ -200,23 +203,15 @@ async fn buffered_reads_and_filtered_searchsets_keep_the_servers_bytes() {
     let body = r.text().await.unwrap();
     assert_eq!(body, ORGANIZATION);
     // The streaming road is the reference: both roads give the same bytes.
-    let streamed = client()
-        .get(gw.url("/fhir/Organization/o1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let streamed = get_text(&gw.url("/fhir/Organization/o1")).await;
     assert_eq!(body, streamed);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sekmets_own_escapes_and_key_order_survive_the_buffered_road() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let name = format!("Clinique Saint-Éloi — {} / «Nord»", uniq());
     let r = client()
         .post(gw.url("/fhir/Organization"))
@@ -229,49 +224,20 @@ async fn sekmets_own_escapes_and_key_order_survive_the_buffered_road() {
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     // SEKMET's own bytes, straight from the server.
-    let direct = client()
-        .get(format!("{}/Organization/{id}", sekmet_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let direct = get_text(&format!("{}/Organization/{id}", sekmet_url())).await;
     assert!(
         direct.contains("\\u00c9"),
         "SEKMET escapes non-ASCII: {direct}"
     );
-    let buffered = client()
-        .get(gw.url(&format!("/chain/Organization/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let buffered = get_text(&gw.url(&format!("/chain/Organization/{id}"))).await;
     let rewritten = direct.replace(&sekmet_url(), &gw.url("/chain"));
     assert_eq!(buffered, rewritten, "the buffered read is SEKMET's bytes");
     // And inside a filtered searchset.
-    let set = client()
-        .get(gw.url(&format!("/chain/Organization?_id={id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let set = get_text(&gw.url(&format!("/chain/Organization?_id={id}"))).await;
     let entry = &entries(&set)[0];
-    let server_entry = &entries(
-        &client()
-            .get(format!("{}/Organization?_id={id}", sekmet_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )[0]
-    .replace(&sekmet_url(), &gw.url("/chain"));
+    let server_entry =
+        &entries(&get_text(&format!("{}/Organization?_id={id}", sekmet_url())).await)[0]
+            .replace(&sekmet_url(), &gw.url("/chain"));
     assert_eq!(entry, server_entry);
 }
 
@@ -342,9 +308,8 @@ async fn a_caller_the_filters_bypass_is_streamed_not_buffered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
-    let dir = std::env::temp_dir().join(format!("fgw-one-road-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &dir)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&sekmet_url(), &events.path)).await;
     let r = client()
         .post(gw.url("/fhir/Organization"))
         .header("Content-Type", "application/fhir+json")
@@ -359,7 +324,7 @@ async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
         .to_string();
     // HEAD: the server's length on both roads (no body to measure).
     let mut lengths = Vec::new();
-    for road in ["/fhir", "/chain"] {
+    for road in Road::BOTH.map(Road::prefix) {
         let r = client()
             .head(gw.url(&format!("{road}/Organization/{id}")))
             .send()
@@ -379,7 +344,7 @@ async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
     assert_eq!(lengths[0], lengths[1], "HEAD on both roads");
 
     // A forwarded header that is not UTF-8: refused alike, nothing at the server.
-    for road in ["/fhir", "/chain"] {
+    for road in Road::BOTH.map(Road::prefix) {
         let rid = format!("oneroad-{}", uniq());
         let r = client()
             .get(gw.url(&format!("{road}/Organization/{id}")))
@@ -398,4 +363,172 @@ async fn head_answers_and_non_utf8_headers_are_the_same_on_both_roads() {
         );
         assert_sekmet_never_received(&rid).await;
     }
+}
+
+/// One request-head builder (issue 13): for the same request, the FHIR server receives the
+/// same head on both roads, every line of it (the correlation id's value aside) and the same
+/// target. Raw requests, so that nothing but what is written here is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_gets_the_same_request_head_on_both_roads() {
+    let up = ScriptedUpstream::start(|r, _| match r.method.as_str() {
+        "POST" => Reply::json(201, ORGANIZATION),
+        // No body where HTTP has none (this upstream would write one).
+        "DELETE" | "HEAD" => Reply::Full {
+            status: if r.method == "HEAD" { 200 } else { 204 },
+            headers: Vec::new(),
+            body: Vec::new(),
+        },
+        _ => Reply::json(200, ORGANIZATION),
+    })
+    .await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &events.path)).await;
+    let json = "Content-Type: application/fhir+json\r\n";
+    // (what, method, path below the road, header lines, body)
+    let cases: [(&str, &str, &str, &str, &str); 7] = [
+        ("a read", "GET", "/Organization/o1", "", ""),
+        (
+            "a read with the caller's Accept",
+            "GET",
+            "/Organization/o1",
+            "Accept: application/fhir+json\r\n",
+            "",
+        ),
+        ("a search", "GET", "/Organization?name=Sud", "", ""),
+        ("a HEAD", "HEAD", "/Organization/o1", "", ""),
+        ("a create", "POST", "/Organization", json, ORGANIZATION),
+        ("an update", "PUT", "/Organization/o1", json, ORGANIZATION),
+        ("a delete", "DELETE", "/Organization/o1", "", ""),
+    ];
+    let mut differences = Vec::new();
+    for (what, method, path, lines, body) in cases {
+        let mut got = Vec::new();
+        for road in Road::BOTH {
+            let rid = format!("head-{}", uniq());
+            let length = if body.is_empty() && method != "POST" && method != "PUT" {
+                String::new()
+            } else {
+                format!("Content-Length: {}\r\n", body.len())
+            };
+            let req = format!(
+                "{method} {}{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: {rid}\r\n{lines}{length}Connection: close\r\n\r\n{body}",
+                road.prefix(),
+                gw.port
+            );
+            // The status line only (a HEAD answer declares a length it does not send).
+            let (status, _) = common::raw::raw_request(gw.port, req.as_bytes()).await;
+            // The caller's request (a delete's event may look the resource up after it).
+            let head = up
+                .received()
+                .into_iter()
+                .find(|r| r.header("x-request-id") == Some(rid.as_str()) && r.method == method)
+                .map(|r| {
+                    let mut h: Vec<String> = r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = if k == "x-request-id" { "<id>" } else { v };
+                            format!("{k}: {v}")
+                        })
+                        .collect();
+                    h.sort();
+                    h.insert(0, format!("{} {}", r.method, r.target));
+                    h
+                });
+            got.push((status, head));
+        }
+        let [(s_status, s_head), (b_status, b_head)] = [got[0].clone(), got[1].clone()];
+        assert!(s_head.is_some(), "{what}: nothing reached the upstream");
+        if s_status != b_status || s_head != b_head {
+            let only = |a: &Option<Vec<String>>, b: &Option<Vec<String>>| -> Vec<String> {
+                let b = b.clone().unwrap_or_default();
+                a.clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|l| !b.contains(l))
+                    .collect()
+            };
+            differences.push(format!(
+                "{what} ({method} {path}): streaming answered {s_status}, buffered {b_status}; \
+                 only on the streaming road's upstream head: {:?}; only on the buffered road's: {:?}",
+                only(&s_head, &b_head),
+                only(&b_head, &s_head)
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "the roads send the upstream different request heads:\n{}",
+        differences.join("\n")
+    );
+}
+
+/// A `Connection` header is a hop-by-hop matter: whatever it nominates, the request is
+/// answered alike on both roads, and reaches the server on both or on neither (issue 13).
+/// Pingora's proxy refuses some nominations (protected names, pseudo-headers, tokens that are
+/// not tokens, ten or more) before the upstream request; the buffered road does not pass
+/// through that code.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_nominations_get_the_same_answer_on_both_roads() {
+    let up = ScriptedUpstream::start(|_, _| Reply::json(200, ORGANIZATION)).await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &events.path)).await;
+    let cases = [
+        "keep-alive",
+        "X-Request-Id",
+        "Host",
+        "X-Forwarded-For",
+        ":authority",
+        "\"X-Request-Id\"",
+        "a, b, c, d, e, f, g, h, i, j",
+    ];
+    let mut differences = Vec::new();
+    for nominated in cases {
+        let mut got = Vec::new();
+        for road in Road::BOTH {
+            let rid = format!("conn-{}", uniq());
+            let req = format!(
+                "GET {}/Organization/o1 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Request-Id: {rid}\r\nConnection: {nominated}\r\nConnection: close\r\n\r\n",
+                road.prefix(),
+                gw.port
+            );
+            let (status, text) = common::raw::raw_request(gw.port, req.as_bytes()).await;
+            let reached = up
+                .received()
+                .iter()
+                .any(|r| r.header("x-request-id") == Some(rid.as_str()));
+            let diag = text
+                .find("\"diagnostics\"")
+                .map(|at| text[at..].replace(&rid, "<id>"))
+                .unwrap_or_default();
+            got.push((status, reached, diag));
+        }
+        println!(
+            "Connection: {nominated}: streaming {:?} | buffered {:?}",
+            got[0], got[1]
+        );
+        if got[0] != got[1] {
+            differences.push(format!(
+                "Connection: {nominated}: streaming answered {} ({}), buffered {} ({}) {}",
+                got[0].0,
+                if got[0].1 {
+                    "reached the server"
+                } else {
+                    "never reached the server"
+                },
+                got[1].0,
+                if got[1].1 {
+                    "reached the server"
+                } else {
+                    "never reached the server"
+                },
+                got[0].2
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "the roads answer Connection nominations differently:\n{}",
+        differences.join("\n")
+    );
 }

@@ -2,9 +2,10 @@
 //! peers (SEKMET, the OIDC provider) started by `scripts/test.sh`, read what SEKMET received from
 //! its traffic log, and run small scripted upstreams for the faults a real server will not
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
-//! live here once: the gateway's metrics (below), `raw` (raw HTTP/1.1 exchanges), `broker`
-//! (tansu, topics, consumers, writes) and `idp` (tokens from the real OIDC provider, a private
-//! provider).
+//! live here once: the gateway's metrics and SEKMET's log (below, one id at a time or a batch
+//! at once), `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, writes), `idp`
+//! (tokens from the real OIDC provider, a private provider) and `roads` (the streaming and the
+//! buffered road to the FHIR server, and comparing their answers).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -20,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub mod broker;
 pub mod idp;
 pub mod raw;
+pub mod roads;
 pub mod tls;
 
 pub const SEKMET: &str = "http://127.0.0.1:8090/fhir";
@@ -57,6 +59,18 @@ pub fn client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()
+        .unwrap()
+}
+
+/// The body of a plain GET, whatever its status.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
         .unwrap()
 }
 
@@ -148,6 +162,24 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The first line of the gateway's log containing `needle`, waiting up to `within` for it
+    /// (the access log is written by a background thread, after the answer). Panics with the
+    /// log when it never appears.
+    pub async fn log_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -273,9 +305,9 @@ print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}'),'body':b} 
     }
 }
 
-/// Asserts SEKMET never received a request with this correlation id. SEKMET logs requests in
-/// order, so once a later marker request shows up in its log the earlier one would have too.
-pub async fn assert_sekmet_never_received(correlation_id: &str) {
+/// Waits until SEKMET has logged everything answered so far: its log is in request order, so
+/// once a marker sent now is there, earlier requests are too.
+pub async fn sekmet_settle() {
     let marker = format!("marker-{}", uuid::Uuid::new_v4());
     let r = client()
         .get(format!("{}/metadata", sekmet_url()))
@@ -285,8 +317,57 @@ pub async fn assert_sekmet_never_received(correlation_id: &str) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(sekmet_received(&marker).len(), 1, "marker not logged");
+}
+
+/// Asserts SEKMET never received a request with this correlation id (see `sekmet_settle`).
+pub async fn assert_sekmet_never_received(correlation_id: &str) {
+    sekmet_settle().await;
     let got = sekmet_received_now(correlation_id);
     assert!(got.is_empty(), "SEKMET received {correlation_id}: {got:?}");
+}
+
+/// Everything SEKMET logged for many correlation ids, read at once (one query, not one per
+/// id): per id, in order, `{method, url, status, headers}` (header names lower-case, one value
+/// per name). Ids SEKMET never saw are absent. Call `sekmet_settle` first.
+pub fn sekmet_log(ids: &[String]) -> std::collections::HashMap<String, Vec<Value>> {
+    let db = std::env::var("SEKMET_DB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| peers_dir().join("sekmet/data/sekmet.db"));
+    // A raw string: Python needs its indentation.
+    let script = r#"import sqlite3,sys,json
+db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)
+ids=json.loads(sys.stdin.read())
+out={}
+for i in range(0,len(ids),400):
+    c=ids[i:i+400]
+    q='select correlation_id,method,url,status,req_headers from traffic where correlation_id in (%s) order by id'%','.join('?'*len(c))
+    for k,m,u,s,h in db.execute(q,c):
+        out.setdefault(k,[]).append({'method':m,'url':u,'status':s,'headers':json.loads(h or '{}')})
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(ids).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "reading SEKMET traffic log {}: {}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Fails if the upstream's address appears anywhere in a response (headers or body bytes).
