@@ -20,6 +20,42 @@ pub(super) fn is_fhir_method(m: &Method) -> bool {
     )
 }
 
+/// `Connection` may name hop-by-hop headers: at most 9 names, each an HTTP token (so no
+/// pseudo-header), none of them a header the proxy vouches for (`Host`, `X-Forwarded-*`).
+fn connection_nominations(req: &RequestHeader) -> std::result::Result<(), GatewayError> {
+    let refuse = |why: &str| {
+        Err(GatewayError::BadRequest(format!(
+            "Connection header: {why}"
+        )))
+    };
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let mut count = 0;
+    for name in req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        count += 1;
+        if count >= 10 {
+            return refuse("too many nominated headers");
+        }
+        if !name.iter().all(tchar) {
+            return refuse("a nominated header is not a header name");
+        }
+        let lower = name.to_ascii_lowercase();
+        if matches!(
+            lower.as_slice(),
+            b"host" | b"x-forwarded-for" | b"x-forwarded-host" | b"x-forwarded-proto"
+        ) {
+            return refuse("a protected header is nominated");
+        }
+    }
+    Ok(())
+}
+
 /// Rejects paths that could escape the upstream base once the server decodes them.
 pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
     if rest.iter().any(|&b| b < 0x21 || b == 0x7f || b == b'\\') {
@@ -121,6 +157,10 @@ impl FhirProxy {
                 gw.limits.max_header_bytes
             )));
         }
+        // Pingora's proxy refuses some `Connection` nominations before it builds the upstream
+        // request; the buffered road never reaches that code, so the rule is applied here,
+        // once, for both.
+        connection_nominations(req)?;
         // What crosses to the FHIR server is text: a value that is not UTF-8 is refused on
         // both roads (modules see headers as strings and could not pass it on).
         if let Some(name) = gw.forward.iter().find(|n| {
