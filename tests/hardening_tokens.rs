@@ -1987,7 +1987,9 @@ async fn run_matrix(gw: &Gateway, target: Target<'_>, what: &str) {
         spoof_answer(&target, &sent[0][1], &log),
     );
     if let Some(d) = road_difference(&spoofs[0].label, &baseline.0, &baseline.1) {
-        println!("  BASELINE {d}");
+        println!(
+            "  BASELINE (pinned by one_road's the_upstream_gets_the_same_request_head_on_both_roads; cases are compared beyond it) {d}"
+        );
     }
     for (s, pair) in spoofs.iter().zip(&sent) {
         for (k, one) in pair.iter().enumerate() {

@@ -492,7 +492,12 @@ async fn connection_nominations_get_the_same_answer_on_both_roads() {
                 road.prefix(),
                 gw.port
             );
-            let (status, text) = common::raw::raw_request(gw.port, req.as_bytes()).await;
+            // One response, read as soon as it is complete (the connection may stay open).
+            let r = common::raw::raw_exchange(gw.port, req.as_bytes()).await;
+            let status = r.as_ref().map_or(0, |r| r.status);
+            let text = r.map_or(String::new(), |r| {
+                String::from_utf8_lossy(&r.body).into_owned()
+            });
             let reached = up
                 .received()
                 .iter()
