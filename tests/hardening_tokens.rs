@@ -233,15 +233,6 @@ async fn tripwire() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, hits)
 }
 
-/// `assert_sekmet_never_received` without stopping the run: the catalogue and the matrix
-/// report every failing case at once.
-async fn sekmet_never_received(id: &str) -> bool {
-    let id = id.to_string();
-    tokio::spawn(async move { assert_sekmet_never_received(&id).await })
-        .await
-        .is_ok()
-}
-
 /// Whether a gateway-made error is a proper one: OperationOutcome JSON with `code`, the
 /// correlation id in the header and the diagnostics, and no echo of the token.
 fn outcome_ok(
@@ -977,9 +968,7 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
         if !alive.is_ok_and(|r| r.status() == 200) {
             return Err("the gateway no longer answers /healthz".into());
         }
-        if !sekmet_never_received(&rid).await {
-            return Err("SEKMET received it".into());
-        }
+        sekmet_never_received(&rid).await?;
         return match resp {
             None => Ok("connection closed without a response".into()),
             Some(r) if matches!(r.status, 401 | 431) => {
@@ -1064,15 +1053,15 @@ async fn run_case(gw: &Gateway, c: &Case) -> Result<String, String> {
             problems.push(format!("no invalid_token in {www:?}"));
         }
     }
-    if !sekmet_never_received(&rid).await {
-        let leaked = sekmet_received(&rid).iter().any(|r| {
+    if let Err(why) = sekmet_never_received(&rid).await {
+        let leaked = sekmet_received_settled(&rid).await.iter().any(|r| {
             tail.as_ref()
                 .is_some_and(|t| r["url"].as_str().unwrap_or("").contains(t.as_str()))
         });
         problems.push(if leaked {
-            "SEKMET received it, the caller's token in its URL".into()
+            format!("the caller's token in SEKMET's URL: {why}")
         } else {
-            "SEKMET received it".into()
+            why
         });
     }
     if problems.is_empty() {
@@ -1488,10 +1477,21 @@ impl Target<'_> {
         }
     }
 
-    async fn never_received(&self, id: &str, count_before: usize) -> bool {
+    /// `Err` says what the upstream received (or why SEKMET's log could not tell).
+    async fn never_received(&self, id: &str, count_before: usize) -> Result<(), String> {
         match self {
             Target::Sekmet => sekmet_never_received(id).await,
-            Target::Recorder(u) => u.received().len() == count_before,
+            Target::Recorder(u) => {
+                let n = u.received().len();
+                if n == count_before {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the recorder received {} requests",
+                        n - count_before
+                    ))
+                }
+            }
         }
     }
 
@@ -1625,8 +1625,8 @@ async fn run_spoof(
         } else {
             rid.clone()
         };
-        if !target.never_received(&id, before).await {
-            return Err(format!("refused ({what}) but the upstream received it"));
+        if let Err(why) = target.never_received(&id, before).await {
+            return Err(format!("refused ({what}) but: {why}"));
         }
         if resp.as_ref().is_some_and(|r| r.status >= 500) {
             return Err(format!("server error: {what}"));
@@ -1812,8 +1812,16 @@ async fn claims_with_control_characters_never_inject_upstream_headers() {
             if status != 200 {
                 // Refusing is allowed; it must be a proper refusal that reached nobody.
                 let body = r.text().await.unwrap_or_default();
-                if !matches!(status, 401 | 403) || !target.never_received(&rid, before).await {
-                    failures.push(format!("{label}: {status} {body}"));
+                let reached = if matches!(status, 401 | 403) {
+                    target.never_received(&rid, before).await.err()
+                } else {
+                    None
+                };
+                if !matches!(status, 401 | 403) || reached.is_some() {
+                    failures.push(format!(
+                        "{label}: {status} {body}{}",
+                        reached.map(|r| format!(" ({r})")).unwrap_or_default()
+                    ));
                 } else {
                     refused_n += 1;
                 }
