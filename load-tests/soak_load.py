@@ -873,8 +873,13 @@ if __name__ == "__main__":
     elif cmd == "set":
         set_keys(sys.argv[2], sys.argv[3:])
     elif cmd == "mark":
-        # just before the load: its start time and the event counters it is measured from
+        # just before the load: its start time and the event counters it is measured from,
+        # once the set-up's own events are delivered (else they count as the load's deliveries)
+        deadline = time.time() + 30
         m = scrape(c["metrics_port"])
+        while time.time() < deadline and (m.get("ev_spool_depth", 0) != 0 or m.get("ev_delivered", 0) < m.get("ev_produced", 0) - m.get("ev_dropped", 0)):
+            time.sleep(0.2)
+            m = scrape(c["metrics_port"])
         set_keys(sys.argv[2], ["load_t0:=%f" % time.time(), "events_before:=" + json.dumps(
             {k: m.get("ev_" + k, 0) for k in ("produced", "delivered", "dropped", "failed")})])
     elif cmd == "events":

@@ -148,6 +148,13 @@ start_sekmet() { # name port [token]
   rm -rf "$PEERS/$name/data" && mkdir -p "$PEERS/$name/data" # every run starts from an empty server
   start_bg "$name" "$PEERS/$name.log" "$PEERS/sekmet-venv/bin/sekmet" serve -c "$settings"
   wait_http "http://127.0.0.1:$port/fhir/metadata" 60 || { log "$name did not start"; tail -20 "$PEERS/$name.log" >&2; return 1; }
+  # The tests look requests up by correlation id in SEKMET's traffic log (tests/common); SEKMET
+  # has no index for that, so every lookup would scan the whole log, which grows with every
+  # request (seconds per lookup on a busy 2-core machine by the end of a run).
+  python3 -c 'import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30)
+db.execute("CREATE INDEX IF NOT EXISTS traffic_correlation_id ON traffic(correlation_id)")
+db.close()' "$PEERS/$name/data/sekmet.db"
   log "$name ready on 127.0.0.1:$port"
 }
 

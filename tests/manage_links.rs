@@ -309,7 +309,7 @@ async fn only_manage_writes_link_identifiers() {
             .unwrap();
         assert_outcome(r, 403, "forbidden").await;
         // At most the read that compares links, with the writer's audit headers; no write.
-        for call in sekmet_received(&rid) {
+        for call in sekmet_received_settled(&rid).await {
             assert_eq!(call["method"], "GET", "{call}");
             assert_eq!(
                 call["headers"]["x-ms-azurefhir-audit-userid"],

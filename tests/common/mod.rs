@@ -258,10 +258,27 @@ pub async fn assert_outcome(resp: reqwest::Response, status: u16, code: &str) ->
     v
 }
 
+/// How long a lookup waits for SEKMET's traffic log to show a request. SEKMET writes the log
+/// after it has answered, and each lookup scans the whole traffic table (it has no index on the
+/// correlation id, and it grows with every request of every test run since SEKMET started): on
+/// a busy 2-core machine one scan takes seconds. A deadline, not a delay: lookups return as
+/// soon as the record is there.
+pub const TRAFFIC_WAIT: Duration = Duration::from_secs(20);
+
 /// The request headers SEKMET recorded for a correlation id (its traffic log), lower-case
-/// names. Polls briefly: SEKMET writes the log after it has answered.
+/// names. Waits (up to `TRAFFIC_WAIT`) until at least one record is there: for requests known
+/// to have reached SEKMET.
 pub fn sekmet_received(correlation_id: &str) -> Vec<Value> {
-    read_traffic(correlation_id, Duration::from_secs(3))
+    read_traffic(correlation_id, TRAFFIC_WAIT)
+}
+
+/// Every record SEKMET has for a correlation id, none included, once a marker request sent
+/// now shows up in its log: for requests that may or may not have reached SEKMET.
+pub async fn sekmet_received_settled(correlation_id: &str) -> Vec<Value> {
+    if let Err(e) = sekmet_log_marker().await {
+        panic!("{e}");
+    }
+    sekmet_received_now(correlation_id)
 }
 
 fn sekmet_received_now(correlation_id: &str) -> Vec<Value> {
@@ -305,25 +322,54 @@ print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}'),'body':b} 
     }
 }
 
-/// Waits until SEKMET has logged everything answered so far: its log is in request order, so
-/// once a marker sent now is there, earlier requests are too.
-pub async fn sekmet_settle() {
+/// Sends a marker request to SEKMET and waits until its traffic log shows it. SEKMET logs
+/// requests in order, so every request answered before the marker is in the log by then.
+async fn sekmet_log_marker() -> Result<(), String> {
     let marker = format!("marker-{}", uuid::Uuid::new_v4());
     let r = client()
         .get(format!("{}/metadata", sekmet_url()))
         .header("X-Request-Id", &marker)
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(sekmet_received(&marker).len(), 1, "marker not logged");
+        .map_err(|e| format!("marker request to SEKMET: {e}"))?;
+    if r.status() != 200 {
+        return Err(format!("marker request to SEKMET: status {}", r.status()));
+    }
+    let n = sekmet_received(&marker).len();
+    if n != 1 {
+        return Err(format!(
+            "marker not logged: {n} records of the marker request in SEKMET's traffic log after \
+             {TRAFFIC_WAIT:?}, so the log cannot tell what SEKMET received"
+        ));
+    }
+    Ok(())
 }
 
-/// Asserts SEKMET never received a request with this correlation id (see `sekmet_settle`).
-pub async fn assert_sekmet_never_received(correlation_id: &str) {
-    sekmet_settle().await;
+/// Waits until SEKMET has logged everything answered so far (see `sekmet_log_marker`).
+pub async fn sekmet_settle() {
+    if let Err(e) = sekmet_log_marker().await {
+        panic!("{e}");
+    }
+}
+
+/// Whether SEKMET never received a request with this correlation id (checked once a later
+/// marker request shows up in its log). `Err` says what it received, or why the log could
+/// not tell.
+pub async fn sekmet_never_received(correlation_id: &str) -> Result<(), String> {
+    sekmet_log_marker().await?;
     let got = sekmet_received_now(correlation_id);
-    assert!(got.is_empty(), "SEKMET received {correlation_id}: {got:?}");
+    if got.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("SEKMET received {correlation_id}: {got:?}"))
+    }
+}
+
+/// Asserts SEKMET never received a request with this correlation id.
+pub async fn assert_sekmet_never_received(correlation_id: &str) {
+    if let Err(e) = sekmet_never_received(correlation_id).await {
+        panic!("{e}");
+    }
 }
 
 /// Everything SEKMET logged for many correlation ids, read at once (one query, not one per
