@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing the gateway needs on a fresh Debian machine:
 # cmake (pingora's zlib-ng), pkg-config + libssl-dev (OpenSSL for pingora and rdkafka),
-# python3-venv (SEKMET), curl. Idempotent; skips what is already there.
+# python3-venv (SEKMET), curl, systemd (tests/ops_systemd.rs checks the units with systemd-analyze).
+# Idempotent; skips what is already there.
 set -euo pipefail
-want=(cmake pkg-config libssl-dev python3-venv curl ca-certificates)
+want=(cmake pkg-config libssl-dev python3-venv curl ca-certificates systemd)
 missing=()
 for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

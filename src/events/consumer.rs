@@ -45,18 +45,16 @@ pub(super) fn consume_loop(k: KafkaConfig, gw: Arc<Gateway>, stop: Arc<AtomicBoo
             last_warn = Some(Instant::now());
         }
     };
-    let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         let Some(consumer) = assigned_consumer(&cfg, &k, &stop, &mut warn_limited) else {
             return;
         };
-        if !first {
-            // Changes published while we were away were not seen: forget everything cached.
-            for t in crate::gateway::CACHED_TYPES {
-                gw.invalidate(t);
-            }
+        // The consumer starts at the end of the topic: changes published before it was
+        // assigned — while the broker was away, or unreachable since start-up while requests
+        // were already served and cached — were not seen. Forget everything cached.
+        for t in crate::gateway::CACHED_TYPES {
+            gw.invalidate(t);
         }
-        first = false;
         while !stop.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
