@@ -14,10 +14,7 @@ pub struct RawResp {
 impl RawResp {
     /// The first value of a header (name case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::header_in(&self.headers, name)
     }
 }
 
