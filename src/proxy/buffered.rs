@@ -249,10 +249,10 @@ impl FhirProxy {
                 Ok(true)
             }
             Ok(Some(Answer::Server(f))) => {
-                let mut body = f.body.to_vec();
+                let mut body = f.body.clone();
                 if ctx.metadata && f.status == 200 && f.is_json() {
                     if let Some(secured) = self.secure_capability_statement(&body) {
-                        body = secured;
+                        body = Bytes::from(secured);
                     }
                 }
                 self.write_answer(session, ctx, f.status, &f.headers, body)
@@ -336,7 +336,7 @@ impl FhirProxy {
             ModBody::Raw(b) => b,
             ModBody::None => Vec::new(),
         };
-        self.write_answer(session, ctx, resp.status, &headers, body)
+        self.write_answer(session, ctx, resp.status, &headers, Bytes::from(body))
             .await
     }
 
@@ -348,7 +348,7 @@ impl FhirProxy {
         ctx: &Ctx,
         status: u16,
         headers: &[(String, String)],
-        mut out: Vec<u8>,
+        mut out: Bytes,
     ) -> std::result::Result<(), GatewayError> {
         let invalid = |what: String| GatewayError::Internal(format!("{what} is not valid"));
         let mut h = ResponseHeader::build(status, Some(headers.len() + 3))
@@ -369,7 +369,7 @@ impl FhirProxy {
                 .replacements(ctx)
                 .and_then(|to| self.gw.rewriter.rewrite_all(&out, to))
             {
-                out = new;
+                out = Bytes::from(new);
             }
         }
         // A HEAD answer has no body: its length is the server's (as on the streaming road).
@@ -382,11 +382,7 @@ impl FhirProxy {
             .write_response_header(Box::new(h), false)
             .await
             .map_err(|_| GatewayError::Internal("client went away".into()))?;
-        let body = if head_only {
-            Bytes::new()
-        } else {
-            Bytes::from(out)
-        };
+        let body = if head_only { Bytes::new() } else { out };
         session
             .write_response_body(Some(body), true)
             .await

@@ -470,6 +470,19 @@ impl Recorded {
     }
 }
 
+/// Parsed header fields as (lower-case name, value) pairs.
+pub fn lowercased(headers: &[httparse::Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The first value of a header in a recorded list (name case-insensitive).
 pub fn header_in<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
@@ -586,16 +599,7 @@ async fn serve(
         req.parse(&buf[..head_end]).expect("parse request");
         let method = req.method.unwrap().to_string();
         let target = req.path.unwrap().to_string();
-        let headers: Vec<(String, String)> = req
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let headers = lowercased(req.headers);
         buf.drain(..head_end);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut body = Vec::new();

@@ -59,16 +59,7 @@ pub fn parse_responses(buf: &[u8], eof: bool) -> Vec<RawResp> {
             _ => break,
         };
         let status = r.code.unwrap_or(0);
-        let headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let headers = super::lowercased(r.headers);
         let start = pos + n;
         if (100..200).contains(&status) {
             pos = start;
