@@ -1056,18 +1056,10 @@ async fn health_on(gw: &mut Gateway, bearer: Option<&str>, road: Road) -> Result
     }
     let r = rq.send().await.map_err(|e| format!("read: {e}"))?;
     let status = r.status();
-    // The road is the road: Pingora streams the rewritten answer chunked; the buffered road
-    // answers with a length.
-    let chunked = r
-        .headers()
-        .get("transfer-encoding")
-        .is_some_and(|v| v.as_bytes() == b"chunked");
-    if chunked != (road == Road::Streaming) {
-        return Err(format!(
-            "the read was not {}: headers {:?}",
-            road.name(),
-            r.headers()
-        ));
+    // The road is the road: the access log names the one that answered.
+    let taken = road_of(gw, &id).await;
+    if taken != road.logged() {
+        return Err(format!("the read was not {}: road={taken}", road.name()));
     }
     let b: Value = r.json().await.unwrap_or(Value::Null);
     if status != 200 || b["resourceType"] != "Bundle" {

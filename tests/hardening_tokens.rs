@@ -1072,7 +1072,12 @@ async fn send_case(gw: &Gateway, road: Road, c: &Case) -> Sent {
 
 /// Judges one sent case against what SEKMET logged for it; `Ok` carries a short description
 /// of what happened.
-fn judge_case(c: &Case, sent: &Sent, seen: &[Value]) -> Result<String, String> {
+fn judge_case(
+    c: &Case,
+    sent: &Sent,
+    seen: &[Value],
+    taken: &HashMap<String, String>,
+) -> Result<String, String> {
     if let Some(e) = &sent.error {
         return Err(e.clone());
     }
@@ -1123,14 +1128,14 @@ fn judge_case(c: &Case, sent: &Sent, seen: &[Value]) -> Result<String, String> {
                 .collect();
             return Err(format!("SEKMET received it {reads} times: {urls:?}"));
         }
-        // The road is the road: Pingora streams the rewritten answer chunked, the buffered
-        // road answers with a length.
-        let chunked = sent.header("transfer-encoding") == Some("chunked");
-        if chunked != (sent.road == Road::Streaming) {
+        // The road is the road: the access log names the one that answered.
+        let road = taken
+            .get(&sent.rid)
+            .map_or("(no access-log line)", String::as_str);
+        if road != sent.road.logged() {
             return Err(format!(
-                "not answered by the {} road: {:?}",
-                sent.road.name(),
-                sent.headers
+                "not answered by the {} road: road={road}",
+                sent.road.name()
             ));
         }
         return Ok("200, reached SEKMET once".into());
@@ -1212,6 +1217,7 @@ async fn token_catalogue_every_hostile_token_is_refused_before_sekmet_on_both_ro
     sekmet_settle().await;
     let ids: Vec<String> = sent.iter().flatten().map(|s| s.rid.clone()).collect();
     let log = sekmet_log(&ids);
+    let taken = roads_taken(&gw, &ids).await;
 
     let mut failures = Vec::new();
     let mut differences = Vec::new();
@@ -1221,7 +1227,7 @@ async fn token_catalogue_every_hostile_token_is_refused_before_sekmet_on_both_ro
         for s in pair {
             let seen = log.get(&s.rid).map(Vec::as_slice).unwrap_or_default();
             let label = format!("{} ({} road)", c.name, s.road.name());
-            match judge_case(c, s, seen) {
+            match judge_case(c, s, seen, &taken) {
                 Ok(what) => {
                     println!("  ok   {label:<80} {what}");
                     if c.expect == Expect::Accept {
@@ -1833,6 +1839,7 @@ fn judge_spoof(
     s: &Spoof,
     sent: &SentSpoof,
     log: &Log,
+    taken: &HashMap<String, String>,
     audit: &[(&str, &str); 5],
 ) -> Result<Option<String>, String> {
     let resp = &sent.resp;
@@ -1880,14 +1887,12 @@ fn judge_spoof(
         check_arrived(a, id, &target.host(), &s.needles, &sent.token, audit)
             .map_err(|e| format!("{}: {e}", a.url))?;
     }
-    // The road is the road: Pingora streams the rewritten answer chunked, the buffered road
-    // answers with a length.
-    let chunked = r.header("transfer-encoding") == Some("chunked");
-    if chunked != (sent.road == Road::Streaming) {
+    // The road is the road: the access log names the one that answered.
+    let road = taken.get(id).map_or("(no access-log line)", String::as_str);
+    if road != sent.road.logged() {
         return Err(format!(
-            "not answered by the {} road: {:?}",
-            sent.road.name(),
-            r.headers
+            "not answered by the {} road: road={road}",
+            sent.road.name()
         ));
     }
     // Nor does the caller's response reflect a spoof (links stay on the gateway's base).
@@ -1979,6 +1984,7 @@ async fn run_matrix(gw: &Gateway, target: Target<'_>, what: &str) {
     }
     let ids: Vec<String> = sent.iter().flatten().map(|s| s.id.clone()).collect();
     let log = target.read_log(&ids).await;
+    let taken = roads_taken(gw, &ids).await;
     let (mut stripped, mut refused) = ([0; 2], [0; 2]);
     let mut failures = Vec::new();
     let mut differences = Vec::new();
@@ -1994,7 +2000,7 @@ async fn run_matrix(gw: &Gateway, target: Target<'_>, what: &str) {
     for (s, pair) in spoofs.iter().zip(&sent) {
         for (k, one) in pair.iter().enumerate() {
             let label = format!("{} ({} road)", s.label, one.road.name());
-            match judge_spoof(gw, &target, s, one, &log, &audit) {
+            match judge_spoof(gw, &target, s, one, &log, &taken, &audit) {
                 Ok(how) => {
                     if let Some(what) = how {
                         refused[k] += 1;

@@ -514,16 +514,13 @@ async fn run_case(gw: &Gateway, up_base: &str, fault: &str, path: Path) -> Strin
             let got = fetch(&c, &url).await;
             assert!(got.cut.is_none(), "relayed body was cut: {:?}", got.cut);
             assert_no_upstream_address(&got.headers, &got.body, up_base);
-            // Framing tells which path answered: the module path writes a length, the
-            // streaming rewrite re-frames chunked.
-            let framing = match path {
-                Path::Buffered => got.headers.get("content-length").is_some(),
-                Path::Stream => got
-                    .headers
-                    .get("transfer-encoding")
-                    .is_some_and(|v| v == "chunked"),
+            // The access log names the road that answered.
+            let id = got.headers["x-request-id"].to_str().unwrap();
+            let want = match path {
+                Path::Buffered => "buffered",
+                Path::Stream => "stream",
             };
-            assert!(framing, "{path:?} framing: {:?}", got.headers);
+            assert_eq!(road_of(gw, id).await, want, "{path:?}: {:?}", got.headers);
             if fault == "huge" {
                 let block = huge_block(&public);
                 assert_eq!(got.status, 200);

@@ -276,33 +276,48 @@ async fn public_bases_are_per_host_even_past_the_cache() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_caller_the_filters_bypass_is_streamed_not_buffered() {
-    let gw = common::idp::jwt_gateway(
-        "policy:\n  read: [Reader, Administrator, Patient]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n  - name: ConsentOptOut\n    settings: {category: \"http://loinc.org|59284-0\"}\n",
-    )
+    let mport = free_port();
+    let gw = common::idp::jwt_gateway(&format!(
+        "metrics:\n  listen: 127.0.0.1:{mport}\npolicy:\n  read: [Reader, Administrator, Patient]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n  - name: ConsentOptOut\n    settings: {{category: \"http://loinc.org|59284-0\"}}\n",
+    ))
     .await;
+    // Which road answered: the streamed one counts its upstream exchange as `stream`, the
+    // buffered one (the gateway's client) as `client`.
+    let roads = || async {
+        let m = metrics_text(mport, &gw).await;
+        (
+            metric_value(&m, "fhirgw_upstream_seconds_count{path=\"stream\"}"),
+            metric_value(&m, "fhirgw_upstream_seconds_count{path=\"client\"}"),
+        )
+    };
     let get = |tok: String| {
         let url = format!("{}/Patient?_count=1", gw.base());
         async move {
             let r = client().get(url).bearer_auth(tok).send().await.unwrap();
             assert_eq!(r.status(), 200);
-            let framing = (
-                r.headers().get("content-length").is_some(),
-                r.headers()
-                    .get("transfer-encoding")
-                    .map(|v| v.to_str().unwrap().to_string()),
-            );
             let b: Value = r.json().await.unwrap();
             assert_eq!(b["resourceType"], "Bundle");
-            framing
         }
     };
-    // An Administrator is bypassed by both filters: Pingora streams the answer (chunked,
-    // rewritten on the fly), nothing is buffered or parsed.
-    let admin = get(common::idp::token("admin-app").await).await;
-    assert_eq!(admin, (false, Some("chunked".to_string())), "admin");
-    // A Reader is filtered: the buffered road answers with a length.
-    let reader = get(common::idp::token("reader-app").await).await;
-    assert_eq!(reader, (true, None), "reader");
+    // An Administrator is bypassed by both filters: Pingora proxies the answer (rewritten on
+    // the fly), nothing is buffered or parsed.
+    let (s0, c0) = roads().await;
+    get(common::idp::token("admin-app").await).await;
+    let (s1, c1) = roads().await;
+    assert_eq!(
+        (s1 - s0, c1 - c0),
+        (1.0, 0.0),
+        "admin: (streamed, buffered)"
+    );
+    // A Reader is filtered: the buffered road answers.
+    get(common::idp::token("reader-app").await).await;
+    let (s2, c2) = roads().await;
+    assert!(
+        s2 == s1 && c2 > c1,
+        "reader: streamed {} buffered {}",
+        s2 - s1,
+        c2 - c1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -536,4 +551,68 @@ async fn connection_nominations_get_the_same_answer_on_both_roads() {
         "the roads answer Connection nominations differently:\n{}",
         differences.join("\n")
     );
+}
+
+/// A small rewritten answer goes out with its exact length (Pingora then writes head and body
+/// in one go, as a plain proxy does); an answer still arriving when its head is ready is
+/// framed chunked, never held back. Both are rewritten byte for byte the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_rewritten_answer_gets_its_length_and_a_slow_one_is_chunked() {
+    let body_for = |base: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"1","link":[{{"other":{{"reference":"{base}/Patient/2"}}}}],"text":"{}"}}"#,
+            "x".repeat(600)
+        )
+    };
+    let up = ScriptedUpstream::start(move |r, _| {
+        let base = format!("http://{}/fhir", r.header("host").unwrap_or(""));
+        let body = body_for(&base).into_bytes();
+        if r.target.contains("slow") {
+            Reply::Trickle {
+                status: 200,
+                content_type: "application/fhir+json".into(),
+                body,
+                gap: std::time::Duration::from_millis(300),
+            }
+        } else {
+            Reply::Full {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/fhir+json".into())],
+                body,
+            }
+        }
+    })
+    .await;
+    let events = EventsDir::new();
+    let gw = Gateway::start(&two_roads_yaml(&up.base(), &events.path)).await;
+    // The public base comes from the caller's Host: a longer name than the server's.
+    let want = body_for(&format!("http://gateway.example:{}/fhir", gw.port));
+    assert_ne!(
+        want.len(),
+        body_for(&up.base()).len(),
+        "the rewrite must change the length"
+    );
+    for (path, framing) in [
+        ("/fhir/Patient/1", "length"),
+        ("/fhir/Patient/slow", "chunked"),
+    ] {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: gateway.example:{}\r\nConnection: close\r\n\r\n",
+            gw.port
+        );
+        let r = common::raw::raw_exchange(gw.port, req.as_bytes())
+            .await
+            .unwrap_or_else(|| panic!("{path}: no answer\n{}", gw.log()));
+        assert_eq!(r.status, 200, "{path}");
+        let got = (
+            r.header("content-length").map(str::to_string),
+            r.header("transfer-encoding").map(str::to_string),
+        );
+        let expected = match framing {
+            "length" => (Some(want.len().to_string()), None),
+            _ => (None, Some("chunked".to_string())),
+        };
+        assert_eq!(got, expected, "{path}: (content-length, transfer-encoding)");
+        assert_eq!(String::from_utf8_lossy(&r.body), want, "{path}");
+    }
 }

@@ -198,6 +198,7 @@ impl FhirProxy {
                             target.push_str(&req.query);
                         }
                         ctx.attempts += 1;
+                        ctx.road = "buffered";
                         let sent = Instant::now();
                         let fetched = client
                             .call(ClientRequest {

@@ -21,6 +21,7 @@ mod buffered;
 mod links_guard;
 mod local;
 mod manage;
+mod one_write;
 mod public_base;
 mod respond;
 mod response;
@@ -98,10 +99,15 @@ pub struct Ctx {
     public_base: Option<PublicBase>,
     service_auth: Option<HeaderValue>,
     attempts: u32,
+    /// How the FHIR server's answer came: `stream` (Pingora proxied it), `buffered` (the
+    /// gateway's client, for a module chain) or `-` (not asked). In the access log.
+    road: &'static str,
     retry_delay: Option<Duration>,
     /// The request body's guard (size, media type, UTF-8, depth) and byte count.
     body: BodyGuard,
     rewrite: Option<StreamRewrite>,
+    /// Bytes of the rewritten body emitted so far (its `Content-Length` when it fits one write).
+    body_out: usize,
     upstream_status: Option<u16>,
     /// The error to render when a hook fails with one of ours.
     error: Option<GatewayError>,
@@ -148,9 +154,11 @@ impl ProxyHttp for FhirProxy {
             public_base: None,
             service_auth: None,
             attempts: 0,
+            road: "-",
             retry_delay: None,
             body: BodyGuard::new(self.gw.limits.max_request_body_bytes),
             rewrite: None,
+            body_out: 0,
             upstream_status: None,
             error: None,
             written: Vec::new(),
@@ -160,6 +168,10 @@ impl ProxyHttp for FhirProxy {
             call: None,
             upstream_length: None,
         }
+    }
+
+    fn init_downstream_modules(&self, modules: &mut pingora_core::modules::http::HttpModules) {
+        one_write::install(modules);
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -215,6 +227,7 @@ impl ProxyHttp for FhirProxy {
             tokio::time::sleep(d).await;
         }
         ctx.attempts += 1;
+        ctx.road = "stream";
         Ok(Box::new(self.gw.upstream.peer()))
     }
 

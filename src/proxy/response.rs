@@ -121,7 +121,7 @@ impl FhirProxy {
 
     pub(super) fn response_body(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
@@ -151,6 +151,8 @@ impl FhirProxy {
                         .unwrap_or(transformed),
                     None => transformed,
                 };
+                ctx.body_out = out.len();
+                one_write::body_complete(session, out.len());
                 *body = Some(Bytes::from(out));
             } else {
                 *body = Some(Bytes::new());
@@ -178,6 +180,10 @@ impl FhirProxy {
                     Bytes::from([out.as_ref(), tail.as_ref()].concat())
                 };
             }
+        }
+        ctx.body_out += out.len();
+        if end_of_stream {
+            one_write::body_complete(session, ctx.body_out);
         }
         *body = Some(out);
         Ok(None)

@@ -191,6 +191,40 @@ impl Drop for Gateway {
     }
 }
 
+/// The road the access log names for a correlation id (`stream`, `buffered` or `-`).
+pub async fn road_of(gw: &Gateway, id: &str) -> String {
+    roads_taken(gw, &[id.to_string()])
+        .await
+        .remove(id)
+        .unwrap_or_else(|| panic!("no access-log line for id={id}:\n{}", gw.log()))
+}
+
+/// Correlation id -> the road its access-log line names, once every id in `ids` has a line
+/// (or after 10 s: the access log is written by a background thread, after the answer).
+pub async fn roads_taken(
+    gw: &Gateway,
+    ids: &[String],
+) -> std::collections::HashMap<String, String> {
+    let field = |line: &str, name: &str| {
+        let key = format!(" {name}=");
+        let at = line.find(&key)? + key.len();
+        line[at..].split(' ').next().map(str::to_string)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut taken = std::collections::HashMap::new();
+        for l in gw.log().lines() {
+            if let (Some(id), Some(road)) = (field(l, "id"), field(l, "road")) {
+                taken.insert(id, road);
+            }
+        }
+        if ids.iter().all(|i| taken.contains_key(i)) || Instant::now() > deadline {
+            return taken;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The gateway's `/metrics` text. A refused connection is retried briefly; if the listener
 /// stays away, the gateway's log says why.
 pub async fn metrics_text(metrics_port: u16, gw: &Gateway) -> String {
@@ -506,6 +540,13 @@ pub enum Reply {
         chunk: Vec<u8>,
         count: usize,
     },
+    /// A `Full` answer whose body arrives in two parts, `gap` apart (a slow server).
+    Trickle {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+        gap: Duration,
+    },
     /// Closes the connection without answering.
     Close,
 }
@@ -684,8 +725,25 @@ async fn serve(
                         head.push_str(&format!("{k}: {v}\r\n"));
                     }
                     head.push_str("\r\n");
-                    sock.write_all(head.as_bytes()).await?;
-                    sock.write_all(&body).await?;
+                    // One write, as a server answers a small request.
+                    sock.write_all(&[head.as_bytes(), &body].concat()).await?;
+                    break;
+                }
+                Reply::Trickle {
+                    status,
+                    content_type,
+                    body,
+                    gap,
+                } => {
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let half = body.len() / 2;
+                    sock.write_all(&[head.as_bytes(), &body[..half]].concat())
+                        .await?;
+                    tokio::time::sleep(gap).await;
+                    sock.write_all(&body[half..]).await?;
                     break;
                 }
                 Reply::Stream {

@@ -25,6 +25,14 @@ impl Road {
         }
     }
 
+    /// The `road=` the gateway's access log names for it.
+    pub fn logged(self) -> &'static str {
+        match self {
+            Road::Streaming => "stream",
+            Road::Buffered => "buffered",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Road::Streaming => "streaming",
