@@ -3,7 +3,9 @@
 # all on 127.0.0.1, the proxies pinned to one core, in one command. Scenarios:
 #
 #   p1  small GET (~1 KB Patient): gateway without auth (insecure_dev) and gateway-jwt (JWT auth
-#       against the project's test IdP + audit headers + URL rewrite)
+#       against the project's test IdP + audit headers + URL rewrite), against a bare Pingora
+#       proxy (examples/bare_pingora.rs, the floor of the gateway's design); CPU and syscalls
+#       per request for every path
 #   p2  100-entry searchset (~190 KB) with rewrite + ParticipantFilter + ConsentOptOut, caller a
 #       patient identified by the fhirUser claim; gateway CPU ms per MB of upstream body
 #   p3  writes (POST -> 201) with PublishFHIREvent to a private tansu (Kafka-protocol) broker vs
@@ -31,6 +33,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=$HERE/results
 BIN_SRC=$REPO/target/release/fhir-gateway
+BARE_SRC=$REPO/target/release/examples/bare_pingora
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -65,6 +68,7 @@ P2_PORT=18083    # p2 gateway (jwt, ParticipantFilter + ConsentOptOut)
 P3E_PORT=18084   # p3 gateway-events (jwt, PublishFHIREvent -> tansu)
 P3N_PORT=18085   # p3 gateway (jwt, no post module)
 P4_PORT=18086    # p4 gateway (insecure_dev, SamplePostProcess)
+BARE_PORT=18087  # p1 bare Pingora proxy (examples/bare_pingora.rs)
 MET_OFFSET=100   # metrics listeners of p2/p3 gateways: port + 100
 RES_PATH=/fhir/Patient/1
 P2_PATH="/fhir/Observation?_count=100"
@@ -175,7 +179,7 @@ cleanup() {
   fi
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     # Pingora: SIGINT = fast shutdown (SIGTERM waits out the grace period). nginx, tansu: SIGTERM.
-    if [[ ${NAMES[i]} == gateway* ]]; then
+    if [[ ${NAMES[i]} == gateway* || ${NAMES[i]} == bare-pingora ]]; then
       stop_pid "${PIDS[i]}" INT
     else
       stop_pid "${PIDS[i]}" TERM
@@ -283,12 +287,16 @@ if [[ $SKIP_BUILD == 1 ]]; then
   log "SKIP_BUILD=1: using $BIN_SRC as it is"
 else
   log "cargo build --release (slow on a cold cache)"
-  (cd "$REPO" && cargo build --release) || die "cargo build --release failed"
+  (cd "$REPO" && cargo build --release --locked --bin fhir-gateway --example bare_pingora) ||
+    die "cargo build --release failed"
 fi
 [[ -x $BIN_SRC ]] || die "$BIN_SRC not found"
+[[ -x $BARE_SRC ]] || die "$BARE_SRC not found (cargo build --release --example bare_pingora)"
 # A private copy: a rebuild by someone else during the run cannot change what is measured.
 BIN=$TMP/fhir-gateway
 cp "$BIN_SRC" "$BIN"
+BARE=$TMP/bare_pingora
+cp "$BARE_SRC" "$BARE"
 BIN_DATE=$(date -u -r "$BIN_SRC" '+%Y-%m-%d %H:%M UTC')
 # What was built: the commit and whether the gateway's sources differed from it, now (others may
 # commit while the harness runs).
@@ -297,7 +305,7 @@ git -C "$REPO" diff --quiet HEAD -- src modules Cargo.toml Cargo.lock 2>/dev/nul
   COMMIT="$COMMIT (uncommitted changes under src/, modules/ or Cargo.* at build time)"
 
 PORTS=("$UP_PORT" "$NGX_PORT")
-has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT")
+has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT" "$BARE_PORT")
 has p2 && PORTS+=("$P2_PORT" $((P2_PORT + MET_OFFSET)))
 has p3 && PORTS+=("$P3E_PORT" $((P3E_PORT + MET_OFFSET)) "$P3N_PORT" $((P3N_PORT + MET_OFFSET)) "$KAFKA_PORT")
 has p4 && PORTS+=("$P4_PORT")
@@ -645,8 +653,8 @@ listen:
 upstream:
   url: $BASE
 logging:
-  level: warn
-  access_log: false
+  level: info
+  access_log: true
 pingora:
   threads: 1
   pid_file: $1/pingora.pid
@@ -742,6 +750,10 @@ start_bg upstream "$LOADGEN_CPU" nginx -p "$TMP/up" -e stderr -c "$TMP/up/nginx.
 wait_http upstream "http://127.0.0.1:$UP_PORT$RES_PATH"
 start_bg nginx-proxy "$PROXY_CPU" nginx -p "$TMP/ngx" -e stderr -c "$TMP/ngx/nginx.conf"
 wait_http nginx-proxy "http://127.0.0.1:$NGX_PORT$RES_PATH"
+if has p1; then
+  start_bg bare-pingora "$PROXY_CPU" "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
+  wait_http bare-pingora "http://127.0.0.1:$BARE_PORT$RES_PATH"
+fi
 GATEWAYS=() # names of the started gateways, for the idle RSS
 start_gw() { # start_gw <name> <dir> <port>
   start_bg "$1" "$PROXY_CPU" env -u RUST_LOG "$BIN" -c "$TMP/$2/gateway.yaml"
@@ -796,6 +808,7 @@ target() { # target <key> <url> <client|""> <body file|""> <process name>
 if has p1; then
   target p1/direct "http://127.0.0.1:$UP_PORT$RES_PATH" "" "" upstream
   target p1/nginx "http://127.0.0.1:$NGX_PORT$RES_PATH" "" "" nginx-proxy
+  target p1/bare "http://127.0.0.1:$BARE_PORT$RES_PATH" "" "" bare-pingora
   target p1/gateway "http://127.0.0.1:$GW_PORT$RES_PATH" "" "" gateway
   target p1/gateway-jwt "http://127.0.0.1:$GWJ_PORT$RES_PATH" reader-app "" gateway-jwt
 fi
@@ -896,7 +909,7 @@ expect_type() { # expect_type <key>
 }
 
 if has p1; then
-  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]})
+  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]})
   check_body() { # check_body <path> <must contain> <must not contain>
     local code
     code=$(fetch "p1/$1")
@@ -910,6 +923,7 @@ if has p1; then
   }
   check_body direct "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body nginx "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
+  check_body bare "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body gateway "http://127.0.0.1:$GW_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
   REWRITES=$(grep -o "http://127.0.0.1:$GW_PORT/fhir" "$TMP/body.gateway" | wc -l)
   log "gateway OK: 200, $REWRITES URLs rewritten to http://127.0.0.1:$GW_PORT/fhir, none left to :$UP_PORT"
@@ -1199,15 +1213,46 @@ profile_text() { # profile_text <key>: a sentence for the report
   fi
 }
 
+# Syscalls per request: perf stat counts the serving process's syscalls (all of them, and the
+# writes and reads among them) during a separate, unmeasured wrk run, ÷ the requests it completed.
+SYS_WRITES=(sendto write writev sendmsg)
+SYS_READS=(recvfrom read readv recvmsg)
+declare -A SYS
+syscall_pass() { # syscall_pass <key> -> SYS[<path>.all|writes|reads] per request ("n/a" without perf)
+  local key=$1 path=${1#*/} out=$TMP/sys.${1//\//-} ev=raw_syscalls:sys_enter total n
+  SYS[$path.all]=n/a SYS[$path.writes]=n/a SYS[$path.reads]=n/a
+  ((PERF_OK)) || return 0
+  for n in "${SYS_WRITES[@]}" "${SYS_READS[@]}"; do ev+=",syscalls:sys_enter_$n"; done
+  ensure_key_token "$key" 60
+  perf stat -x, -e "$ev" -p "${PROC_PID[$key]}" -o "$out.perf" >/dev/null 2>&1 &
+  PERF_PID=$!
+  sleep 0.5
+  run_wrk "$key" 5 "$out.wrk" "$CONNS"
+  stop_pid "$PERF_PID" INT
+  PERF_PID=""
+  read -r _ _ _ _ _ total < <(parse_wrk "$out.wrk")
+  ((total > 0)) || die "syscall pass on $key: no request completed"
+  count() { awk -F, -v n="$1" -v t="$total" '
+    BEGIN { split(n, want, " "); for (i in want) w["syscalls:sys_enter_" want[i]] = 1; w["raw_syscalls:sys_enter"] = (n == "all") }
+    w[$3] { s += $1 } END { printf "%.2f\n", s / t }' "$out.perf"; }
+  SYS[$path.all]=$(count all)
+  SYS[$path.writes]=$(count "${SYS_WRITES[*]}")
+  SYS[$path.reads]=$(count "${SYS_READS[*]}")
+  log "  p1 syscalls $path: ${SYS[$path.all]} per request (writes ${SYS[$path.writes]}, reads ${SYS[$path.reads]}) over $total requests"
+  wait_idle "$key"
+}
+
 # ---- p1: small GET
 if has p1; then
   PHASE1="wrk -t1 -c$CONNS -d${DUR_S}s --latency (closed loop)"
   log "p1 phase 1: peak req/s, $PHASE1, $RUNS run(s) per path"
-  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/gateway p1/gateway-jwt
+  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/gateway p1/gateway-jwt
   log "p1 phase 2: fixed rate"
-  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/gateway p1/gateway-jwt
+  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/gateway p1/gateway-jwt
   TARGET=${RATE_TARGET[p1]}
   PHASE2=${RATE_DESC[p1]}
+  log "p1 phase 3: syscalls per request (perf stat on the serving process)"
+  for k in direct nginx bare gateway gateway-jwt; do syscall_pass "p1/$k"; done
   profile p1/gateway-jwt 3 "$CONNS"
 fi
 
@@ -1400,7 +1445,7 @@ fill_m() { # fill_m <scenario> <path>...: M[scen.phase.path.{rps,p50,p99,cpu,bus
     done
   done
 }
-PATHS=(direct nginx gateway gateway-jwt)
+PATHS=(direct nginx bare gateway gateway-jwt)
 has p1 && fill_m p1 "${PATHS[@]}"
 has p2 && fill_m p2 direct nginx gateway
 has p3 && fill_m p3 direct nginx gateway gateway-events
@@ -1465,6 +1510,13 @@ if has p1; then
   goal P1 "gateway ≥ 1.2× nginx req/s (peak, small GET with auth + audit + rewrite)" \
     "gateway-jwt/nginx **$r_jwt** ($(fmt0 "${M[p1.peak.gateway-jwt.rps]}") vs $(fmt0 "${M[p1.peak.nginx.rps]}") req/s); insecure_dev gateway/nginx $r_gw" \
     "$(met ge "$r_jwt" 1.2)$why"
+  r_cpu=$(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare.cpu]}")
+  goal P1 "gateway-jwt CPU per request ≤ 1.15× bare Pingora's (peak, same core)" \
+    "**$r_cpu×** (${M[p1.peak.gateway-jwt.cpu]} vs ${M[p1.peak.bare.cpu]} µs/request); insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare.cpu]}")×; req/s gateway-jwt/bare $(ratio "${M[p1.peak.gateway-jwt.rps]}" "${M[p1.peak.bare.rps]}")" \
+    "$(met le "$r_cpu" 1.15)"
+  goal P1 "as many writes per request as bare Pingora (a body that fits one chunk)" \
+    "gateway-jwt **${SYS[gateway-jwt.writes]}**, gateway ${SYS[gateway.writes]}, bare ${SYS[bare.writes]} writes per request (to the client and the upstream; all syscalls: ${SYS[gateway-jwt.all]} vs ${SYS[bare.all]})" \
+    "$([[ ${SYS[bare.writes]} == n/a ]] && echo "not measured (no perf)" || met le "${SYS[gateway-jwt.writes]}" "${SYS[bare.writes]}")"
   add_jwt=$(delta "${M[p1.rate.gateway-jwt.p99]}" "${M[p1.rate.direct.p99]}")
   add_gw=$(delta "${M[p1.rate.gateway.p99]}" "${M[p1.rate.direct.p99]}")
   why=""
@@ -1518,7 +1570,7 @@ mkdir -p "$RESULTS"
   echo "- Command: \`$CMD\` (CONNS=$CONNS, RATE_PCT=$RATE_PCT$(has p4 && echo ", P4_CONNS=$P4_CONNS")$(has p2 && echo ", P2_CPU_REQS=$P2_CPU_REQS"))"
   echo "- Mode: RUNS=$RUNS, DURATION=${DUR_S}s, QUICK=$QUICK; every figure is the median of $RUNS run(s)"
   echo "- Pinning: gateways / nginx proxy on CPU $PROXY_CPU; upstream nginx, load generator$( ((NEED_IDP)) && echo ", IdP")$(has p3 && echo ", tansu broker") on CPU $LOADGEN_CPU"
-  echo "- Gateway: release build, pingora threads=1, logging warn, no access log; nginx: 1 worker"
+  echo "- Gateway: release build, pingora threads=1, logging info with the access log on (one line per request, written by its own thread to stderr, a file here); bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, threads 1, no log); nginx: 1 worker, no access log"
   if has p1; then
     echo "- Auth: gateway = \`insecure_dev\`; gateway-jwt = \`jwt\` (RS256, keys by OIDC discovery from the test IdP at $IDP), every request with \`Authorization: Bearer\` + one reader-app client-credentials token (${#TOK[reader-app]} bytes); the gateway caches verified tokens, so this is the cache-hit path, not one RS256 verification per request"
     echo "- Payload: $RES_PATH, $PAYLOAD_BYTES bytes application/fhir+json; the gateway rewrites $REWRITES URLs per response"
@@ -1545,6 +1597,17 @@ mkdir -p "$RESULTS"
     echo "\`$PHASE2\` per path; percentiles from h2load's per-request log."
     echo
     table rate
+    echo
+    echo
+    echo "## 3. Per request, against the floor: bare Pingora"
+    echo
+    echo "CPU: the serving process's utime + stime over the peak runs ÷ requests (median of $RUNS). Syscalls: \`perf stat\` on the serving process during a separate 5 s \`wrk -c$CONNS\` run ÷ its requests; writes = ${SYS_WRITES[*]}, reads = ${SYS_READS[*]} (both sides: client and upstream; for *direct*, the upstream nginx alone)."
+    echo
+    echo "| Path | peak req/s | req/s vs bare | CPU µs/request | CPU vs bare | syscalls/request | writes/request | reads/request |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for path in "${PATHS[@]}"; do
+      echo "| $path | $(fmt0 "${M[p1.peak.$path.rps]}") | $(ratio "${M[p1.peak.$path.rps]}" "${M[p1.peak.bare.rps]}") | ${M[p1.peak.$path.cpu]} | $(ratio "${M[p1.peak.$path.cpu]}" "${M[p1.peak.bare.cpu]}") | ${SYS[$path.all]} | ${SYS[$path.writes]} | ${SYS[$path.reads]} |"
+    done
     echo
     echo "Where gateway-jwt's CPU goes: $(profile_text p1/gateway-jwt)."
   fi
