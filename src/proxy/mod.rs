@@ -53,7 +53,7 @@ use fhir_gateway_modules::processor::{
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
 use fhir_gateway_modules::{Identity, Role};
 use http::{HeaderValue, Method};
-use log::{info, warn};
+use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
