@@ -69,6 +69,7 @@ P3E_PORT=18084   # p3 gateway-events (jwt, PublishFHIREvent -> tansu)
 P3N_PORT=18085   # p3 gateway (jwt, no post module)
 P4_PORT=18086    # p4 gateway (insecure_dev, SamplePostProcess)
 BARE_PORT=18087  # p1 bare Pingora proxy (examples/bare_pingora.rs)
+BARET_PORT=18088 # p1 the same with the gateway's upstream timeouts (--timeouts)
 MET_OFFSET=100   # metrics listeners of p2/p3 gateways: port + 100
 RES_PATH=/fhir/Patient/1
 P2_PATH="/fhir/Observation?_count=100"
@@ -179,7 +180,7 @@ cleanup() {
   fi
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     # Pingora: SIGINT = fast shutdown (SIGTERM waits out the grace period). nginx, tansu: SIGTERM.
-    if [[ ${NAMES[i]} == gateway* || ${NAMES[i]} == bare-pingora ]]; then
+    if [[ ${NAMES[i]} == gateway* || ${NAMES[i]} == bare-* ]]; then
       stop_pid "${PIDS[i]}" INT
     else
       stop_pid "${PIDS[i]}" TERM
@@ -305,7 +306,7 @@ git -C "$REPO" diff --quiet HEAD -- src modules Cargo.toml Cargo.lock 2>/dev/nul
   COMMIT="$COMMIT (uncommitted changes under src/, modules/ or Cargo.* at build time)"
 
 PORTS=("$UP_PORT" "$NGX_PORT")
-has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT" "$BARE_PORT")
+has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT" "$BARE_PORT" "$BARET_PORT")
 has p2 && PORTS+=("$P2_PORT" $((P2_PORT + MET_OFFSET)))
 has p3 && PORTS+=("$P3E_PORT" $((P3E_PORT + MET_OFFSET)) "$P3N_PORT" $((P3N_PORT + MET_OFFSET)) "$KAFKA_PORT")
 has p4 && PORTS+=("$P4_PORT")
@@ -753,6 +754,8 @@ wait_http nginx-proxy "http://127.0.0.1:$NGX_PORT$RES_PATH"
 if has p1; then
   start_bg bare-pingora "$PROXY_CPU" "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
   wait_http bare-pingora "http://127.0.0.1:$BARE_PORT$RES_PATH"
+  start_bg bare-timeouts "$PROXY_CPU" "$BARE" "127.0.0.1:$BARET_PORT" "127.0.0.1:$UP_PORT" --timeouts
+  wait_http bare-timeouts "http://127.0.0.1:$BARET_PORT$RES_PATH"
 fi
 GATEWAYS=() # names of the started gateways, for the idle RSS
 start_gw() { # start_gw <name> <dir> <port>
@@ -809,6 +812,7 @@ if has p1; then
   target p1/direct "http://127.0.0.1:$UP_PORT$RES_PATH" "" "" upstream
   target p1/nginx "http://127.0.0.1:$NGX_PORT$RES_PATH" "" "" nginx-proxy
   target p1/bare "http://127.0.0.1:$BARE_PORT$RES_PATH" "" "" bare-pingora
+  target p1/bare-timeouts "http://127.0.0.1:$BARET_PORT$RES_PATH" "" "" bare-timeouts
   target p1/gateway "http://127.0.0.1:$GW_PORT$RES_PATH" "" "" gateway
   target p1/gateway-jwt "http://127.0.0.1:$GWJ_PORT$RES_PATH" reader-app "" gateway-jwt
 fi
@@ -909,7 +913,7 @@ expect_type() { # expect_type <key>
 }
 
 if has p1; then
-  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]})
+  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [bare-timeouts]=${URL[p1/bare-timeouts]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]})
   check_body() { # check_body <path> <must contain> <must not contain>
     local code
     code=$(fetch "p1/$1")
@@ -924,6 +928,7 @@ if has p1; then
   check_body direct "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body nginx "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body bare "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
+  check_body bare-timeouts "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body gateway "http://127.0.0.1:$GW_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
   REWRITES=$(grep -o "http://127.0.0.1:$GW_PORT/fhir" "$TMP/body.gateway" | wc -l)
   log "gateway OK: 200, $REWRITES URLs rewritten to http://127.0.0.1:$GW_PORT/fhir, none left to :$UP_PORT"
@@ -1246,13 +1251,13 @@ syscall_pass() { # syscall_pass <key> -> SYS[<path>.all|writes|reads] per reques
 if has p1; then
   PHASE1="wrk -t1 -c$CONNS -d${DUR_S}s --latency (closed loop)"
   log "p1 phase 1: peak req/s, $PHASE1, $RUNS run(s) per path"
-  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/gateway p1/gateway-jwt
+  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt
   log "p1 phase 2: fixed rate"
-  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/gateway p1/gateway-jwt
+  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt
   TARGET=${RATE_TARGET[p1]}
   PHASE2=${RATE_DESC[p1]}
   log "p1 phase 3: syscalls per request (perf stat on the serving process)"
-  for k in direct nginx bare gateway gateway-jwt; do syscall_pass "p1/$k"; done
+  for k in direct nginx bare bare-timeouts gateway gateway-jwt; do syscall_pass "p1/$k"; done
   profile p1/gateway-jwt 3 "$CONNS"
 fi
 
@@ -1445,7 +1450,7 @@ fill_m() { # fill_m <scenario> <path>...: M[scen.phase.path.{rps,p50,p99,cpu,bus
     done
   done
 }
-PATHS=(direct nginx bare gateway gateway-jwt)
+PATHS=(direct nginx bare bare-timeouts gateway gateway-jwt)
 has p1 && fill_m p1 "${PATHS[@]}"
 has p2 && fill_m p2 direct nginx gateway
 has p3 && fill_m p3 direct nginx gateway gateway-events
@@ -1513,7 +1518,7 @@ if has p1; then
   r_cpu=$(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare.cpu]}")
   goal P1 "gateway-jwt CPU per request ≤ 1.15× bare Pingora's (peak, same core)" \
     "**$r_cpu×** (${M[p1.peak.gateway-jwt.cpu]} vs ${M[p1.peak.bare.cpu]} µs/request); insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare.cpu]}")×; req/s gateway-jwt/bare $(ratio "${M[p1.peak.gateway-jwt.rps]}" "${M[p1.peak.bare.rps]}")" \
-    "$(met le "$r_cpu" 1.15)"
+    "$(met le "$r_cpu" 1.15); against bare Pingora with the same upstream timeouts (bare-timeouts, ${M[p1.peak.bare-timeouts.cpu]} µs): $(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×, insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×"
   goal P1 "as many writes per request as bare Pingora (a body that fits one chunk)" \
     "gateway-jwt **${SYS[gateway-jwt.writes]}**, gateway ${SYS[gateway.writes]}, bare ${SYS[bare.writes]} writes per request (to the client and the upstream; all syscalls: ${SYS[gateway-jwt.all]} vs ${SYS[bare.all]})" \
     "$([[ ${SYS[bare.writes]} == n/a ]] && echo "not measured (no perf)" || met le "${SYS[gateway-jwt.writes]}" "${SYS[bare.writes]}")"
@@ -1570,7 +1575,7 @@ mkdir -p "$RESULTS"
   echo "- Command: \`$CMD\` (CONNS=$CONNS, RATE_PCT=$RATE_PCT$(has p4 && echo ", P4_CONNS=$P4_CONNS")$(has p2 && echo ", P2_CPU_REQS=$P2_CPU_REQS"))"
   echo "- Mode: RUNS=$RUNS, DURATION=${DUR_S}s, QUICK=$QUICK; every figure is the median of $RUNS run(s)"
   echo "- Pinning: gateways / nginx proxy on CPU $PROXY_CPU; upstream nginx, load generator$( ((NEED_IDP)) && echo ", IdP")$(has p3 && echo ", tansu broker") on CPU $LOADGEN_CPU"
-  echo "- Gateway: release build, pingora threads=1, logging info with the access log on (one line per request, written by its own thread to stderr, a file here); bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, threads 1, no log); nginx: 1 worker, no access log"
+  echo "- Gateway: release build, pingora threads=1, logging info with the access log on (one line per request, written by its own thread to stderr, a file here); bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, threads 1, no log), bare-timeouts the same with the gateway's default upstream timeouts (\`--timeouts\`: Pingora arms its timers on every upstream read and write); nginx: 1 worker, no access log"
   if has p1; then
     echo "- Auth: gateway = \`insecure_dev\`; gateway-jwt = \`jwt\` (RS256, keys by OIDC discovery from the test IdP at $IDP), every request with \`Authorization: Bearer\` + one reader-app client-credentials token (${#TOK[reader-app]} bytes); the gateway caches verified tokens, so this is the cache-hit path, not one RS256 verification per request"
     echo "- Payload: $RES_PATH, $PAYLOAD_BYTES bytes application/fhir+json; the gateway rewrites $REWRITES URLs per response"

@@ -43,6 +43,8 @@ pub struct Gateway {
     /// `routes[0]` is the main route (`fhir_prefix`).
     pub routes: Vec<Route>,
     pub name: String,
+    /// `name` as the proxy audit header's value, built once.
+    pub name_header: http::HeaderValue,
     pub upstream: Upstream,
     pub identity: ServiceIdentity,
     pub rewriter: Rewriter,
@@ -138,6 +140,10 @@ impl Gateway {
         Ok(Gateway {
             routes,
             name: cfg.gateway_name.clone(),
+            name_header: http::HeaderValue::from_str(&crate::headers::sanitize_header_value(
+                &cfg.gateway_name,
+            ))
+            .map_err(|_| "gateway_name is not a valid header value".to_string())?,
             identity,
             rewriter,
             trusted_proxies: cfg.built.trusted_proxies.clone(),

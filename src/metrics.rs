@@ -111,24 +111,46 @@ pub fn refusal(status: u16, diagnostics: Option<&str>) {
     AUTH_FAILURES.with_label_values(&[status]).inc();
 }
 
+/// The per-request series whose labels are fixed, resolved once (a label lookup hashes the
+/// labels and takes a lock).
+struct Fixed {
+    upstream_stream: prometheus::Histogram,
+    connection_reused: prometheus::IntCounter,
+    connection_new: prometheus::IntCounter,
+    body_request: prometheus::IntCounter,
+    body_response: prometheus::IntCounter,
+}
+
+static FIXED: Lazy<Fixed> = Lazy::new(|| Fixed {
+    upstream_stream: UPSTREAM_SECONDS.with_label_values(&["stream"]),
+    connection_reused: UPSTREAM_CONNECTIONS.with_label_values(&["true"]),
+    connection_new: UPSTREAM_CONNECTIONS.with_label_values(&["false"]),
+    body_request: BODY_BYTES.with_label_values(&["request"]),
+    body_response: BODY_BYTES.with_label_values(&["response"]),
+});
+
 pub fn upstream(path: &str, took: Duration) {
-    UPSTREAM_SECONDS
-        .with_label_values(&[path])
-        .observe(took.as_secs_f64());
+    match path {
+        "stream" => FIXED.upstream_stream.observe(took.as_secs_f64()),
+        _ => UPSTREAM_SECONDS
+            .with_label_values(&[path])
+            .observe(took.as_secs_f64()),
+    }
 }
 
 pub fn upstream_connection(reused: bool) {
-    UPSTREAM_CONNECTIONS
-        .with_label_values(&[if reused { "true" } else { "false" }])
-        .inc();
+    match reused {
+        true => FIXED.connection_reused.inc(),
+        false => FIXED.connection_new.inc(),
+    }
 }
 
 pub fn body_bytes(request: u64, response: u64) {
     if request > 0 {
-        BODY_BYTES.with_label_values(&["request"]).inc_by(request);
+        FIXED.body_request.inc_by(request);
     }
     if response > 0 {
-        BODY_BYTES.with_label_values(&["response"]).inc_by(response);
+        FIXED.body_response.inc_by(response);
     }
 }
 

@@ -123,6 +123,10 @@ impl Rewriter {
 
     /// Rewrites a complete value (a header, a small body). `None` when nothing matched.
     pub fn rewrite_all(&self, data: &[u8], to: &Replacements) -> Option<Vec<u8>> {
+        // Most values (headers) hold no base: answer that without allocating.
+        if !self.finders.iter().any(|f| f.find(data).is_some()) {
+            return None;
+        }
         let mut out: Option<Vec<u8>> = None;
         let mut pos = 0;
         for (m, i) in self.matches(data) {

@@ -58,22 +58,27 @@ pub(super) fn tag_outcome(r: &mut ModResponse, correlation_id: &str) {
 
 impl FhirProxy {
     /// Audit headers for every upstream call made for this request.
-    pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, String)> {
+    pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, HeaderValue)> {
         let [user, upn, tenant, source, proxy] = &self.gw.audit;
+        // Sanitised values are printable ASCII: always valid header values.
+        let value = |s: &str| {
+            HeaderValue::try_from(headers::sanitize_header_value(s))
+                .unwrap_or(HeaderValue::from_static("?"))
+        };
         let mut v = Vec::with_capacity(5);
         if let Some(id) = &ctx.identity {
-            v.push((user.clone(), headers::sanitize_header_value(&id.user_id)));
+            v.push((user.clone(), value(&id.user_id)));
             if let Some(u) = &id.upn {
-                v.push((upn.clone(), headers::sanitize_header_value(u)));
+                v.push((upn.clone(), value(u)));
             }
             if let Some(t) = &id.tenant {
-                v.push((tenant.clone(), headers::sanitize_header_value(t)));
+                v.push((tenant.clone(), value(t)));
             }
         }
         if let Some(s) = &ctx.source {
-            v.push((source.clone(), s.clone()));
+            v.push((source.clone(), value(s)));
         }
-        v.push((proxy.clone(), self.gw.name.clone()));
+        v.push((proxy.clone(), self.gw.name_header.clone()));
         v
     }
 
@@ -84,6 +89,7 @@ impl FhirProxy {
             service_auth: ctx.service_auth.clone(),
             audit: self.audit_headers(ctx),
             correlation_id: ctx.correlation_id.clone(),
+            correlation_header: ctx.correlation_header.clone(),
             public_base: self.public_base_string(ctx),
         }
     }

@@ -80,6 +80,8 @@ impl FhirProxy {
 pub struct Ctx {
     start: Instant,
     correlation_id: String,
+    /// The same as a header value, shared by every head that carries it.
+    correlation_header: HeaderValue,
     /// Path below the public prefix (`/Patient/1`, or `""` for the base) and raw query.
     rest: String,
     query: Option<Vec<u8>>,
@@ -142,6 +144,7 @@ impl ProxyHttp for FhirProxy {
         Ctx {
             start: Instant::now(),
             correlation_id: String::new(),
+            correlation_header: HeaderValue::from_static(""),
             rest: String::new(),
             query: None,
             client_ip: None,
@@ -181,13 +184,22 @@ impl ProxyHttp for FhirProxy {
         // `client_gone` can tell a pipelined request from a close.
         session.downstream_session.set_pipelining_enabled(true);
         let req = session.req_header();
-        ctx.correlation_id = [REQUEST_ID, MS_REQUEST_ID]
+        let given = [REQUEST_ID, MS_REQUEST_ID]
             .iter()
             .filter_map(|h| req.headers.get(*h))
-            .find(|v| headers::valid_correlation_id(v.as_bytes()))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .unwrap_or_else(headers::new_correlation_id);
+            .find(|v| headers::valid_correlation_id(v.as_bytes()));
+        (ctx.correlation_id, ctx.correlation_header) = match given {
+            // Valid ids are ASCII.
+            Some(v) => (
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                v.clone(),
+            ),
+            None => {
+                let id = headers::new_correlation_id();
+                let v = HeaderValue::from_str(&id).expect("a UUID is a header value");
+                (id, v)
+            }
+        };
         ctx.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())

@@ -32,7 +32,7 @@ impl FhirProxy {
         }
         h.insert_header(http::header::CONTENT_TYPE, content_type)?;
         h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header(REQUEST_ID, ctx.correlation_id.as_str())?;
+        h.insert_header(REQUEST_ID, ctx.correlation_header.clone())?;
         h.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         let head_only = session.req_header().method == Method::HEAD;
         session.write_response_header(Box::new(h), false).await?;

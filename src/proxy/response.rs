@@ -48,7 +48,7 @@ impl FhirProxy {
                 resp.insert_header(name, v).map_err(|_| invalid("header"))?;
             }
         }
-        resp.insert_header(REQUEST_ID, ctx.correlation_id.as_str())
+        resp.insert_header(REQUEST_ID, ctx.correlation_header.clone())
             .map_err(|_| invalid("X-Request-Id"))?;
         let status = resp.status.as_u16();
         let has_body =

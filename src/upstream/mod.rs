@@ -101,6 +101,8 @@ pub struct Upstream {
     ca: Option<Arc<CaType>>,
     timeouts: TimeoutsConfig,
     addrs: RwLock<Vec<SocketAddr>>,
+    /// `Host` of every upstream request, built once (cloning it is a reference count).
+    host: http::HeaderValue,
 }
 
 impl Upstream {
@@ -124,6 +126,8 @@ impl Upstream {
             ca,
             timeouts: cfg.timeouts,
             addrs: RwLock::new(Vec::new()),
+            host: http::HeaderValue::from_str(&base.authority())
+                .map_err(|_| format!("{}: not a valid Host", base.authority()))?,
             base,
         };
         // Resolve once at start so a typo fails `-t`; the health task re-resolves later.
@@ -166,6 +170,11 @@ impl Upstream {
         o.verify_hostname = self.verify;
         o.ca = self.ca.clone();
         peer
+    }
+
+    /// The `Host` header of upstream requests: the base URL's authority.
+    pub fn host(&self) -> &http::HeaderValue {
+        &self.host
     }
 
     /// Upstream path for a request path relative to the public prefix (`/Patient/1` or `""`).
