@@ -1,5 +1,7 @@
-//! Criterion benchmarks of the per-request work that is ours, not Pingora's:
-//! JWT verification with cached keys, and the streaming URL rewrite.
+//! Criterion benchmarks of the per-request work that is ours, not Pingora's: the fixed cost
+//! of a small streamed GET (`FhirProxy::fixed_cost`: request head in, upstream head out,
+//! response head and a one-chunk body out, no network), JWT verification with cached keys,
+//! and the streaming URL rewrite.
 //!
 //! `cargo bench --bench hot_path` (release profile). Numbers go in the issue notes and
 //! load-tests/results; they are never asserted in tests.
@@ -16,6 +18,29 @@ use fhir_gateway_modules::processor::{
 };
 use http::HeaderMap;
 use serde_json::json;
+
+#[path = "../tests/common/fixed.rs"]
+mod fixed;
+
+/// One small GET through the gateway's hooks, without the network (see `fixed_cost`).
+fn fixed_cost(c: &mut Criterion) {
+    let ip: std::net::IpAddr = "10.0.0.4".parse().unwrap();
+    let mut g = c.benchmark_group("fixed_cost");
+    for (name, jwt) in [("insecure_dev", false), ("jwt_cached_token", true)] {
+        let f = fixed::fixture(jwt);
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || (f.response.clone(), f.body.clone()),
+                |(response, body)| {
+                    futures::executor::block_on(f.proxy.fixed_cost(&f.request, ip, response, body))
+                        .unwrap()
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
 
 fn rsa_issuer() -> (Authenticator, String) {
     let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
@@ -369,5 +394,5 @@ fn data_filters(c: &mut Criterion) {
     assert_eq!(after, warm, "a warm cache makes no upstream call");
 }
 
-criterion_group!(benches, jwt, rewrite, chain, data_filters);
+criterion_group!(benches, fixed_cost, jwt, rewrite, chain, data_filters);
 criterion_main!(benches);

@@ -33,7 +33,7 @@ pub const CACHED_TYPES: [&str; 7] = [
 pub struct Route {
     pub prefix: String,
     /// Configured public base and its encoded forms; `None` = derived per request.
-    pub public_base: Option<(String, Replacements)>,
+    pub public_base: Option<(std::sync::Arc<str>, Replacements)>,
     pub pre: Vec<Arc<dyn PreProcess>>,
     pub post: Vec<Arc<dyn PostProcess>>,
     pub policy: RolePolicy,
@@ -202,7 +202,7 @@ impl Route {
         let public_base = built.public_base.as_ref().map(|u| {
             let s = u.as_string();
             let r = rewriter.replacements(&s);
-            (s, r)
+            (s.into(), r)
         });
         Route {
             prefix: built.prefix.clone(),

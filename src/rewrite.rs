@@ -152,7 +152,54 @@ struct Matches<'a> {
     data: &'a [u8],
     pos: usize,
     /// Per pattern: its next match at or after some earlier `pos`, or `NONE`.
-    next: Vec<usize>,
+    next: Next,
+}
+
+/// `Matches::next`: inline for the usual handful of patterns (no allocation per rewritten
+/// value or chunk), on the heap past that.
+enum Next {
+    Inline([usize; INLINE], usize),
+    Heap(Vec<usize>),
+}
+
+const INLINE: usize = 16;
+
+impl std::ops::Deref for Next {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        match self {
+            Next::Inline(a, n) => &a[..*n],
+            Next::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Next {
+    fn deref_mut(&mut self) -> &mut [usize] {
+        match self {
+            Next::Inline(a, n) => &mut a[..*n],
+            Next::Heap(v) => v,
+        }
+    }
+}
+
+impl FromIterator<usize> for Next {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Next {
+        let mut a = [NONE; INLINE];
+        let mut n = 0;
+        let mut it = iter.into_iter();
+        for x in it.by_ref() {
+            if n == INLINE {
+                let mut v = a.to_vec();
+                v.push(x);
+                v.extend(it);
+                return Next::Heap(v);
+            }
+            a[n] = x;
+            n += 1;
+        }
+        Next::Inline(a, n)
+    }
 }
 
 impl Iterator for Matches<'_> {

@@ -65,18 +65,24 @@ pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
         // `;` path parameters (`..;/`) are stripped by some servers before resolving `..`.
         return Err("non-ASCII bytes or ';' in the path");
     }
-    let lower = rest.to_ascii_lowercase();
-    for bad in [&b"%2f"[..], b"%5c", b"%2e", b"%00", b"%25", b"%3b"] {
-        if memchr::memmem::find(&lower, bad).is_some() {
-            return Err("encoded '/', '\\', '.', '%', ';' or NUL in the path");
-        }
+    // The two digits after each '%' (fewer at the end), compared without copying the path.
+    let escapes = || {
+        memchr::memchr_iter(b'%', rest).map(|i| rest.get(i + 1..i + 3).unwrap_or(&rest[i + 1..]))
+    };
+    if escapes().any(|esc| {
+        [&b"2f"[..], b"5c", b"2e", b"00", b"25", b"3b"]
+            .iter()
+            .any(|bad| esc.eq_ignore_ascii_case(bad))
+    }) {
+        return Err("encoded '/', '\\', '.', '%', ';' or NUL in the path");
     }
     // Escapes of bytes >= 0x80: FHIR paths are ASCII, and overlong UTF-8 (`%c0%ae`) decodes
     // to '.' or '/' on lenient servers.
-    for i in memchr::memchr_iter(b'%', &lower) {
-        if lower.get(i + 1).is_some_and(|c| b"89abcdef".contains(c)) {
-            return Err("percent-encoded non-ASCII bytes in the path");
-        }
+    if escapes().any(|esc| {
+        esc.first()
+            .is_some_and(|c| b"89abcdef".contains(&c.to_ascii_lowercase()))
+    }) {
+        return Err("percent-encoded non-ASCII bytes in the path");
     }
     if rest
         .split(|&b| b == b'/')
@@ -94,13 +100,12 @@ pub fn check_path(rest: &[u8]) -> std::result::Result<(), &'static str> {
 impl FhirProxy {
     /// The client address to audit: the TCP peer, unless it is a trusted proxy, then the
     /// right-most `X-Forwarded-For` hop that is not itself a trusted proxy.
-    pub(super) fn audit_source(&self, session: &Session, peer: Option<IpAddr>) -> Option<String> {
+    pub(super) fn audit_source(&self, req: &RequestHeader, peer: Option<IpAddr>) -> Option<String> {
         let peer = peer?;
         if !self.gw.is_trusted_proxy(peer) {
             return Some(peer.to_string());
         }
-        let hops: Vec<String> = session
-            .req_header()
+        let hops: Vec<String> = req
             .headers
             .get_all("x-forwarded-for")
             .iter()
@@ -139,7 +144,83 @@ impl FhirProxy {
                 "both Content-Length and Transfer-Encoding".into(),
             ));
         }
-        let req = session.req_header();
+        let tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        self.admit_head(session.req_header(), tls, ctx)?;
+        let route = &gw.routes[ctx.route];
+
+        // Anonymous by design: the CapabilityStatement (SMART apps read it before they have
+        // a token).
+        let anonymous = ctx.metadata;
+        let mut admit = Admit::Proxy;
+        let mut guard = false;
+        if gw.auth_mode == AuthMode::Jwt && !anonymous {
+            let (identity, request) = self.identify(session.req_header(), ctx).await?;
+            let scopes_alone = gw.smart.scopes_alone_suffice;
+            if request.interaction == Interaction::Bundle {
+                // A batch is authorised entry by entry, so its body must be read first.
+                let body = self.read_body(session, &mut ctx.body).await?;
+                let bundle: Value = serde_json::from_slice(&body)
+                    .map_err(|e| GatewayError::BadRequest(format!("invalid JSON Bundle: {e}")))?;
+                let base = self.public_base_of(ctx);
+                let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
+                if entries.is_empty()
+                    && !route
+                        .policy
+                        .read
+                        .iter()
+                        .chain(&route.policy.write)
+                        .any(|r| identity.has(*r))
+                {
+                    return Err(GatewayError::Forbidden(
+                        "role: an empty Bundle still needs a role this route grants".into(),
+                    ));
+                }
+                for (i, entry) in entries.iter().enumerate() {
+                    policy::authorize_with(&identity, entry, scopes_alone, &route.policy).map_err(
+                        |rule| GatewayError::Forbidden(format!("{rule} (Bundle entry {i})")),
+                    )?;
+                }
+                admit = Admit::Buffered(body);
+            } else {
+                policy::authorize_with(&identity, &request, scopes_alone, &route.policy)
+                    .map_err(GatewayError::Forbidden)?;
+            }
+            guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
+            ctx.identity = Some(identity);
+        }
+        self.note_writes(&method, ctx);
+        ctx.service_auth = gw.identity.authorization().await?;
+        ctx.call = Some(self.call_identity(ctx));
+        if ctx.body.checks_json() && matches!(admit, Admit::Proxy) {
+            // A JSON body is checked whole before anything goes upstream (Pingora sends the
+            // head before the body): then the gateway's upstream client sends it.
+            admit = Admit::Buffered(self.read_body(session, &mut ctx.body).await?);
+        }
+        if guard {
+            admit = self.guard_links(session, ctx, &method, admit).await?;
+        }
+
+        if matches!(admit, Admit::Proxy) && matches!(method, Method::PUT | Method::DELETE) {
+            // Keep up to 64 KiB of the body so a 429/503 can be retried.
+            session.enable_retry_buffering();
+        }
+        Ok(admit)
+    }
+
+    /// The checks that need only the request head (and whether it came over TLS): header
+    /// limits, `Connection` nominations, UTF-8 of forwarded values, method, path, query, what
+    /// the body will be, and the public base. Sets `ctx.rest`, `ctx.query`, `ctx.public_base`.
+    pub(super) fn admit_head(
+        &self,
+        req: &RequestHeader,
+        tls: bool,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), GatewayError> {
+        let gw = &self.gw;
+        let method = &req.method;
         let header_bytes: usize = req
             .headers
             .iter()
@@ -173,7 +254,7 @@ impl FhirProxy {
                 "header {name} is not valid UTF-8"
             )));
         }
-        if !is_fhir_method(&method) {
+        if !is_fhir_method(method) {
             return Err(GatewayError::MethodNotAllowed(format!(
                 "method {method} is not part of the FHIR REST API"
             )));
@@ -218,72 +299,46 @@ impl FhirProxy {
 
         // Public base for rewriting: configured, or from the Host the caller used.
         if route.public_base.is_none() {
-            let d = self.derived_public_base(session, ctx.client_ip, ctx.route)?;
+            let d = self.derived_public_base(req, tls, ctx.client_ip, ctx.route)?;
             ctx.public_base = Some(PublicBase::Derived(d));
         } else {
             ctx.public_base = Some(PublicBase::Configured);
         }
         ctx.rest = rest;
         ctx.query = query;
+        Ok(())
+    }
 
-        // Anonymous by design: the CapabilityStatement (SMART apps read it before they have
-        // a token).
-        let anonymous = ctx.metadata;
-        let mut admit = Admit::Proxy;
-        let mut guard = false;
-        if gw.auth_mode == AuthMode::Jwt && !anonymous {
-            let req = session.req_header();
-            let identity = gw
-                .auth
-                .authenticate(&req.headers, ctx.query.as_deref())
-                .await
-                .map_err(|e| match e {
-                    AuthError::Missing => GatewayError::Unauthorized(None),
-                    AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
-                    AuthError::Unavailable(why) => GatewayError::NotReady(why),
-                })?;
-            let query = ctx
-                .query
-                .as_deref()
-                .map(|q| String::from_utf8_lossy(q).into_owned())
-                .unwrap_or_default();
-            let request = classify(method.as_str(), &ctx.rest, &query)
-                .map_err(|e| GatewayError::BadRequest(format!("not a FHIR request: {e}")))?;
-            let scopes_alone = gw.smart.scopes_alone_suffice;
-            if request.interaction == Interaction::Bundle {
-                // A batch is authorised entry by entry, so its body must be read first.
-                let body = self.read_body(session, &mut ctx.body).await?;
-                let bundle: Value = serde_json::from_slice(&body)
-                    .map_err(|e| GatewayError::BadRequest(format!("invalid JSON Bundle: {e}")))?;
-                let base = self.public_base_string(ctx);
-                let entries = classify_bundle(&bundle, &base).map_err(GatewayError::BadRequest)?;
-                if entries.is_empty()
-                    && !route
-                        .policy
-                        .read
-                        .iter()
-                        .chain(&route.policy.write)
-                        .any(|r| identity.has(*r))
-                {
-                    return Err(GatewayError::Forbidden(
-                        "role: an empty Bundle still needs a role this route grants".into(),
-                    ));
-                }
-                for (i, entry) in entries.iter().enumerate() {
-                    policy::authorize_with(&identity, entry, scopes_alone, &route.policy).map_err(
-                        |rule| GatewayError::Forbidden(format!("{rule} (Bundle entry {i})")),
-                    )?;
-                }
-                admit = Admit::Buffered(body);
-            } else {
-                policy::authorize_with(&identity, &request, scopes_alone, &route.policy)
-                    .map_err(GatewayError::Forbidden)?;
-            }
-            guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
-            ctx.identity = Some(identity);
-        }
+    /// The caller (a verified token) and what the request is (interaction, type, compartment).
+    pub(super) async fn identify(
+        &self,
+        req: &RequestHeader,
+        ctx: &Ctx,
+    ) -> std::result::Result<(Identity, fhir_gateway_modules::request::FhirRequest), GatewayError>
+    {
+        let identity = self
+            .gw
+            .auth
+            .authenticate(&req.headers, ctx.query.as_deref())
+            .await
+            .map_err(|e| match e {
+                AuthError::Missing => GatewayError::Unauthorized(None),
+                AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
+                AuthError::Unavailable(why) => GatewayError::NotReady(why),
+            })?;
+        let query = ctx
+            .query
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        let request = classify(req.method.as_str(), &ctx.rest, &query)
+            .map_err(|e| GatewayError::BadRequest(format!("not a FHIR request: {e}")))?;
+        Ok((identity, request))
+    }
 
-        if !matches!(method, Method::GET | Method::HEAD) {
+    /// Resource types a write changes: their caches are dropped once it succeeds.
+    pub(super) fn note_writes(&self, method: &Method, ctx: &mut Ctx) {
+        if !matches!(*method, Method::GET | Method::HEAD) {
             let q = ctx
                 .query
                 .as_deref()
@@ -298,23 +353,6 @@ impl FhirProxy {
                 _ => Vec::new(),
             };
         }
-
-        ctx.service_auth = gw.identity.authorization().await?;
-        ctx.call = Some(self.call_identity(ctx));
-        if ctx.body.checks_json() && matches!(admit, Admit::Proxy) {
-            // A JSON body is checked whole before anything goes upstream (Pingora sends the
-            // head before the body): then the gateway's upstream client sends it.
-            admit = Admit::Buffered(self.read_body(session, &mut ctx.body).await?);
-        }
-        if guard {
-            admit = self.guard_links(session, ctx, &method, admit).await?;
-        }
-
-        if matches!(admit, Admit::Proxy) && matches!(method, Method::PUT | Method::DELETE) {
-            // Keep up to 64 KiB of the body so a 429/503 can be retried.
-            session.enable_retry_buffering();
-        }
-        Ok(admit)
     }
 
     /// Reads the whole request body through the request's body guard (size, UTF-8, depth).

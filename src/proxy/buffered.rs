@@ -88,9 +88,8 @@ impl FhirProxy {
         CallIdentity {
             service_auth: ctx.service_auth.clone(),
             audit: self.audit_headers(ctx),
-            correlation_id: ctx.correlation_id.clone(),
             correlation_header: ctx.correlation_header.clone(),
-            public_base: self.public_base_string(ctx),
+            public_base: self.public_base_of(ctx),
         }
     }
 
@@ -165,7 +164,7 @@ impl FhirProxy {
         let cx = Context {
             identity: ctx.identity.clone(),
             correlation_id: ctx.correlation_id.clone(),
-            public_base: self.public_base_string(ctx),
+            public_base: self.public_base_of(ctx).to_string(),
             upstream_base: gw.upstream.base.as_string(),
             fhir: client.clone(),
             events: gw.events.clone(),
@@ -294,7 +293,7 @@ impl FhirProxy {
             let Some(Ok(bundle)) = req.json() else {
                 return Err(GatewayError::BadRequest("a Bundle body is required".into()));
             };
-            let entries = classify_bundle(&bundle, &self.public_base_string(ctx))
+            let entries = classify_bundle(&bundle, &self.public_base_of(ctx))
                 .map_err(GatewayError::BadRequest)?;
             for (i, entry) in entries.iter().enumerate() {
                 policy::authorize_with(identity, entry, alone, &route.policy).map_err(|rule| {

@@ -18,6 +18,8 @@ mod access_log;
 mod admission;
 mod body_guard;
 mod buffered;
+#[doc(hidden)]
+pub mod fixed;
 mod links_guard;
 mod local;
 mod manage;
@@ -127,6 +129,40 @@ pub struct Ctx {
     upstream_length: Option<u64>,
 }
 
+impl FhirProxy {
+    /// The request target on the FHIR server: its base path, the path below the public
+    /// prefix, the query.
+    fn upstream_target(&self, ctx: &Ctx) -> Vec<u8> {
+        let mut target = self.gw.upstream.path_for(&ctx.rest).into_bytes();
+        if let Some(q) = &ctx.query {
+            target.push(b'?');
+            target.extend_from_slice(q);
+        }
+        target
+    }
+}
+
+/// The request's correlation id: the caller's (`X-Request-Id`, `X-MS-Request-Id`) when it
+/// looks like one, else a fresh one; as text and as a header value.
+fn correlation(req: &RequestHeader) -> (String, HeaderValue) {
+    let given = [REQUEST_ID, MS_REQUEST_ID]
+        .iter()
+        .filter_map(|h| req.headers.get(*h))
+        .find(|v| headers::valid_correlation_id(v.as_bytes()));
+    match given {
+        // Valid ids are ASCII.
+        Some(v) => (
+            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            v.clone(),
+        ),
+        None => {
+            let id = headers::new_correlation_id();
+            let v = HeaderValue::from_str(&id).expect("a UUID is a header value");
+            (id, v)
+        }
+    }
+}
+
 impl Ctx {
     fn fail(&mut self, e: GatewayError) -> Box<Error> {
         let status = e.status();
@@ -183,28 +219,12 @@ impl ProxyHttp for FhirProxy {
         // failing this one (Pingora's default treats early bytes as a protocol error), and
         // `client_gone` can tell a pipelined request from a close.
         session.downstream_session.set_pipelining_enabled(true);
-        let req = session.req_header();
-        let given = [REQUEST_ID, MS_REQUEST_ID]
-            .iter()
-            .filter_map(|h| req.headers.get(*h))
-            .find(|v| headers::valid_correlation_id(v.as_bytes()));
-        (ctx.correlation_id, ctx.correlation_header) = match given {
-            // Valid ids are ASCII.
-            Some(v) => (
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                v.clone(),
-            ),
-            None => {
-                let id = headers::new_correlation_id();
-                let v = HeaderValue::from_str(&id).expect("a UUID is a header value");
-                (id, v)
-            }
-        };
+        (ctx.correlation_id, ctx.correlation_header) = correlation(session.req_header());
         ctx.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.source = self.audit_source(session, ctx.client_ip);
+        ctx.source = self.audit_source(session.req_header(), ctx.client_ip);
         if self.gw.health.is_closing() {
             // Shutting down or upgrading: answer, then close, so the client's next request
             // opens a connection to a live instance (or the new process) instead of failing.
@@ -280,11 +300,7 @@ impl ProxyHttp for FhirProxy {
     ) -> Result<()> {
         ctx.upstream_sent = Some(Instant::now());
         let down = session.req_header();
-        let mut target = self.gw.upstream.path_for(&ctx.rest).into_bytes();
-        if let Some(q) = &ctx.query {
-            target.push(b'?');
-            target.extend_from_slice(q);
-        }
+        let target = self.upstream_target(ctx);
         // A chunked body is re-framed chunked by Pingora; a declared length is kept.
         let length = match down.headers.get(http::header::TRANSFER_ENCODING) {
             Some(_) => None,

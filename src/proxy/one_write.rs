@@ -32,11 +32,10 @@ impl HttpModule for OneWrite {
         resp: &mut ResponseHeader,
         _end_of_stream: bool,
     ) -> Result<()> {
-        if let Some(n) = self.length {
-            resp.remove_header(&http::header::TRANSFER_ENCODING);
-            resp.insert_header(http::header::CONTENT_LENGTH, n.to_string())?;
+        match self.length {
+            Some(n) => set_length(resp, n),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn response_body_filter(&mut self, _body: &mut Option<Bytes>, _end: bool) -> Result<()> {
@@ -65,6 +64,12 @@ impl HttpModuleBuilder for Builder {
 /// rewrite).
 pub(super) fn install(modules: &mut HttpModules) {
     modules.add_module(Box::new(Builder));
+}
+
+/// Frames a head with the whole body's length instead of chunked.
+pub(super) fn set_length(resp: &mut ResponseHeader, n: usize) -> Result<()> {
+    resp.remove_header(&http::header::TRANSFER_ENCODING);
+    resp.insert_header(http::header::CONTENT_LENGTH, n)
 }
 
 /// Called by `response_body` when the rewritten body is complete: `length` bytes in all. If

@@ -12,7 +12,7 @@ pub(super) enum PublicBase {
 }
 
 pub struct Derived {
-    base: String,
+    base: Arc<str>,
     replacements: Replacements,
 }
 
@@ -73,23 +73,24 @@ pub(crate) fn valid_authority(h: &str) -> bool {
 }
 
 impl FhirProxy {
-    pub(super) fn public_base_string(&self, ctx: &Ctx) -> String {
+    /// The public base this caller sees (shared: cloning it is a reference count).
+    pub(super) fn public_base_of(&self, ctx: &Ctx) -> Arc<str> {
         let route = &self.gw.routes[ctx.route];
         match (&route.public_base, &ctx.public_base) {
             (Some((b, _)), _) => b.clone(),
             (None, Some(PublicBase::Derived(d))) => d.base.clone(),
-            _ => route.prefix.clone(),
+            _ => route.prefix.as_str().into(),
         }
     }
 
     /// `scheme://host/prefix` as this caller addressed the gateway, with its encoded forms.
     pub(super) fn derived_public_base(
         &self,
-        session: &Session,
+        req: &RequestHeader,
+        tls: bool,
         client_ip: Option<IpAddr>,
         route: usize,
     ) -> std::result::Result<Arc<Derived>, GatewayError> {
-        let req = session.req_header();
         let trusted = client_ip.is_some_and(|ip| self.gw.is_trusted_proxy(ip));
         let header = |name: &str| {
             req.headers
@@ -97,10 +98,6 @@ impl FhirProxy {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.split(',').next().unwrap_or("").trim())
         };
-        let tls = session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .is_some();
         let mut https = tls;
         let mut host = header("host").or_else(|| req.uri.authority().map(|a| a.as_str()));
         if trusted {
@@ -125,7 +122,7 @@ impl FhirProxy {
         let base = format!("{scheme}://{host}{}", self.gw.routes[route].prefix);
         let d = Arc::new(Derived {
             replacements: self.gw.rewriter.replacements(&base),
-            base,
+            base: base.into(),
         });
         let mut slot = slot.write().expect("base cache");
         if slot.len() < MAX_HOSTS {

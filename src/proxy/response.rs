@@ -70,8 +70,8 @@ impl FhirProxy {
         resp.remove_header(&http::header::CONTENT_LENGTH);
         if let Some(etag) = resp.headers.get(http::header::ETAG) {
             if !etag.as_bytes().starts_with(b"W/") {
-                let weak = [b"W/", etag.as_bytes()].concat();
-                let weak = HeaderValue::from_bytes(&weak).map_err(|_| invalid("ETag"))?;
+                let weak = Bytes::from([b"W/", etag.as_bytes()].concat());
+                let weak = HeaderValue::from_maybe_shared(weak).map_err(|_| invalid("ETag"))?;
                 resp.insert_header(http::header::ETAG, weak)
                     .map_err(|_| invalid("ETag"))?;
             }
@@ -87,6 +87,18 @@ impl FhirProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        let req = session.req_header();
+        self.prepare_head(ctx, resp, &req.method, req.version)
+    }
+
+    /// `response_head` for a request of `method` over `version`.
+    pub(super) fn prepare_head(
+        &self,
+        ctx: &mut Ctx,
+        resp: &mut ResponseHeader,
+        method: &Method,
+        version: http::Version,
+    ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         if let Some(t) = ctx.upstream_sent.take() {
             crate::metrics::upstream("stream", t.elapsed());
@@ -95,19 +107,23 @@ impl FhirProxy {
         if resp.status.is_success() {
             ctx.written.iter().for_each(|t| self.gw.invalidate(t));
         }
-        let head_request = session.req_header().method == Method::HEAD;
+        let head_request = *method == Method::HEAD;
         let rewritable = self
             .clean_head(ctx, resp, head_request)
             .map_err(|e| ctx.fail(e))?;
         if rewritable {
             // The body length changes: re-frame as chunked.
-            if session.req_header().version == http::Version::HTTP_11 {
-                resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+            if version == http::Version::HTTP_11 {
+                resp.insert_header(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                )?;
             }
             let ct = resp.headers.get(http::header::CONTENT_TYPE);
             let json = ct.is_some_and(|c| {
-                let c = c.as_bytes().to_ascii_lowercase();
-                memchr::memmem::find(&c, b"json").is_some()
+                c.as_bytes()
+                    .windows(4)
+                    .any(|w| w.eq_ignore_ascii_case(b"json"))
             });
             let status = resp.status.as_u16();
             if ctx.metadata && json && status == 200 {
@@ -126,6 +142,20 @@ impl FhirProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if let Some(length) = self.filter_body(body, end_of_stream, ctx)? {
+            one_write::body_complete(session, length);
+        }
+        Ok(None)
+    }
+
+    /// The body filter: `/metadata` secured whole, other rewritable bodies rewritten as they
+    /// stream. `Some(length)` once a rewritten body is complete.
+    pub(super) fn filter_body(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<usize>> {
         let total = Duration::from_millis(self.gw.upstream.timeouts().total_ms);
         if ctx.start.elapsed() > total && !end_of_stream {
             return Err(ctx.fail(GatewayError::UpstreamTimeout(
@@ -152,11 +182,10 @@ impl FhirProxy {
                     None => transformed,
                 };
                 ctx.body_out = out.len();
-                one_write::body_complete(session, out.len());
                 *body = Some(Bytes::from(out));
-            } else {
-                *body = Some(Bytes::new());
+                return Ok(Some(ctx.body_out));
             }
+            *body = Some(Bytes::new());
             return Ok(None);
         }
         if ctx.rewrite.is_none() {
@@ -182,10 +211,7 @@ impl FhirProxy {
             }
         }
         ctx.body_out += out.len();
-        if end_of_stream {
-            one_write::body_complete(session, ctx.body_out);
-        }
         *body = Some(out);
-        Ok(None)
+        Ok(end_of_stream.then_some(ctx.body_out))
     }
 }

@@ -18,11 +18,10 @@ pub struct CallIdentity {
     pub service_auth: Option<HeaderValue>,
     /// The caller's audit headers, values already header-safe.
     pub audit: Vec<(HeaderName, HeaderValue)>,
-    pub correlation_id: String,
-    /// The same, as a header value (built once per request, shared by every head).
+    /// The request's correlation id (built once per request, shared by every head).
     pub correlation_header: HeaderValue,
     /// The public base the caller used, so links the gateway handed out map back.
-    pub public_base: String,
+    pub public_base: std::sync::Arc<str>,
 }
 
 /// The upstream request head for `method target`.
@@ -98,7 +97,6 @@ mod tests {
                 HeaderName::from_static("x-ms-azurefhir-audit-userid"),
                 HeaderValue::from_static("alice"),
             )],
-            correlation_id: "corr-1".into(),
             correlation_header: HeaderValue::from_static("corr-1"),
             public_base: "http://gw/fhir".into(),
         }
