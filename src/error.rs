@@ -152,6 +152,19 @@ impl fmt::Display for GatewayError {
 
 impl std::error::Error for GatewayError {}
 
+/// A failed authentication: no or bad credentials are 401; an unreachable key source is 503,
+/// never a pass.
+impl From<crate::auth::AuthError> for GatewayError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::Missing => GatewayError::Unauthorized(None),
+            AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
+            AuthError::Unavailable(why) => GatewayError::NotReady(why),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -321,11 +321,7 @@ impl FhirProxy {
             .auth
             .authenticate(&req.headers, ctx.query.as_deref())
             .await
-            .map_err(|e| match e {
-                AuthError::Missing => GatewayError::Unauthorized(None),
-                AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
-                AuthError::Unavailable(why) => GatewayError::NotReady(why),
-            })?;
+            .map_err(GatewayError::from)?;
         let query = ctx
             .query
             .as_deref()

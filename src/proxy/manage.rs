@@ -5,7 +5,6 @@
 //! administrator's audit headers.
 
 use super::{tag_outcome, Ctx, FhirProxy};
-use crate::auth::AuthError;
 use crate::config::AuthMode;
 use crate::error::GatewayError;
 use fhir_gateway_modules::links::Link;
@@ -72,11 +71,7 @@ impl FhirProxy {
             .auth
             .authenticate(&session.req_header().headers, None)
             .await
-            .map_err(|e| match e {
-                AuthError::Missing => GatewayError::Unauthorized(None),
-                AuthError::Invalid(why) => GatewayError::Unauthorized(Some(why)),
-                AuthError::Unavailable(why) => GatewayError::NotReady(why),
-            })?;
+            .map_err(GatewayError::from)?;
         if !identity.has(Role::Administrator) {
             return Err(GatewayError::Forbidden(
                 "role: /manage needs Administrator".into(),

@@ -36,7 +36,7 @@ use body_guard::BodyGuard;
 use buffered::*;
 use public_base::*;
 
-use crate::auth::{policy, AuthError};
+use crate::auth::policy;
 use crate::chain::{self, PreResult};
 use crate::config::AuthMode;
 use crate::error::GatewayError;
