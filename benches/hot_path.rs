@@ -394,5 +394,103 @@ fn data_filters(c: &mut Criterion) {
     assert_eq!(after, warm, "a warm cache makes no upstream call");
 }
 
-criterion_group!(benches, fixed_cost, jwt, rewrite, chain, data_filters);
+/// A P2-shaped searchset (load-tests p2): 100 Observations of ~1.9 KB, every 5th another
+/// patient's, URLs absolute at the upstream, decimals as the server wrote them.
+pub fn p2_searchset() -> Vec<u8> {
+    let base = "http://10.0.0.5:8090/fhir";
+    let note = "Home monitoring device reading transmitted through the patient portal and reviewed by the care team.";
+    let entries: Vec<String> = (0..100)
+        .map(|i| {
+            let p = if i % 5 != 0 { format!("p{}", i % 20) } else { format!("other{i}") };
+            let r = format!(
+                r#"{{"resourceType":"Observation","id":"obs-{i:05}","meta":{{"versionId":"1","lastUpdated":"2024-06-01T10:00:00.000+00:00","source":"{base}/Device/monitor-1","profile":["http://hl7.org/fhir/StructureDefinition/vitalsigns"]}},"text":{{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\"><p><b>Body temperature</b>: 37.20 Cel</p><p>{note}</p></div>"}},"identifier":[{{"system":"urn:ietf:rfc:3986","value":"urn:uuid:5b1d{i:028x}"}}],"status":"final","category":[{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs","display":"Vital Signs"}}]}}],"code":{{"coding":[{{"system":"http://loinc.org","code":"8310-5","display":"Body temperature"}}],"text":"Body temperature"}},"subject":{{"reference":"Patient/{p}"}},"encounter":{{"reference":"{base}/Encounter/enc-{p}-{i}"}},"effectiveDateTime":"2024-01-01T08:00:00+01:00","issued":"2024-01-01T08:00:00+01:00","performer":[{{"reference":"{base}/Practitioner/dr","display":"Dr. Example 1"}}],"valueQuantity":{{"value":37.20,"unit":"Cel","system":"http://unitsofmeasure.org","code":"Cel"}},"interpretation":[{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation","code":"N","display":"Normal"}}]}}],"referenceRange":[{{"low":{{"value":36.0,"unit":"Cel","system":"http://unitsofmeasure.org","code":"Cel"}},"high":{{"value":38.0,"unit":"Cel","system":"http://unitsofmeasure.org","code":"Cel"}},"text":"normal range"}}],"device":{{"reference":"{base}/Device/monitor-1"}},"note":[{{"text":"{note}"}}]}}"#
+            );
+            format!(r#"{{"fullUrl":"{base}/Observation/obs-{i:05}","resource":{r},"search":{{"mode":"match"}}}}"#)
+        })
+        .collect();
+    format!(
+        r#"{{"resourceType":"Bundle","id":"bench","meta":{{"lastUpdated":"2024-06-30T12:00:00.000+00:00"}},"type":"searchset","total":240,"link":[{{"relation":"self","url":"{base}/Observation?_count=100"}},{{"relation":"next","url":"{base}/Observation?_count=100&_getpages=x&_getpagesoffset=100"}}],"entry":[{}]}}"#,
+        entries.join(",")
+    )
+    .into_bytes()
+}
+
+/// The buffered road's stages for a P2 answer, one by one (where the ms per MB go).
+fn p2_stages(c: &mut Criterion) {
+    let raw = p2_searchset();
+    let mut g = c.benchmark_group("p2_stages");
+    g.throughput(Throughput::Bytes(raw.len() as u64));
+    g.bench_function("parse_value", |b| {
+        b.iter(|| serde_json::from_slice::<serde_json::Value>(black_box(&raw)).unwrap())
+    });
+    let tree: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    g.bench_function("clone_value", |b| b.iter(|| black_box(&tree).clone()));
+    g.bench_function("eq_value", |b| {
+        let other = tree.clone();
+        b.iter(|| black_box(&tree) == black_box(&other))
+    });
+    let mut edited = tree.clone();
+    let e = edited["entry"].as_array_mut().unwrap();
+    e.retain(|x| {
+        !x["resource"]["subject"]["reference"]
+            .as_str()
+            .unwrap()
+            .contains("other")
+    });
+    edited.as_object_mut().unwrap().shift_remove("total");
+    g.bench_function("faithful_to_vec_filtered", |b| {
+        b.iter(|| fhir_gateway::faithful::to_vec(black_box(&edited), &tree, &raw))
+    });
+    // The two ways the buffered road prepares, filters (one entry in five removed) and writes
+    // a P2 answer, without the modules' own work.
+    let drop_others = |v: &mut serde_json::Value| {
+        v["entry"].as_array_mut().unwrap().retain(|x| {
+            !x["resource"]["subject"]["reference"]
+                .as_str()
+                .unwrap()
+                .contains("other")
+        });
+        v.as_object_mut().unwrap().shift_remove("total");
+    };
+    g.bench_function("whole_parse_clone_filter_write", |b| {
+        b.iter(|| {
+            let orig: serde_json::Value = serde_json::from_slice(black_box(&raw)).unwrap();
+            let mut out = orig.clone();
+            drop_others(&mut out);
+            fhir_gateway::faithful::to_vec(&out, &orig, &raw)
+        })
+    });
+    g.bench_function("cut_parse_clone_filter_write", |b| {
+        b.iter(|| {
+            let cut = fhir_gateway::faithful::parse_cut(
+                black_box(&raw),
+                fhir_gateway_modules::compartment::decides_owner,
+            )
+            .unwrap();
+            let mut out = cut.tree.clone();
+            drop_others(&mut out);
+            cut.to_vec(&out, &raw)
+        })
+    });
+    g.bench_function("rawvalue_scan", |b| {
+        b.iter(|| {
+            let top: std::collections::HashMap<&str, &serde_json::value::RawValue> =
+                serde_json::from_slice(black_box(&raw)).unwrap();
+            let e: Vec<&serde_json::value::RawValue> =
+                serde_json::from_str(top["entry"].get()).unwrap();
+            e.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    fixed_cost,
+    jwt,
+    rewrite,
+    chain,
+    data_filters,
+    p2_stages
+);
 criterion_main!(benches);

@@ -176,6 +176,23 @@ pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
+/// Whether `name`, a resource's top-level element, is one that decides whose data the
+/// resource is: its type and id, `meta` (a SUBSETTED tag), `contained` (contained
+/// references) and the first step of every patient-compartment path of any type. A filter
+/// that reads only these (`BodyAccess::Compartment`) may be handed resources cut down to them.
+pub fn decides_owner(name: &str) -> bool {
+    static FIELDS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+        std::sync::LazyLock::new(|| {
+            let mut f: std::collections::HashSet<&'static str> =
+                ["resourceType", "id", "meta", "contained"].into();
+            for (_, paths) in PATIENT_COMPARTMENT_PATHS {
+                f.extend(paths.iter().filter_map(|p| p.split('.').next()));
+            }
+            f
+        });
+    FIELDS.contains(name)
+}
+
 /// The element paths linking `resource_type` to a patient.
 pub fn patient_paths(resource_type: &str) -> Option<&'static [&'static str]> {
     PATIENT_COMPARTMENT_PATHS
@@ -305,6 +322,38 @@ mod tests {
             assert!(patient_paths(t).is_some(), "{t}");
         }
         assert_eq!(PATIENT_COMPARTMENT_PATHS.len(), PATIENT_COMPARTMENT.len());
+    }
+
+    /// A resource cut down to `decides_owner`'s elements has the same owners as the whole one,
+    /// for every type and path (and contained and subsetted cases).
+    #[test]
+    fn a_resource_cut_to_the_owner_elements_has_the_same_owners() {
+        let cut = |v: &Value| {
+            let mut c = v.clone();
+            c.as_object_mut().unwrap().retain(|k, _| decides_owner(k));
+            c
+        };
+        for (t, paths) in PATIENT_COMPARTMENT_PATHS {
+            for (i, p) in paths.iter().enumerate() {
+                let mut v = serde_json::json!({"resourceType": t, "id": format!("r{i}"),
+                    "text": {"div": "<div>Patient/zz</div>"}, "note": [{"text": "x"}]});
+                let mut at = &mut v;
+                for seg in p.split('.') {
+                    at = &mut at[seg];
+                }
+                *at = serde_json::json!({"reference": format!("Patient/p-{t}-{i}")});
+                let whole = owners_of(v.clone());
+                assert!(whole.patients.contains(&format!("p-{t}-{i}")), "{t}.{p}");
+                assert_eq!(owners_of(cut(&v)), whole, "{t}.{p}");
+                assert!(cut(&v).get("text").is_none());
+            }
+        }
+        let contained = serde_json::json!({"resourceType": "Observation", "id": "o",
+            "contained": [{"resourceType": "Patient", "id": "c"}],
+            "subject": {"reference": "#c"}, "valueString": "x"});
+        assert!(owners_of(contained.clone()).unknown);
+        assert_eq!(owners_of(cut(&contained)), owners_of(contained));
+        assert!(decides_owner("meta"), "a SUBSETTED tag is read from meta");
     }
 
     fn owners_of(v: serde_json::Value) -> Owners {

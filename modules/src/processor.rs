@@ -241,6 +241,18 @@ pub trait PreProcess: Send + Sync {
     async fn process(&self, req: &mut Request, cx: &Context) -> Result<PreOutcome, ModuleError>;
 }
 
+/// What a post module reads of a response body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyAccess {
+    /// Anything; it may edit anything.
+    Whole,
+    /// Only what decides whose data each resource is (`compartment::decides_owner`), and it
+    /// only removes or replaces whole entries (or the whole answer). The gateway may then parse
+    /// a Bundle's resources cut down to those elements and write every entry kept as the
+    /// server's own bytes.
+    Compartment,
+}
+
 #[async_trait]
 pub trait PostProcess: Send + Sync {
     fn name(&self) -> &'static str;
@@ -258,6 +270,11 @@ pub trait PostProcess: Send + Sync {
         resp: &mut Response,
         cx: &Context,
     ) -> Result<PostOutcome, ModuleError>;
+
+    /// What it reads of the body; `Compartment` lets the gateway skip parsing the rest.
+    fn reads(&self) -> BodyAccess {
+        BodyAccess::Whole
+    }
 
     /// A write of `resource_type` went through a gateway (this one, or another instance as
     /// the event stream tells): drop whatever cached data it may have changed.

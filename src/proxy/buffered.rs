@@ -3,11 +3,39 @@
 //! parsed response and writes the result with a length.
 
 use super::*;
+use crate::faithful;
+use fhir_gateway_modules::compartment::decides_owner;
+use fhir_gateway_modules::processor::BodyAccess;
 
 /// The FHIR server's answer as it came: the tree the post chain starts from, and its bytes.
 pub(super) struct Origin {
-    pub tree: Value,
+    pub tree: Parsed,
     pub raw: Bytes,
+}
+
+/// How the server's JSON was parsed for the post chain.
+pub(super) enum Parsed {
+    Whole(Value),
+    /// For filters only: resources cut down to what decides their owner.
+    Cut(faithful::CutBundle),
+}
+
+impl Parsed {
+    fn tree(&self) -> &Value {
+        match self {
+            Parsed::Whole(v) => v,
+            Parsed::Cut(c) => &c.tree,
+        }
+    }
+
+    /// `out`, the post chain's edit of this tree, as bytes: the server's wherever unchanged.
+    fn to_vec(&self, out: &Value, raw: &[u8]) -> Vec<u8> {
+        match self {
+            _ if self.tree() == out => raw.to_vec(),
+            Parsed::Whole(orig) => faithful::to_vec(out, orig, raw),
+            Parsed::Cut(c) => c.to_vec(out, raw),
+        }
+    }
 }
 
 /// What the buffered road answers with.
@@ -152,6 +180,11 @@ impl FhirProxy {
             .iter()
             .any(|m| m.applies(&req, caller) && m.needs_body());
         let post_applies = route.post.iter().any(|m| m.applies(&req, caller));
+        let filters_only = route
+            .post
+            .iter()
+            .filter(|m| m.applies(&req, caller))
+            .all(|m| m.reads() == BodyAccess::Compartment);
         let buffered = body.is_some() || pre_needs_body || post_applies;
         if !buffered && !pre_applies {
             return Ok(false);
@@ -175,68 +208,75 @@ impl FhirProxy {
         // left to answer. Only when the request body was read (or there is none), so the
         // watch cannot swallow body bytes.
         let work = async {
-            let (mut resp, origin) =
-                match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx).await? {
-                    PreResult::Reply(mut r) => {
-                        tag_outcome(&mut r, &ctx.correlation_id);
-                        return Ok(Some(Answer::Module(r, None)));
+            let (mut resp, origin) = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx)
+                .await?
+            {
+                PreResult::Reply(mut r) => {
+                    tag_outcome(&mut r, &ctx.correlation_id);
+                    return Ok(Some(Answer::Module(r, None)));
+                }
+                PreResult::Stop(mut r) => {
+                    tag_outcome(&mut r, &ctx.correlation_id);
+                    (r, None)
+                }
+                PreResult::Continue if !buffered => {
+                    // Only the path or query changed: the exchange can still stream.
+                    check_path(req.path.as_bytes()).map_err(|why| {
+                        GatewayError::Internal(format!("a module produced a bad path: {why}"))
+                    })?;
+                    self.authorize_final(ctx, &req)?;
+                    ctx.rest = req.path.clone();
+                    ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
+                    return Ok(None);
+                }
+                PreResult::Continue => {
+                    self.authorize_final(ctx, &req)?;
+                    let mut target = req.path.clone();
+                    if !req.query.is_empty() {
+                        target.push('?');
+                        target.push_str(&req.query);
                     }
-                    PreResult::Stop(mut r) => {
-                        tag_outcome(&mut r, &ctx.correlation_id);
-                        (r, None)
+                    ctx.attempts += 1;
+                    ctx.road = "buffered";
+                    let sent = Instant::now();
+                    let fetched = client
+                        .call(ClientRequest {
+                            method: req.method.clone(),
+                            path_and_query: target,
+                            headers: req.headers.clone(),
+                            body: req.body.clone(),
+                        })
+                        .await?;
+                    ctx.upstream_status = Some(fetched.status);
+                    ctx.attempts += fetched.attempts - 1;
+                    ctx.upstream_length = fetched.length;
+                    ctx.upstream_ms = Some(sent.elapsed().as_millis());
+                    if (200..300).contains(&fetched.status) {
+                        ctx.written.iter().for_each(|t| gw.invalidate(t));
                     }
-                    PreResult::Continue if !buffered => {
-                        // Only the path or query changed: the exchange can still stream.
-                        check_path(req.path.as_bytes()).map_err(|why| {
-                            GatewayError::Internal(format!("a module produced a bad path: {why}"))
-                        })?;
-                        self.authorize_final(ctx, &req)?;
-                        ctx.rest = req.path.clone();
-                        ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
-                        return Ok(None);
+                    if !post_applies {
+                        return Ok(Some(Answer::Server(fetched)));
                     }
-                    PreResult::Continue => {
-                        self.authorize_final(ctx, &req)?;
-                        let mut target = req.path.clone();
-                        if !req.query.is_empty() {
-                            target.push('?');
-                            target.push_str(&req.query);
+                    // Modules edit the parsed tree; the faithful writer reuses the server's bytes
+                    // for whatever they left unchanged. Filters that judge only whose data a
+                    // resource is get a Bundle's resources cut down to what decides that.
+                    let raw = fetched.body.clone();
+                    let cut = filters_only && fetched.is_json();
+                    let (r, origin) = match cut.then(|| faithful::parse_cut(&raw, decides_owner)) {
+                        Some(Some(c)) => {
+                            let r = fetched.into_parsed(c.tree.clone());
+                            (r, Some(Parsed::Cut(c)))
                         }
-                        ctx.attempts += 1;
-                        ctx.road = "buffered";
-                        let sent = Instant::now();
-                        let fetched = client
-                            .call(ClientRequest {
-                                method: req.method.clone(),
-                                path_and_query: target,
-                                headers: req.headers.clone(),
-                                body: req.body.clone(),
-                            })
-                            .await?;
-                        ctx.upstream_status = Some(fetched.status);
-                        ctx.attempts += fetched.attempts - 1;
-                        ctx.upstream_length = fetched.length;
-                        ctx.upstream_ms = Some(sent.elapsed().as_millis());
-                        if (200..300).contains(&fetched.status) {
-                            ctx.written.iter().for_each(|t| gw.invalidate(t));
+                        _ => {
+                            let r = fetched.into_response();
+                            let tree = r.json_body().cloned().map(Parsed::Whole);
+                            (r, tree)
                         }
-                        if !post_applies {
-                            return Ok(Some(Answer::Server(fetched)));
-                        }
-                        // Modules edit the parsed tree; the faithful writer reuses the server's bytes
-                        // for whatever they left unchanged.
-                        let raw = fetched.body.clone();
-                        let r = fetched.into_response();
-                        let origin = match &r.body {
-                            ModBody::Json(v) => Some(Origin {
-                                tree: v.clone(),
-                                raw,
-                            }),
-                            _ => None,
-                        };
-                        (r, origin)
-                    }
-                };
+                    };
+                    let origin = origin.map(|tree| Origin { tree, raw });
+                    (r, origin)
+                }
+            };
             chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
             Ok::<_, GatewayError>(Some(Answer::Module(resp, origin)))
         };
@@ -326,8 +366,7 @@ impl FhirProxy {
                     headers.push(("content-type".into(), "application/fhir+json".into()));
                 }
                 let mut out = match origin {
-                    Some(o) if o.tree == v => o.raw.to_vec(),
-                    Some(o) => crate::faithful::to_vec(&v, &o.tree, &o.raw),
+                    Some(o) => o.tree.to_vec(&v, &o.raw),
                     None => {
                         serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?
                     }

@@ -189,6 +189,15 @@ impl Fetched {
             .is_some_and(|v| v.to_ascii_lowercase().contains("json"))
     }
 
+    /// As modules see it, with a body already parsed (e.g. cut down for filters).
+    pub fn into_parsed(self, body: serde_json::Value) -> Response {
+        Response {
+            status: self.status,
+            headers: self.headers,
+            body: Body::Json(body),
+        }
+    }
+
     /// As modules see it: the body parsed when it is JSON.
     pub fn into_response(self) -> Response {
         let body = if self.body.is_empty() {

@@ -474,6 +474,11 @@ impl PostProcess for ConsentOptOut {
         })
     }
 
+    /// It judges resources by their owners alone and removes what it denies.
+    fn reads(&self) -> crate::processor::BodyAccess {
+        crate::processor::BodyAccess::Compartment
+    }
+
     fn invalidate(&self, resource_type: &str) {
         match resource_type {
             "Consent" => self.consents.invalidate_all(),

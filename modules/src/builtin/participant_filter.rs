@@ -387,6 +387,11 @@ impl PostProcess for ParticipantFilter {
         })
     }
 
+    /// It judges resources by their owners alone and removes what it denies.
+    fn reads(&self) -> crate::processor::BodyAccess {
+        crate::processor::BodyAccess::Compartment
+    }
+
     fn invalidate(&self, resource_type: &str) {
         match resource_type {
             "Patient" | "Encounter" | "CareTeam" | "PractitionerRole" => {
