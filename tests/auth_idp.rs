@@ -461,8 +461,57 @@ async fn sekmet_receives_real_audit_headers_and_never_client_copies() {
     );
     assert_eq!(
         h["x-ms-azurefhir-audit-upn"],
-        "ada@example.org??X-Injected: 1"
+        "ada@example.org%0D%0AX-Injected:%201"
     );
+}
+
+/// Audit values are percent-encoded, so two users whose names differ only in characters a
+/// header cannot carry stay two users at the FHIR server (the old `?` replacement made
+/// `josé` and `jos?` one).
+#[tokio::test(flavor = "multi_thread")]
+async fn sekmet_tells_apart_users_whose_names_differ_only_in_unsafe_characters() {
+    let gw = jwt_gateway("").await;
+    let users = [
+        ("jos\u{e9}", "jos%C3%A9"),
+        ("jos?", "jos?"),
+        ("jos%C3%A9", "jos%25C3%25A9"),
+        ("jos\u{e9} ", "jos%C3%A9%20"),
+    ];
+    let mut seen = std::collections::HashMap::new();
+    for (name, expected) in users {
+        let mut c = reader_claims();
+        c["oid"] = json!(format!("oid-{name}"));
+        c["upn"] = json!(format!("{name}@example.org"));
+        let t = sign_as_idp(&c);
+        let rid = format!("audit-enc-{}", uniq());
+        let r = client()
+            .get(format!("{}/Patient?_count=1", gw.base()))
+            .bearer_auth(&t)
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name:?}");
+        let rec = sekmet_received(&rid);
+        assert_eq!(rec.len(), 1, "{name:?}");
+        let h = rec[0]["headers"].as_object().unwrap();
+        let user = h["x-ms-azurefhir-audit-userid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let upn = h["x-ms-azurefhir-audit-upn"].as_str().unwrap().to_string();
+        assert_eq!(user, format!("oid-{expected}"), "{name:?}");
+        assert_eq!(upn, format!("{expected}@example.org"), "{name:?}");
+        assert!(
+            user.bytes()
+                .chain(upn.bytes())
+                .all(|b| (0x21..0x7f).contains(&b)),
+            "{name:?}: {user:?} {upn:?}"
+        );
+        if let Some(other) = seen.insert(user.clone(), name) {
+            panic!("{name:?} and {other:?} reached SEKMET as the same user {user:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
