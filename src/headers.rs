@@ -16,6 +16,51 @@ pub const FORWARDED_REQUEST_HEADERS: &[&str] = &[
     "if-modified-since",
 ];
 
+/// Conditional-read headers: not sent upstream on a read whose answer the route's post chain
+/// filters for the caller (`CallIdentity::filtered`), because the server's 304 would confirm to
+/// the caller that a resource they may not see exists, and its version. The gateway answers
+/// such a caller's `If-None-Match` itself, after the filter (`if_none_match_matches`).
+/// `If-Match` and `If-Unmodified-Since` guard writes and are always forwarded.
+pub const CONDITIONAL_READ_HEADERS: &[&str] = &["if-none-match", "if-modified-since"];
+
+/// Whether `If-None-Match` values (each a `*` or a list of entity tags) match `etag` by the
+/// weak comparison of RFC 9110 §8.8.3.2 (`W/"1"` matches `"1"`), as §13.1.2 asks for a GET.
+pub fn if_none_match_matches<'a>(values: impl IntoIterator<Item = &'a str>, etag: &str) -> bool {
+    fn opaque(t: &str) -> Option<&str> {
+        let t = t.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        (t.len() >= 2 && t.starts_with('"') && t.ends_with('"')).then_some(t)
+    }
+    let Some(current) = opaque(etag) else {
+        return false;
+    };
+    values.into_iter().any(|v| {
+        if v.trim() == "*" {
+            return true;
+        }
+        // Entity tags may hold commas: split only outside quotes.
+        let mut rest = v;
+        loop {
+            rest = rest.trim_start_matches(|c: char| c == ',' || c.is_ascii_whitespace());
+            if rest.is_empty() {
+                return false;
+            }
+            let start = usize::from(rest.starts_with("W/")) * 2;
+            if !rest[start..].starts_with('"') {
+                return false;
+            }
+            let Some(len) = rest[start + 1..].find('"') else {
+                return false;
+            };
+            let tag = &rest[..start + len + 2];
+            if opaque(tag) == Some(current) {
+                return true;
+            }
+            rest = &rest[tag.len()..];
+        }
+    })
+}
+
 /// Response headers never passed to the client: hop-by-hop ones (Pingora frames the
 /// downstream response itself) and ones that describe the upstream's software.
 pub const DROPPED_RESPONSE_HEADERS: &[&str] = &[
@@ -222,6 +267,25 @@ mod tests {
         assert_eq!(v.len(), 2046);
         assert_audit_safe(&v);
         assert_eq!(decoded(&v), "\u{e9}".repeat(341));
+    }
+
+    #[test]
+    fn if_none_match_uses_the_weak_comparison() {
+        let m = |v: &str, etag: &str| if_none_match_matches([v], etag);
+        assert!(m(r#"W/"1""#, r#"W/"1""#));
+        assert!(m(r#""1""#, r#"W/"1""#));
+        assert!(m(r#"W/"1""#, r#""1""#));
+        assert!(m(r#"W/"0", W/"1""#, r#"W/"1""#));
+        assert!(m(r#""a,b", "c""#, r#""c""#));
+        assert!(m(r#""a,b""#, r#"W/"a,b""#));
+        assert!(m("*", r#"W/"7""#));
+        assert!(!m(r#"W/"2""#, r#"W/"1""#));
+        assert!(!m(r#"W/"1"#, r#"W/"1""#), "unterminated");
+        assert!(!m("1", r#"W/"1""#), "not quoted");
+        assert!(!m(r#""a,b""#, r#""a""#));
+        assert!(!m(r#"W/"1""#, "no-etag"));
+        assert!(if_none_match_matches([r#""x""#, r#"W/"1""#], r#""1""#));
+        assert!(!if_none_match_matches([], r#""1""#));
     }
 
     #[test]
