@@ -16,6 +16,51 @@ pub const FORWARDED_REQUEST_HEADERS: &[&str] = &[
     "if-modified-since",
 ];
 
+/// Conditional-read headers: not sent upstream on a read whose answer the route's post chain
+/// filters for the caller (`CallIdentity::filtered`), because the server's 304 would confirm to
+/// the caller that a resource they may not see exists, and its version. The gateway answers
+/// such a caller's `If-None-Match` itself, after the filter (`if_none_match_matches`).
+/// `If-Match` and `If-Unmodified-Since` guard writes and are always forwarded.
+pub const CONDITIONAL_READ_HEADERS: &[&str] = &["if-none-match", "if-modified-since"];
+
+/// Whether `If-None-Match` values (each a `*` or a list of entity tags) match `etag` by the
+/// weak comparison of RFC 9110 §8.8.3.2 (`W/"1"` matches `"1"`), as §13.1.2 asks for a GET.
+pub fn if_none_match_matches<'a>(values: impl IntoIterator<Item = &'a str>, etag: &str) -> bool {
+    fn opaque(t: &str) -> Option<&str> {
+        let t = t.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        (t.len() >= 2 && t.starts_with('"') && t.ends_with('"')).then_some(t)
+    }
+    let Some(current) = opaque(etag) else {
+        return false;
+    };
+    values.into_iter().any(|v| {
+        if v.trim() == "*" {
+            return true;
+        }
+        // Entity tags may hold commas: split only outside quotes.
+        let mut rest = v;
+        loop {
+            rest = rest.trim_start_matches(|c: char| c == ',' || c.is_ascii_whitespace());
+            if rest.is_empty() {
+                return false;
+            }
+            let start = usize::from(rest.starts_with("W/")) * 2;
+            if !rest[start..].starts_with('"') {
+                return false;
+            }
+            let Some(len) = rest[start + 1..].find('"') else {
+                return false;
+            };
+            let tag = &rest[..start + len + 2];
+            if opaque(tag) == Some(current) {
+                return true;
+            }
+            rest = &rest[tag.len()..];
+        }
+    })
+}
+
 /// Response headers never passed to the client: hop-by-hop ones (Pingora frames the
 /// downstream response itself) and ones that describe the upstream's software.
 pub const DROPPED_RESPONSE_HEADERS: &[&str] = &[
@@ -67,14 +112,30 @@ pub fn is_header_safe(v: &str) -> bool {
     v.len() <= 2048 && v.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
 }
 
-/// Makes an arbitrary (claim) value header-safe: control characters and non-ASCII are
-/// replaced by `?` (no header injection), and the value is capped at 2,048 bytes.
+/// Longest audit header value, in bytes of the encoded form.
+pub const MAX_AUDIT_VALUE: usize = 2048;
+
+/// Bytes that an audit value carries percent-encoded (as `%XX` of their UTF-8 bytes): controls
+/// (CR, LF, NUL, TAB, DEL: header injection), the space (a receiver trims it at either end),
+/// `%` itself (so the encoding is reversible), and every non-ASCII byte (implied by the crate).
+const AUDIT_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ').add(b'%');
+
+/// Makes an arbitrary (claim) value header-safe and keeps it distinct: every byte outside
+/// visible ASCII, and `%`, is percent-encoded (`josé` → `jos%C3%A9`, `jos?` stays `jos?`,
+/// `50%` → `50%25`), so two different values never give the same header, and the header
+/// decodes back to the claim with any URL decoder. The result is visible ASCII only, cut at
+/// 2,048 bytes on a character boundary (never inside an escape, nor between the escapes of one
+/// character, so it still decodes to UTF-8); only such long values can collide.
 pub fn sanitize_header_value(v: &str) -> String {
-    let mut out: String = v
-        .chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
-        .collect();
-    out.truncate(2048);
+    let mut out = String::with_capacity(v.len().min(MAX_AUDIT_VALUE));
+    let mut buf = [0u8; 4];
+    for c in v.chars() {
+        let encoded = percent_encoding::utf8_percent_encode(c.encode_utf8(&mut buf), AUDIT_ENCODED);
+        if out.len() + encoded.clone().map(str::len).sum::<usize>() > MAX_AUDIT_VALUE {
+            break;
+        }
+        out.extend(encoded);
+    }
     out
 }
 
@@ -145,8 +206,86 @@ mod tests {
         assert!(is_header_safe("Bearer abc.def"));
         assert!(!is_header_safe("a\r\nX-Evil: 1"));
         assert!(!is_header_safe(&"a".repeat(2049)));
-        assert_eq!(sanitize_header_value("a\r\nb\u{e9}"), "a??b?");
-        assert_eq!(sanitize_header_value(&"x".repeat(5000)).len(), 2048);
+    }
+
+    /// The percent-decoding of an audit value, as a consumer would read it.
+    fn decoded(v: &str) -> String {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .unwrap()
+            .into_owned()
+    }
+
+    fn assert_audit_safe(v: &str) {
+        assert!(v.len() <= MAX_AUDIT_VALUE, "{} bytes", v.len());
+        assert!(v.bytes().all(|b| (0x21..0x7f).contains(&b)), "{v:?}");
+        assert!(http::HeaderValue::from_str(v).is_ok(), "{v:?}");
+    }
+
+    #[test]
+    fn audit_values_are_distinct_and_header_safe() {
+        let cases = [
+            ("jos\u{e9}", "jos%C3%A9"),
+            ("jos?", "jos?"),
+            ("jos%C3%A9", "jos%25C3%25A9"),
+            ("50%", "50%25"),
+            ("a\r\nX-Evil: 1", "a%0D%0AX-Evil:%201"),
+            ("nul\u{0}tab\tdel\u{7f}", "nul%00tab%09del%7F"),
+            (" padded ", "%20padded%20"),
+            ("\u{202e}rtl", "%E2%80%AErtl"),
+            ("oid-123@example.org", "oid-123@example.org"),
+            ("", ""),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (claim, header) in cases {
+            let v = sanitize_header_value(claim);
+            assert_eq!(v, header, "{claim:?}");
+            assert_audit_safe(&v);
+            assert_eq!(decoded(&v), claim, "reversible");
+            assert!(seen.insert(v), "{claim:?} collides");
+        }
+    }
+
+    #[test]
+    fn long_audit_values_are_cut_between_escapes() {
+        assert_eq!(sanitize_header_value(&"x".repeat(5000)), "x".repeat(2048));
+        // 2,047 visible bytes, then an escape that does not fit: left out whole.
+        let v = sanitize_header_value(&format!("{}\u{e9}tail", "x".repeat(2047)));
+        assert_eq!(v, "x".repeat(2047));
+        // Every cut position against two-byte characters (six bytes encoded): never a partial
+        // `%X`, never half a character.
+        for pad in 2036..2048 {
+            let v = sanitize_header_value(&format!("{}{}", "y".repeat(pad), "\u{e9}".repeat(10)));
+            assert_audit_safe(&v);
+            let tail = v.trim_start_matches('y');
+            assert_eq!(tail.len() % 6, 0, "pad {pad}: {tail}");
+            assert!(v.len() > MAX_AUDIT_VALUE - 6, "pad {pad}: cut early");
+            assert!(decoded(&v).starts_with(&"y".repeat(pad)), "pad {pad}");
+        }
+        // Non-ASCII all the way: whole characters, at most 2,048 bytes.
+        let v = sanitize_header_value(&"\u{e9}".repeat(2000));
+        assert_eq!(v.len(), 2046);
+        assert_audit_safe(&v);
+        assert_eq!(decoded(&v), "\u{e9}".repeat(341));
+    }
+
+    #[test]
+    fn if_none_match_uses_the_weak_comparison() {
+        let m = |v: &str, etag: &str| if_none_match_matches([v], etag);
+        assert!(m(r#"W/"1""#, r#"W/"1""#));
+        assert!(m(r#""1""#, r#"W/"1""#));
+        assert!(m(r#"W/"1""#, r#""1""#));
+        assert!(m(r#"W/"0", W/"1""#, r#"W/"1""#));
+        assert!(m(r#""a,b", "c""#, r#""c""#));
+        assert!(m(r#""a,b""#, r#"W/"a,b""#));
+        assert!(m("*", r#"W/"7""#));
+        assert!(!m(r#"W/"2""#, r#"W/"1""#));
+        assert!(!m(r#"W/"1"#, r#"W/"1""#), "unterminated");
+        assert!(!m("1", r#"W/"1""#), "not quoted");
+        assert!(!m(r#""a,b""#, r#""a""#));
+        assert!(!m(r#"W/"1""#, "no-etag"));
+        assert!(if_none_match_matches([r#""x""#, r#"W/"1""#], r#""1""#));
+        assert!(!if_none_match_matches([], r#""1""#));
     }
 
     #[test]

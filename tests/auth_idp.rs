@@ -198,6 +198,7 @@ async fn token_catalogue_every_bad_token_is_a_401() {
         c["iat"] = json!(now - 7200);
     });
     let not_yet = with(&|c| c["nbf"] = json!(now + 3600));
+    let future_iat = with(&|c| c["iat"] = json!(now + 3600));
     let wrong_iss = with(&|c| c["iss"] = json!("http://127.0.0.1:9999"));
     let wrong_aud_real =
         token_from(IDP, "reader-app", None, Some("https://fhir.example/api")).await;
@@ -276,8 +277,13 @@ async fn token_catalogue_every_bad_token_is_a_401() {
             String::new(),
         ),
         (
-            "lowercase bearer",
-            vec![("Authorization", format!("bearer {good}"))],
+            "iat in the future beyond the skew",
+            vec![("Authorization", format!("Bearer {future_iat}"))],
+            String::new(),
+        ),
+        (
+            "another scheme (Token)",
+            vec![("Authorization", format!("Token {good}"))],
             String::new(),
         ),
         (
@@ -349,6 +355,53 @@ async fn token_catalogue_every_bad_token_is_a_401() {
     );
 }
 
+/// RFC 7235 §2.1 / RFC 6750: `bearer` and `BEARER` are the Bearer scheme; the request reaches
+/// SEKMET as the caller's, like one sent with `Bearer`.
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_scheme_is_case_insensitive() {
+    let gw = jwt_gateway("").await;
+    let t = token("reader-app").await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEARER"] {
+        let rid = format!("scheme-{}", uniq());
+        let r = client()
+            .get(format!("{}/Patient?_count=1", gw.base()))
+            .header("Authorization", format!("{scheme} {t}"))
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}: {}", r.text().await.unwrap());
+        let rec = sekmet_received(&rid);
+        assert_eq!(rec.len(), 1, "{scheme}");
+        let h = rec[0]["headers"].as_object().unwrap();
+        assert_eq!(
+            h["x-ms-azurefhir-audit-userid"], "oid-reader-app",
+            "{scheme}"
+        );
+        assert!(!h.contains_key("authorization"), "{scheme}");
+    }
+    // A scheme that only starts like Bearer is still another scheme.
+    for v in [format!("Bearers {t}"), format!("Bearer{t}")] {
+        let rid = format!("scheme-{}", uniq());
+        let r = client()
+            .get(format!("{}/Patient?_count=1", gw.base()))
+            .header("Authorization", &v)
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        let o = assert_outcome(r, 401, "login").await;
+        assert!(
+            o["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization must be 'Bearer <token>'"),
+            "{o}"
+        );
+        assert_sekmet_never_received(&rid).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sekmet_receives_real_audit_headers_and_never_client_copies() {
     let gw = jwt_gateway("").await;
@@ -408,8 +461,57 @@ async fn sekmet_receives_real_audit_headers_and_never_client_copies() {
     );
     assert_eq!(
         h["x-ms-azurefhir-audit-upn"],
-        "ada@example.org??X-Injected: 1"
+        "ada@example.org%0D%0AX-Injected:%201"
     );
+}
+
+/// Audit values are percent-encoded, so two users whose names differ only in characters a
+/// header cannot carry stay two users at the FHIR server (the old `?` replacement made
+/// `josé` and `jos?` one).
+#[tokio::test(flavor = "multi_thread")]
+async fn sekmet_tells_apart_users_whose_names_differ_only_in_unsafe_characters() {
+    let gw = jwt_gateway("").await;
+    let users = [
+        ("jos\u{e9}", "jos%C3%A9"),
+        ("jos?", "jos?"),
+        ("jos%C3%A9", "jos%25C3%25A9"),
+        ("jos\u{e9} ", "jos%C3%A9%20"),
+    ];
+    let mut seen = std::collections::HashMap::new();
+    for (name, expected) in users {
+        let mut c = reader_claims();
+        c["oid"] = json!(format!("oid-{name}"));
+        c["upn"] = json!(format!("{name}@example.org"));
+        let t = sign_as_idp(&c);
+        let rid = format!("audit-enc-{}", uniq());
+        let r = client()
+            .get(format!("{}/Patient?_count=1", gw.base()))
+            .bearer_auth(&t)
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name:?}");
+        let rec = sekmet_received(&rid);
+        assert_eq!(rec.len(), 1, "{name:?}");
+        let h = rec[0]["headers"].as_object().unwrap();
+        let user = h["x-ms-azurefhir-audit-userid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let upn = h["x-ms-azurefhir-audit-upn"].as_str().unwrap().to_string();
+        assert_eq!(user, format!("oid-{expected}"), "{name:?}");
+        assert_eq!(upn, format!("{expected}@example.org"), "{name:?}");
+        assert!(
+            user.bytes()
+                .chain(upn.bytes())
+                .all(|b| (0x21..0x7f).contains(&b)),
+            "{name:?}: {user:?} {upn:?}"
+        );
+        if let Some(other) = seen.insert(user.clone(), name) {
+            panic!("{name:?} and {other:?} reached SEKMET as the same user {user:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -863,16 +863,26 @@ fn catalogue(k: &Keys, idp_good: &str, trip: SocketAddr) -> Vec<Case> {
         format!("Bearer\t{good}"),
         Unauthorized,
     ));
-    // pitfalls.md #1 lists lowercase `bearer` among the tokens that must get a 401; the
-    // existing catalogue (tests/auth_idp.rs) and the unit tests assert the same.
+    // The scheme is case-insensitive (RFC 7235 §2.1, RFC 6750; issue 14), although
+    // pitfalls.md #1 once listed lowercase `bearer` among the refusals: the token decides.
     cases.push(case(
-        "lowercase scheme 'bearer' (pitfalls.md #1: refused)",
+        "lowercase scheme 'bearer' (RFC 7235: accepted)",
         format!("bearer {good}"),
+        Accept,
+    ));
+    cases.push(case(
+        "upper-case scheme 'BEARER' (RFC 7235: accepted)",
+        format!("BEARER {good}"),
+        Accept,
+    ));
+    cases.push(case(
+        "lowercase scheme with a forged token",
+        format!("bearer {h64}.{}.{s64}", b64(admin.to_string().as_bytes())),
         Unauthorized,
     ));
     cases.push(case(
-        "upper-case scheme 'BEARER'",
-        format!("BEARER {good}"),
+        "scheme 'Bearers' (another scheme)",
+        format!("Bearers {good}"),
         Unauthorized,
     ));
     cases.push(case(

@@ -273,8 +273,12 @@ impl Authenticator {
                 ))
             }
         };
+        // RFC 7235 §2.1 / RFC 6750: the scheme is case-insensitive (`bearer`, `BEARER`); one
+        // space, then the token. Any other scheme is refused.
         let token = value
-            .strip_prefix(b"Bearer ")
+            .get(..7)
+            .filter(|s| s.eq_ignore_ascii_case(b"Bearer "))
+            .map(|_| &value[7..])
             .ok_or_else(|| AuthError::Invalid("Authorization must be 'Bearer <token>'".into()))?;
         if token.is_empty() {
             return Err(AuthError::Invalid("empty bearer token".into()));
@@ -424,8 +428,25 @@ impl Authenticator {
                 .into(),
             )
         })?;
+        self.check_iat(&data.claims, unix_now())?;
         let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
         Ok((issuer.identity(&data.claims)?, exp, idx, generation))
+    }
+
+    /// `iat` is optional (RFC 7519 §4.1.6), but a token issued later than now (beyond the clock
+    /// skew) was minted by a clock or a signer we should not trust; a present `iat` that is
+    /// not a NumericDate is malformed. `jsonwebtoken` checks neither.
+    fn check_iat(&self, claims: &Value, now: u64) -> Result<(), AuthError> {
+        match claims.get("iat") {
+            None => Ok(()),
+            Some(v) => match v.as_f64() {
+                Some(iat) if iat > (now + self.skew) as f64 => Err(AuthError::Invalid(
+                    "token issued in the future (iat beyond the allowed clock skew)".into(),
+                )),
+                Some(_) => Ok(()),
+                None => Err(AuthError::Invalid("token iat is not a NumericDate".into())),
+            },
+        }
     }
 
     /// Auth offload: the front gateway verified the signature; we still check what we can.
@@ -445,6 +466,7 @@ impl Authenticator {
         {
             return Err(AuthError::Invalid("token not yet valid".into()));
         }
+        self.check_iat(&claims, now)?;
         let aud_ok = match claims.get("aud") {
             Some(Value::String(a)) => issuer.audiences.iter().any(|x| x == a),
             Some(Value::Array(a)) => a

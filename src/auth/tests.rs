@@ -144,16 +144,76 @@ async fn every_bad_claim_is_refused() {
 }
 
 #[tokio::test]
+async fn iat_in_the_future_beyond_the_skew_is_refused() {
+    let with_iat = |iat: Value| {
+        let mut c = claims();
+        c["iat"] = iat;
+        c
+    };
+    // Within the 60 s skew, in the past, or absent: accepted as before.
+    for (what, c) in [
+        ("iat now + 30 s", with_iat(json!(now() + 30))),
+        ("iat in the past", with_iat(json!(now() - 3600))),
+        ("iat fractional", with_iat(json!(now() as f64 - 0.5))),
+        ("no iat", claims()),
+    ] {
+        assert!(check(&c).await.is_ok(), "{what}");
+    }
+    for (what, c, why) in [
+        (
+            "iat now + 10 min",
+            with_iat(json!(now() + 600)),
+            "token issued in the future (iat beyond the allowed clock skew)",
+        ),
+        (
+            "iat now + 61 s",
+            with_iat(json!(now() + 65)),
+            "token issued in the future (iat beyond the allowed clock skew)",
+        ),
+        (
+            "iat a string",
+            with_iat(json!("2020-01-01")),
+            "token iat is not a NumericDate",
+        ),
+    ] {
+        assert_eq!(
+            check(&c).await,
+            Err(AuthError::Invalid(why.into())),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn header_shapes() {
     let a = auth();
     let t = token(&claims());
     let mut h = HeaderMap::new();
     assert_eq!(a.authenticate(&h, None).await, Err(AuthError::Missing));
+    // The scheme is case-insensitive (RFC 7235 §2.1, RFC 6750).
     for v in [
         format!("bearer {t}"),
+        format!("BEARER {t}"),
+        format!("bEaReR {t}"),
+    ] {
+        h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
+        assert_eq!(
+            a.authenticate(&h, None).await.unwrap().user_id,
+            "user-1",
+            "{v}"
+        );
+    }
+    for v in [
         format!("Bearer Bearer {t}"),
+        format!("bearer bearer {t}"),
         "Bearer ".to_string(),
+        "bearer".to_string(),
         format!("Basic {t}"),
+        format!("DPoP {t}"),
+        format!("Bearer{t}"),
+        format!("Bearer  {t}"),
+        format!("Bearer\t{t}"),
+        format!("Bearers {t}"),
         format!("Bearer {t} extra"),
     ] {
         h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
@@ -259,6 +319,18 @@ async fn offload_needs_the_proof_header() {
     assert!(
         matches!(a.authenticate(&h, None).await, Err(AuthError::Invalid(_))),
         "expired"
+    );
+    // Offloaded tokens get the same iat check.
+    let mut c = claims();
+    c["iat"] = json!(now() + 600);
+    let mut h = bearer(&token(&c));
+    h.insert("x-gateway-proof", "front-gateway-secret-1".parse().unwrap());
+    assert_eq!(
+        a.authenticate(&h, None).await,
+        Err(AuthError::Invalid(
+            "token issued in the future (iat beyond the allowed clock skew)".into()
+        )),
+        "iat in the future"
     );
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
-    /// Tolerance for `exp` / `nbf`, seconds.
+    /// Tolerance for `exp` / `nbf` / `iat`, seconds.
     #[serde(default = "default_skew")]
     pub clock_skew_secs: u64,
     /// Trusted token issuers (one per tenant or IdP). Required for `jwt`.

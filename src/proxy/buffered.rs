@@ -84,6 +84,62 @@ pub(super) fn tag_outcome(r: &mut ModResponse, correlation_id: &str) {
     }
 }
 
+/// Headers a 304 carries from the 200 it stands for (RFC 9110 §15.4.5).
+const NOT_MODIFIED_HEADERS: &[&str] = &[
+    "etag",
+    "last-modified",
+    "cache-control",
+    "content-location",
+    "expires",
+    "vary",
+];
+
+/// The gateway's own 304 for a filtered caller's conditional GET (its `If-None-Match` was not
+/// sent upstream): only when the post chain let the server's 200 through unchanged, so the
+/// caller may see exactly that representation, and its `ETag` matches (weak comparison).
+fn not_modified(
+    req: &ModRequest,
+    resp: &ModResponse,
+    origin: Option<&Origin>,
+) -> Option<ModResponse> {
+    if req.method != "GET" || resp.status != 200 {
+        return None;
+    }
+    let unchanged =
+        matches!((origin, &resp.body), (Some(o), ModBody::Json(v)) if o.tree.tree() == v);
+    let etag = resp.header("etag")?;
+    let asked = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("if-none-match"))
+        .map(|(_, v)| v.as_str());
+    if !unchanged || !headers::if_none_match_matches(asked, etag) {
+        return None;
+    }
+    let mut headers: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            NOT_MODIFIED_HEADERS
+                .iter()
+                .any(|h| k.eq_ignore_ascii_case(h))
+        })
+        .cloned()
+        .collect();
+    // The 200 it stands for goes out with a weak ETag (its JSON body is rewritten), so the 304
+    // names the same one.
+    if !etag.starts_with("W/") {
+        let weak = format!("W/{etag}");
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case("etag"));
+        headers.push(("etag".into(), weak));
+    }
+    Some(ModResponse {
+        status: 304,
+        headers,
+        body: ModBody::None,
+    })
+}
+
 impl FhirProxy {
     /// Audit headers for every upstream call made for this request.
     pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, HeaderValue)> {
@@ -118,6 +174,8 @@ impl FhirProxy {
             audit: self.audit_headers(ctx),
             correlation_header: ctx.correlation_header.clone(),
             public_base: self.public_base_of(ctx),
+            // Set once the route's chain is known to apply (`run_modules`).
+            filtered: false,
         }
     }
 
@@ -193,6 +251,16 @@ impl FhirProxy {
             body = Some(self.read_body(session, &mut ctx.body).await?);
         }
         req.body = body.map(|b| b.to_vec());
+        if post_applies {
+            // The post chain decides what this caller sees, so the server must not answer a
+            // conditional read with a 304 the chain cannot judge (see `CallIdentity::filtered`).
+            if ctx.call.is_none() {
+                ctx.call = Some(self.call_identity(ctx));
+            }
+            if let Some(call) = ctx.call.as_mut() {
+                call.filtered = true;
+            }
+        }
         let client = Arc::new(self.client_for(ctx));
         let cx = Context {
             identity: ctx.identity.clone(),
@@ -278,6 +346,9 @@ impl FhirProxy {
                 }
             };
             chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+            if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
+                return Ok(Some(Answer::Module(not_modified, None)));
+            }
             Ok::<_, GatewayError>(Some(Answer::Module(resp, origin)))
         };
         let outcome = if buffered {
@@ -422,7 +493,10 @@ impl FhirProxy {
             Some(n) if head_only => n,
             _ => out.len() as u64,
         };
-        let _ = h.insert_header(http::header::CONTENT_LENGTH, length.to_string());
+        if status != 304 {
+            // A 304 has no body, and a length would have to be the 200's (RFC 9110 §8.6).
+            let _ = h.insert_header(http::header::CONTENT_LENGTH, length.to_string());
+        }
         session
             .write_response_header(Box::new(h), false)
             .await

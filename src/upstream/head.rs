@@ -7,7 +7,7 @@
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::headers::REQUEST_ID;
+use crate::headers::{CONDITIONAL_READ_HEADERS, REQUEST_ID};
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::RequestHeader;
 
@@ -22,6 +22,10 @@ pub struct CallIdentity {
     pub correlation_header: HeaderValue,
     /// The public base the caller used, so links the gateway handed out map back.
     pub public_base: std::sync::Arc<str>,
+    /// The route's post chain filters what this caller sees: a GET or HEAD goes without its
+    /// conditional-read headers (`headers::CONDITIONAL_READ_HEADERS`), so the server answers
+    /// with the resource and the filter decides, never a 304 that confirms it exists.
+    pub filtered: bool,
 }
 
 /// The upstream request head for `method target`.
@@ -51,7 +55,11 @@ pub fn request_head<'h>(
         Some(gw.forward.len() + who.audit.len() + 5),
     )
     .map_err(|_| bad("invalid request target"))?;
+    let conditional_read_dropped = who.filtered && matches!(*method, Method::GET | Method::HEAD);
     for (name, value) in client_headers {
+        if conditional_read_dropped && CONDITIONAL_READ_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
         if gw.forward.contains(name) {
             up.append_header(name.clone(), value.clone())
                 .map_err(|_| bad("invalid forwarded header"))?;
@@ -99,6 +107,7 @@ mod tests {
             )],
             correlation_header: HeaderValue::from_static("corr-1"),
             public_base: "http://gw/fhir".into(),
+            filtered: false,
         }
     }
 
@@ -149,6 +158,52 @@ mod tests {
         assert_eq!(values(&h, "content-length"), ["12"]);
         assert!(h.headers.get("cookie").is_none());
         assert!(h.headers.get("accept-encoding").is_none());
+    }
+
+    fn conditional(h: &mut http::HeaderMap) {
+        h.append("if-none-match", HeaderValue::from_static("W/\"1\""));
+        h.append(
+            "if-modified-since",
+            HeaderValue::from_static("Mon, 07 Dec 2026 12:00:00 GMT"),
+        );
+        h.append("if-match", HeaderValue::from_static("W/\"1\""));
+        h.append("accept", HeaderValue::from_static("application/fhir+json"));
+    }
+
+    #[test]
+    fn a_filtered_callers_reads_go_without_conditional_read_headers() {
+        let gw = gateway();
+        let mut client = http::HeaderMap::new();
+        conditional(&mut client);
+        let mut filtered = who();
+        filtered.filtered = true;
+        let target = b"/fhir/Observation/1";
+        for method in [Method::GET, Method::HEAD] {
+            let h = request_head(&gw, &filtered, &method, target, client.iter(), None).unwrap();
+            assert!(h.headers.get("if-none-match").is_none(), "{method}");
+            assert!(h.headers.get("if-modified-since").is_none(), "{method}");
+            assert_eq!(values(&h, "accept"), ["application/fhir+json"]);
+            // Not a read header: forwarded (a HEAD/GET with If-Match is the server's to judge).
+            assert_eq!(values(&h, "if-match"), ["W/\"1\""]);
+            // The same read for a caller the chain does not filter: everything crosses.
+            let h = request_head(&gw, &who(), &method, target, client.iter(), None).unwrap();
+            assert_eq!(values(&h, "if-none-match"), ["W/\"1\""], "{method}");
+            assert_eq!(
+                values(&h, "if-modified-since"),
+                ["Mon, 07 Dec 2026 12:00:00 GMT"]
+            );
+        }
+        // Writes keep their preconditions, filtered or not.
+        for method in [Method::PUT, Method::PATCH, Method::DELETE, Method::POST] {
+            let h = request_head(&gw, &filtered, &method, target, client.iter(), Some(2)).unwrap();
+            assert_eq!(values(&h, "if-none-match"), ["W/\"1\""], "{method}");
+            assert_eq!(values(&h, "if-match"), ["W/\"1\""], "{method}");
+            assert_eq!(
+                values(&h, "if-modified-since"),
+                ["Mon, 07 Dec 2026 12:00:00 GMT"],
+                "{method}"
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,21 @@ pub fn reader_claims() -> Value {
     })
 }
 
+/// A token as the IdP would issue it for a user: `oid` in tenant A, `roles`, optional `fhirUser`,
+/// valid for ten minutes.
+pub fn user_token(oid: &str, roles: &[&str], fhir_user: Option<&str>) -> String {
+    let now = now_secs();
+    let mut c = serde_json::json!({
+        "iss": IDP, "aud": AUDIENCE, "exp": now + 600, "iat": now, "sub": oid,
+        "client_id": "leak-suite", "azp": "leak-suite", "roles": roles,
+        "upn": format!("{oid}@example.org"), "oid": oid, "tid": TENANT_A
+    });
+    if let Some(f) = fhir_user {
+        c["fhirUser"] = serde_json::json!(f);
+    }
+    sign_as_idp(&c)
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -2,10 +2,9 @@
 //! tokens and tokens signed with the IdP's key).
 
 pub use crate::common::idp::{
-    claims_of, jwt_auth_yaml, now_secs, sign_as_idp, token, wait_ready, AUDIENCE, TENANT_A,
+    claims_of, jwt_auth_yaml, now_secs, token, user_token, wait_ready, TENANT_A,
 };
 pub use crate::common::{client, require_peer, sekmet_url, Gateway, IDP};
-use serde_json::json;
 
 /// The identifier system of identity links in the configuration under test.
 pub const LINK_SYSTEM: &str = "urn:fhir-gateway:identity-link";
@@ -31,18 +30,4 @@ pub async fn filtered_gateway_with(hide_existence: bool, participant_extra: &str
     let gw = Gateway::start(&filters_yaml_with(hide_existence, participant_extra)).await;
     wait_ready(&gw).await;
     gw
-}
-
-/// A token as the IdP would issue it for a user: `oid` in tenant A, `roles`, optional `fhirUser`.
-pub fn user_token(oid: &str, roles: &[&str], fhir_user: Option<&str>) -> String {
-    let now = now_secs();
-    let mut c = json!({
-        "iss": IDP, "aud": AUDIENCE, "exp": now + 600, "iat": now, "sub": oid,
-        "client_id": "leak-suite", "azp": "leak-suite", "roles": roles,
-        "upn": format!("{oid}@example.org"), "oid": oid, "tid": TENANT_A
-    });
-    if let Some(f) = fhir_user {
-        c["fhirUser"] = json!(f);
-    }
-    sign_as_idp(&c)
 }
