@@ -127,6 +127,10 @@ const AUDIT_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.a
 /// 2,048 bytes on a character boundary (never inside an escape, nor between the escapes of one
 /// character, so it still decodes to UTF-8); only such long values can collide.
 pub fn sanitize_header_value(v: &str) -> String {
+    // The common case (an oid, a UPN) needs no escape: one copy, no per-character work.
+    if v.len() <= MAX_AUDIT_VALUE && v.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'%') {
+        return v.to_string();
+    }
     let mut out = String::with_capacity(v.len().min(MAX_AUDIT_VALUE));
     let mut buf = [0u8; 4];
     for c in v.chars() {
