@@ -400,6 +400,68 @@ async fn a_pre_module_rewrites_the_query_seen_by_sekmet_and_streaming_stays_on()
     );
 }
 
+/// A headers-only post module (ResponseHeaders) keeps the answer streaming and changes its
+/// head; next to a module that needs the body, the buffered answer gets the same head.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_headers_only_module_changes_streamed_and_buffered_heads_alike() {
+    let headers = "  - name: ResponseHeaders\n    settings:\n      set: {Cache-Control: no-store, X-Content-Type-Options: nosniff}\n      remove: [Vary]\n";
+    let direct = client()
+        .get(format!("{}/metadata", sekmet_url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(direct.headers().get("vary").is_some(), "SEKMET sends Vary");
+    let streamed = gateway_with(&format!("post:\n{headers}")).await;
+    let buffered = gateway_with(&format!(
+        "post:\n{headers}  - name: SamplePostProcess\n    settings: {{system: 'urn:t', code: c}}\n"
+    ))
+    .await;
+    for (gw, road) in [(&streamed, "stream"), (&buffered, "buffered")] {
+        let rid = format!("hdr-{}", uniq());
+        let r = client()
+            .get(format!("{}/Patient?_count=2", gw.base()))
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{road}");
+        let h = r.headers();
+        assert_eq!(h["cache-control"], "no-store", "{road}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{road}");
+        assert!(h.get("vary").is_none(), "{road}: removed");
+        assert_eq!(
+            h["x-request-id"],
+            rid.as_str(),
+            "{road}: the gateway's own stay"
+        );
+        assert!(
+            h["content-type"].to_str().unwrap().contains("fhir+json"),
+            "{road}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["resourceType"], "Bundle", "{road}");
+        assert_eq!(road_of(gw, &rid).await, road);
+        // SEKMET saw the read as sent: the module works on the answer only.
+        assert_eq!(sekmet_received(&rid)[0]["url"], "/fhir/Patient?_count=2");
+    }
+    // A write body is read whole on every route: the head is changed on that road too.
+    let rid = format!("hdr-{}", uniq());
+    let r = client()
+        .post(format!("{}/Patient", streamed.base()))
+        .header("X-Request-Id", &rid)
+        .header("Content-Type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","name":[{"family":"Headers"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert!(
+        r.headers().get("location").is_some(),
+        "the server's own stay"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn module_metrics_are_exported() {
     let mport = free_port();

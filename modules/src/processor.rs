@@ -246,6 +246,10 @@ pub trait PreProcess: Send + Sync {
 pub enum BodyAccess {
     /// Anything; it may edit anything.
     Whole,
+    /// The status and headers only; it may change headers, never the status or the body.
+    /// Where no other module needs the body, the answer streams and the module runs on the
+    /// response head (it sees `Body::None`).
+    Headers,
     /// Only what decides whose data each resource is (`compartment::decides_owner`), and it
     /// only removes or replaces whole entries (or the whole answer). The gateway may then parse
     /// a Bundle's resources cut down to those elements and write every entry kept as the

@@ -187,7 +187,7 @@ mod tests {
         );
         assert_eq!(
             r.build_post("Nope", &Value::Null).err().unwrap(),
-            "unknown post-processor \"Nope\" (known: SamplePostProcess, DateSort, ParticipantFilter, ConsentOptOut, PublishFHIREvent)"
+            "unknown post-processor \"Nope\" (known: SamplePostProcess, DateSort, ParticipantFilter, ConsentOptOut, PublishFHIREvent, ResponseHeaders)"
         );
         assert_eq!(
             r.build_post("TransformBundle", &Value::Null).err().unwrap(),

@@ -179,6 +179,19 @@ impl FhirProxy {
         }
     }
 
+    /// What modules see of this request, on either road.
+    pub(super) fn module_context(&self, ctx: &Ctx, client: Arc<GatewayFhirClient>) -> Context {
+        Context {
+            identity: ctx.identity.clone(),
+            correlation_id: ctx.correlation_id.clone(),
+            public_base: self.public_base_of(ctx).to_string(),
+            upstream_base: self.gw.upstream.base.as_string(),
+            fhir: client,
+            events: self.gw.events.clone(),
+            links: self.gw.links.clone(),
+        }
+    }
+
     /// The FHIR client for this request.
     pub(super) fn client_for(&self, ctx: &Ctx) -> GatewayFhirClient {
         GatewayFhirClient {
@@ -238,13 +251,19 @@ impl FhirProxy {
             .iter()
             .any(|m| m.applies(&req, caller) && m.needs_body());
         let post_applies = route.post.iter().any(|m| m.applies(&req, caller));
+        let post_needs_body = route
+            .post
+            .iter()
+            .any(|m| m.applies(&req, caller) && m.reads() != BodyAccess::Headers);
         let filters_only = route
             .post
             .iter()
             .filter(|m| m.applies(&req, caller))
-            .all(|m| m.reads() == BodyAccess::Compartment);
-        let buffered = body.is_some() || pre_needs_body || post_applies;
+            .all(|m| matches!(m.reads(), BodyAccess::Compartment | BodyAccess::Headers));
+        let buffered = body.is_some() || pre_needs_body || post_needs_body;
         if !buffered && !pre_applies {
+            // Headers-only post modules run on the streamed answer's head.
+            ctx.head_chain = post_applies.then_some(req);
             return Ok(false);
         }
         if buffered && body.is_none() {
@@ -262,15 +281,7 @@ impl FhirProxy {
             }
         }
         let client = Arc::new(self.client_for(ctx));
-        let cx = Context {
-            identity: ctx.identity.clone(),
-            correlation_id: ctx.correlation_id.clone(),
-            public_base: self.public_base_of(ctx).to_string(),
-            upstream_base: gw.upstream.base.as_string(),
-            fhir: client.clone(),
-            events: gw.events.clone(),
-            links: gw.links.clone(),
-        };
+        let cx = self.module_context(ctx, client.clone());
         // The work below owns no part of the session, so it can race the client leaving: a
         // buffered exchange (fetches, parsing, filtering, rewriting) stops when nobody is
         // left to answer. Only when the request body was read (or there is none), so the
@@ -295,6 +306,7 @@ impl FhirProxy {
                     self.authorize_final(ctx, &req)?;
                     ctx.rest = req.path.clone();
                     ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
+                    ctx.head_chain = post_applies.then(|| req.clone());
                     return Ok(None);
                 }
                 PreResult::Continue => {

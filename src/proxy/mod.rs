@@ -20,6 +20,7 @@ mod body_guard;
 mod buffered;
 #[doc(hidden)]
 pub mod fixed;
+mod head_chain;
 mod links_guard;
 mod local;
 mod manage;
@@ -127,6 +128,9 @@ pub struct Ctx {
     call: Option<CallIdentity>,
     /// The FHIR server's `Content-Length` on the buffered road (a HEAD answer's).
     upstream_length: Option<u64>,
+    /// A streamed request whose post chain reads headers only: the request its modules see,
+    /// until they ran on the response head (`head_chain.rs`).
+    head_chain: Option<ModRequest>,
 }
 
 impl FhirProxy {
@@ -206,6 +210,7 @@ impl ProxyHttp for FhirProxy {
             client_gone: false,
             call: None,
             upstream_length: None,
+            head_chain: None,
         }
     }
 

@@ -87,6 +87,11 @@ impl FhirProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if ctx.head_chain.is_some() {
+            self.run_head_chain(ctx, resp)
+                .await
+                .map_err(|e| ctx.fail(e))?;
+        }
         let req = session.req_header();
         self.prepare_head(ctx, resp, &req.method, req.version)
     }

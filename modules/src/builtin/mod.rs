@@ -7,6 +7,7 @@ pub mod date_sort;
 pub mod everything_patient;
 pub mod participant_filter;
 pub mod publish_event;
+pub mod response_headers;
 pub mod sample_post;
 pub mod sample_pre;
 pub mod transform_bundle;
@@ -38,6 +39,7 @@ impl Registry {
         add!(r.register_post, participant_filter::ParticipantFilter);
         add!(r.register_post, consent_opt_out::ConsentOptOut);
         add!(r.register_post, publish_event::PublishFhirEvent);
+        add!(r.register_post, response_headers::ResponseHeaders);
         r
     }
 }
