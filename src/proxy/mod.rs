@@ -18,6 +18,7 @@ mod access_log;
 mod admission;
 mod body_guard;
 mod buffered;
+mod bulk;
 #[doc(hidden)]
 pub mod fixed;
 mod links_guard;
@@ -34,6 +35,7 @@ pub use admission::check_path;
 use admission::*;
 use body_guard::BodyGuard;
 use buffered::*;
+use bulk::BulkStep;
 use public_base::*;
 
 use crate::auth::policy;
@@ -127,6 +129,8 @@ pub struct Ctx {
     call: Option<CallIdentity>,
     /// The FHIR server's `Content-Length` on the buffered road (a HEAD answer's).
     upstream_length: Option<u64>,
+    /// Bulk Data: a kick-off, or a handed-out status or file URL.
+    bulk: BulkStep,
 }
 
 impl FhirProxy {
@@ -206,6 +210,7 @@ impl ProxyHttp for FhirProxy {
             client_gone: false,
             call: None,
             upstream_length: None,
+            bulk: BulkStep::None,
         }
     }
 
@@ -243,6 +248,19 @@ impl ProxyHttp for FhirProxy {
             Ok(a) => a,
             Err(e) => return self.respond_error(session, ctx, e).await,
         };
+        match ctx.bulk {
+            // Handed-out URLs run no module chain: their caller was checked at the kick-off
+            // (no caller a post module filters may export).
+            BulkStep::Status => {
+                return match self.serve_status(session, ctx).await {
+                    Ok(()) => Ok(true),
+                    Err(e) if session.response_written().is_some() => Err(ctx.fail(e)),
+                    Err(e) => self.respond_error(session, ctx, e).await,
+                }
+            }
+            BulkStep::File => return Ok(false),
+            BulkStep::None | BulkStep::Kickoff => {}
+        }
         match self.run_modules(session, ctx, admit).await {
             Ok(answered) => Ok(answered),
             Err(e) => {
