@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod broker;
+pub mod bulk;
 pub mod idp;
 pub mod raw;
 pub mod roads;
