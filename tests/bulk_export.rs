@@ -232,6 +232,14 @@ async fn patient_export_through_the_gateway_for_its_owner_only() {
         .await
         .unwrap();
     assert_outcome(r, 405, "not-supported").await;
+    let r = client()
+        .delete(&status_url)
+        .bearer_auth(&admin)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(r, 400, "invalid").await;
 
     // The server's own paths, sent by a client, are not proxied (even by the owner).
     for path in [carried_path(&status_url), carried_path(&file_url)] {
@@ -351,6 +359,18 @@ async fn who_may_export_and_which_types() {
     assert_eq!(r.status(), 202);
     let status_url = header(r.headers(), "content-location").to_string();
     assert!(status_url.starts_with(&format!("{}/$bulk-status/", gw.base())));
+    // Polled at once, a system export is still running: the server's 202 with its progress
+    // headers, no body.
+    let r = client()
+        .get(&status_url)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(r.headers(), "retry-after"), "1");
+    assert!(r.headers().get("x-progress").is_some());
+    assert!(r.bytes().await.unwrap().is_empty());
     let r = client()
         .delete(&status_url)
         .bearer_auth(&admin)

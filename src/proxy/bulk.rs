@@ -145,6 +145,17 @@ impl FhirProxy {
                 }
             )));
         }
+        // Nothing would read a body here (the status call sends none): refused, so no unread
+        // bytes are left on a kept-alive connection.
+        let h = &session.req_header().headers;
+        let declared = h
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+        if declared || h.contains_key(http::header::TRANSFER_ENCODING) {
+            return Err(GatewayError::BadRequest(
+                "a Bulk Data status or file URL takes no request body".into(),
+            ));
+        }
         let identity = if gw.auth_mode == AuthMode::Jwt {
             let id = gw
                 .auth
