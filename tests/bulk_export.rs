@@ -10,6 +10,7 @@ use common::bulk::*;
 use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
@@ -511,4 +512,50 @@ async fn callers_the_data_filters_would_filter_may_not_export() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_with_one_key_serve_each_others_urls() {
+    // Two instances behind one load balancer, one key file: a status URL one of them handed
+    // out works on the other (the token carries everything; no instance remembers it).
+    let shared = bulk_yaml("");
+    let (a, b) = (jwt_gateway(&shared).await, jwt_gateway(&shared).await);
+    let admin = token("admin-app").await;
+    let r = kick_off(
+        &format!("{}/Patient/$export?_type=Patient", a.base()),
+        &admin,
+        &format!("bulk-lb-{}", uniq()),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let on_a = header(r.headers(), "content-location").to_string();
+    let on_b = on_a.replace(&a.base(), &b.base());
+    let done = poll_until_done(&on_b, &admin).await;
+    let file_on_b = done.manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(file_on_b.starts_with(&format!("{}/$bulk-file/", b.base())));
+    let r = client()
+        .get(file_on_b.replace(&b.base(), &a.base()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // An instance without a configured key says so at start, and its own random key does not
+    // verify the others' URLs.
+    let alone = jwt_gateway("").await;
+    alone
+        .log_line("bulk.binding_key_file not set", Duration::from_secs(5))
+        .await;
+    assert!(!a.log().contains("bulk.binding_key_file not set"));
+    let r = client()
+        .get(on_a.replace(&a.base(), &alone.base()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(r, 404, "not-found").await;
 }
