@@ -75,6 +75,8 @@ pub struct Gateway {
     /// pool, built from the same `ServerConf` as the proxy's (`upstream.pool_size`), and used
     /// only with `upstream.peer()`, the proxy's peer (SNI, CA list, verify flags, timeouts).
     pub connector: Connector,
+    /// Bulk Data export: who may start one, and the key of the URLs handed out.
+    pub bulk: crate::bulk::Bulk,
 }
 
 impl Gateway {
@@ -155,6 +157,7 @@ impl Gateway {
             smart: auth_cfg.smart.clone(),
             audit,
             connector,
+            bulk: crate::bulk::Bulk::new(&cfg.bulk, &cfg.built.bulk)?,
             events: event_queue.clone(),
             event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),

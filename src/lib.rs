@@ -1,6 +1,7 @@
 //! fhir-gateway: a secure gateway for FHIR servers, on Cloudflare Pingora.
 
 pub mod auth;
+pub mod bulk;
 pub mod chain;
 pub mod config;
 pub mod error;

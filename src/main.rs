@@ -92,6 +92,12 @@ fn main() -> ExitCode {
     if cfg.auth.as_ref().map(|a| a.mode) == Some(config::AuthMode::InsecureDev) {
         log::warn!("auth.mode insecure_dev: callers are NOT authenticated (loopback only)");
     }
+    if cfg.bulk.binding_key_file.is_none() {
+        log::info!(
+            "bulk.binding_key_file not set: Bulk Data status and file URLs are signed with this \
+             process's random key; several instances behind a load balancer need a shared key"
+        );
+    }
 
     let opt = Opt {
         upgrade: cli.upgrade,

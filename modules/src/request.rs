@@ -181,6 +181,32 @@ fn search_needs(own: Types, params: &[(String, String)]) -> Vec<Need> {
     needs
 }
 
+/// What a Bulk Data `$export` reads: the types named by `_type` (all of them, however many
+/// `_type` parameters), or every type when there is none or one is not a type name. Never
+/// narrowed to what the caller may see: a scope ceiling refuses the export instead (spec §9).
+/// A Group export also reads the Group.
+fn export_needs(params: &[(String, String)], group: Option<&str>) -> Vec<Need> {
+    let named: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_string())
+        .collect();
+    let types = if !named.is_empty() && named.iter().all(|t| is_type(t)) {
+        Types::Some(named)
+    } else {
+        Types::All
+    };
+    let mut needs = vec![Need {
+        perm: Perm::Read,
+        types,
+    }];
+    if let Some(g) = group {
+        needs.extend(one(Perm::Read, g));
+    }
+    needs
+}
+
 fn one(perm: Perm, t: &str) -> Vec<Need> {
     vec![Need {
         perm,
@@ -255,7 +281,12 @@ pub fn classify(method: &str, path: &str, query: &str) -> Result<FhirRequest, St
                 types: Types::All,
             }];
         }
-        [o] if o.starts_with('$') => op(o, Types::All, &mut r),
+        [o] if o.starts_with('$') => {
+            op(o, Types::All, &mut r);
+            if *o == "$export" {
+                r.needs = export_needs(&params, None);
+            }
+        }
         [t] if is_type(t) => {
             r.resource_type = Some(t.to_string());
             match m.as_str() {
@@ -298,6 +329,9 @@ pub fn classify(method: &str, path: &str, query: &str) -> Result<FhirRequest, St
         [t, o] if is_type(t) && o.starts_with('$') => {
             r.resource_type = Some(t.to_string());
             op(o, Types::Some(vec![t.to_string()]), &mut r);
+            if *o == "$export" {
+                r.needs = export_needs(&params, None);
+            }
         }
         [t, id] if is_type(t) => {
             r.resource_type = Some(t.to_string());
@@ -336,6 +370,9 @@ pub fn classify(method: &str, path: &str, query: &str) -> Result<FhirRequest, St
                 Types::Some(vec![t.to_string()])
             };
             op(o, types, &mut r);
+            if *o == "$export" {
+                r.needs = export_needs(&params, Some(t));
+            }
             if *o == "$everything" {
                 r.compartment = Some((t.to_string(), id.to_string()));
             }
@@ -414,6 +451,46 @@ pub fn classify_bundle(bundle: &Value, base: &str) -> Result<Vec<FhirRequest>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_needs_the_types_it_exports() {
+        let r = classify("GET", "/Patient/$export", "_type=Patient,Observation").unwrap();
+        assert_eq!(r.interaction, Interaction::Operation("$export".into()));
+        assert!(r.is_read);
+        assert_eq!(
+            r.needs,
+            vec![Need {
+                perm: Perm::Read,
+                types: Types::Some(vec!["Patient".into(), "Observation".into()])
+            }]
+        );
+        // No `_type`, or one that is not a type: every type.
+        let all = vec![Need {
+            perm: Perm::Read,
+            types: Types::All,
+        }];
+        assert_eq!(classify("GET", "/$export", "").unwrap().needs, all);
+        assert_eq!(
+            classify("GET", "/Patient/$export", "_type=x")
+                .unwrap()
+                .needs,
+            all
+        );
+        let g = classify("GET", "/Group/g1/$export", "_type=Condition&_type=Patient").unwrap();
+        assert_eq!(
+            g.needs,
+            vec![
+                Need {
+                    perm: Perm::Read,
+                    types: Types::Some(vec!["Condition".into(), "Patient".into()])
+                },
+                Need {
+                    perm: Perm::Read,
+                    types: Types::Some(vec!["Group".into()])
+                }
+            ]
+        );
+    }
 
     fn c(m: &str, p: &str, q: &str) -> FhirRequest {
         classify(m, p, q).unwrap()

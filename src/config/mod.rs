@@ -7,6 +7,7 @@
 //! the data in their own modules once the whole file has been validated.
 
 mod auth;
+mod bulk;
 mod events;
 mod limits;
 mod listen;
@@ -26,6 +27,7 @@ pub use auth::{
     AuditHeaderNames, AuthConfig, AuthMode, ClaimNames, IssuerConfig, JwksConfig, OffloadConfig,
     OneOrMany, RoleValues, SmartConfig,
 };
+pub use bulk::{BuiltBulk, BulkConfig};
 pub use events::{EventsConfig, KafkaConfig, SpoolSettings};
 pub use limits::LimitsConfig;
 pub use listen::{ListenConfig, ListenTls, MetricsConfig};
@@ -95,6 +97,9 @@ pub struct GatewayConfig {
     /// role policy (e.g. `/research/fhir` for analytics).
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Bulk Data export: who may start one, and the key binding its URLs to the caller.
+    #[serde(default)]
+    pub bulk: BulkConfig,
     /// What validation parsed and built from the above; empty until `load` or `parse`
     /// accepted the file.
     #[serde(skip)]
@@ -109,6 +114,8 @@ pub struct Built {
     pub routes: Vec<BuiltRoute>,
     /// `trusted_proxies`, parsed.
     pub trusted_proxies: Vec<IpNet>,
+    /// `bulk`: export roles and the URL binding key.
+    pub bulk: BuiltBulk,
 }
 
 fn default_prefix() -> String {
@@ -151,6 +158,7 @@ fn validate(
         errs.at(&["identity_links", "system"], e);
     }
     events::validate(&cfg.events, &mut errs);
+    let bulk = bulk::validate(&cfg.bulk, &mut errs);
     let mut trusted_proxies = Vec::new();
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {
         match IpNet::parse(p) {
@@ -177,6 +185,7 @@ fn validate(
     Ok(Built {
         routes,
         trusted_proxies,
+        bulk,
     })
 }
 

@@ -425,3 +425,66 @@ fn events_settings_are_checked() {
         .iter()
         .any(|e| e.message.contains("topic")));
 }
+
+#[test]
+fn bulk_defaults_to_administrators_and_a_random_key() {
+    let c = parse(MINIMAL, &env).unwrap();
+    assert_eq!(c.bulk.export_roles, vec!["Administrator".to_string()]);
+    assert_eq!(
+        c.built.bulk.export_roles,
+        vec![fhir_gateway_modules::Role::Administrator]
+    );
+    assert!(c.built.bulk.key.is_none());
+    assert_eq!(c.bulk.url_lifetime_secs, 86_400);
+}
+
+#[test]
+fn bulk_key_file_is_checked_before_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fgw-bulk-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, key: &[u8], mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, key).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.display().to_string()
+    };
+    let conf = |file: &str| format!("{MINIMAL}bulk:\n  binding_key_file: {file}\n");
+    let good = write("good", b"0123456789abcdef0123456789abcdef\n", 0o600);
+    let c = parse(&conf(&good), &env).unwrap();
+    assert!(c.built.bulk.key.is_some());
+
+    let short = write("short", b"0123456789abcdef0123456789abcde\n", 0o600);
+    let e = errors(&conf(&short));
+    assert!(e[0].message.contains("at least 32 are needed"), "{e:?}");
+    assert_eq!(e[0].line, Some(8));
+
+    let open = write("open", b"0123456789abcdef0123456789abcdef", 0o644);
+    let e = errors(&conf(&open));
+    assert!(e[0].message.contains("chmod 600"), "{e:?}");
+
+    let e = errors(&conf(&dir.join("missing").display().to_string()));
+    assert!(e[0].message.starts_with("bulk.binding_key_file:"), "{e:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bulk_roles_and_lifetime_are_checked() {
+    let e = errors(&format!(
+        "{MINIMAL}bulk:\n  export_roles: [Administrator, Exporter]\n  url_lifetime_secs: 10\n"
+    ));
+    let msgs: Vec<&str> = e.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        msgs.contains(&"bulk.export_roles: unknown role \"Exporter\""),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m.starts_with("bulk.url_lifetime_secs")),
+        "{msgs:?}"
+    );
+    // An empty list turns exports off: allowed, and nobody may export.
+    let c = parse(&format!("{MINIMAL}bulk:\n  export_roles: []\n"), &env).unwrap();
+    assert!(c.built.bulk.export_roles.is_empty());
+    let e = errors(&format!("{MINIMAL}bulk:\n  binding_key: x\n"));
+    assert!(e[0].message.contains("unknown field"), "{e:?}");
+}

@@ -149,6 +149,13 @@ impl FhirProxy {
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
         self.admit_head(session.req_header(), tls, ctx)?;
+        if let Some((kind, token)) = crate::bulk::Kind::of_path(&ctx.rest) {
+            let token = token.to_string();
+            return self.admit_handed_out(session, ctx, kind, &token).await;
+        }
+        if !ctx.metadata {
+            bulk::check_server_path(&ctx.rest)?;
+        }
         let route = &gw.routes[ctx.route];
 
         // Anonymous by design: the CapabilityStatement (SMART apps read it before they have
@@ -187,9 +194,15 @@ impl FhirProxy {
             } else {
                 policy::authorize_with(&identity, &request, scopes_alone, &route.policy)
                     .map_err(GatewayError::Forbidden)?;
+                if request.interaction == Interaction::Operation("$export".into()) {
+                    self.admit_export(session.req_header(), ctx, Some(&identity))?;
+                }
             }
             guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
             ctx.identity = Some(identity);
+        } else if !anonymous && ctx.rest.rsplit('/').next() == Some("$export") {
+            // No classification without authentication: the kick-off is known by its path.
+            self.admit_export(session.req_header(), ctx, None)?;
         }
         self.note_writes(&method, ctx);
         ctx.service_auth = gw.identity.authorization().await?;

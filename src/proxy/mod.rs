@@ -18,6 +18,7 @@ mod access_log;
 mod admission;
 mod body_guard;
 mod buffered;
+mod bulk;
 #[doc(hidden)]
 pub mod fixed;
 mod head_chain;
@@ -35,6 +36,7 @@ pub use admission::check_path;
 use admission::*;
 use body_guard::BodyGuard;
 use buffered::*;
+use bulk::BulkStep;
 use public_base::*;
 
 use crate::auth::policy;
@@ -131,6 +133,8 @@ pub struct Ctx {
     /// A streamed request whose post chain reads headers only: the request its modules see,
     /// until they ran on the response head (`head_chain.rs`).
     head_chain: Option<ModRequest>,
+    /// Bulk Data: a kick-off, or a handed-out status or file URL.
+    bulk: BulkStep,
 }
 
 impl FhirProxy {
@@ -211,6 +215,7 @@ impl ProxyHttp for FhirProxy {
             call: None,
             upstream_length: None,
             head_chain: None,
+            bulk: BulkStep::None,
         }
     }
 
@@ -248,6 +253,19 @@ impl ProxyHttp for FhirProxy {
             Ok(a) => a,
             Err(e) => return self.respond_error(session, ctx, e).await,
         };
+        match ctx.bulk {
+            // Handed-out URLs run no module chain: their caller was checked at the kick-off
+            // (no caller a post module filters may export).
+            BulkStep::Status => {
+                return match self.serve_status(session, ctx).await {
+                    Ok(()) => Ok(true),
+                    Err(e) if session.response_written().is_some() => Err(ctx.fail(e)),
+                    Err(e) => self.respond_error(session, ctx, e).await,
+                }
+            }
+            BulkStep::File => return Ok(false),
+            BulkStep::None | BulkStep::Kickoff => {}
+        }
         match self.run_modules(session, ctx, admit).await {
             Ok(answered) => Ok(answered),
             Err(e) => {

@@ -34,6 +34,9 @@ impl FhirProxy {
         for h in DROPPED_RESPONSE_HEADERS {
             resp.remove_header(*h);
         }
+        // Before the rewrite below: the kick-off's status URL becomes one bound to its caller,
+        // not merely the server's URL on the public base.
+        self.bind_status_url(ctx, resp)?;
         let invalid = |what: &str| GatewayError::Internal(format!("rewritten {what} is invalid"));
         if let Some(to) = self.replacements(ctx) {
             // Any header may name the upstream (Location, Content-Location, Link, custom ones).

@@ -93,6 +93,46 @@ impl BaseUrl {
     }
 }
 
+impl BaseUrl {
+    /// The spellings of this base, plus, when its host is a loopback address or `localhost`,
+    /// the same scheme, port and path on the other loopback names (`localhost`, `127.0.0.1`,
+    /// `[::1]`): on one machine these are the same server, so a URL the server builds from
+    /// the `Host` it was sent (Bulk Data's `request`) is still recognised as its own.
+    pub fn alias_spellings(&self) -> Vec<String> {
+        let mut v = self.spellings();
+        let loopback = self.host == "localhost"
+            || self
+                .host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            for host in ["localhost", "127.0.0.1", "[::1]"] {
+                let other = BaseUrl {
+                    host: host.into(),
+                    ..self.clone()
+                };
+                for sp in other.spellings() {
+                    if !v.contains(&sp) {
+                        v.push(sp);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The path (and query) below this base of an absolute URL of the server, in any of its
+    /// `alias_spellings`; `None` for any other URL.
+    pub fn path_below(&self, url: &str) -> Option<String> {
+        self.alias_spellings().iter().find_map(|sp| {
+            let rest = url.strip_prefix(sp.as_str())?;
+            (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+                .then(|| rest.to_string())
+        })
+    }
+}
+
 /// Runtime view of the FHIR server.
 pub struct Upstream {
     pub base: BaseUrl,
@@ -210,5 +250,34 @@ mod tests {
         assert!(BaseUrl::parse("http://x/fhir?a=b").is_err());
         assert!(BaseUrl::parse("http://user:pw@x/fhir").is_err());
         assert!(BaseUrl::parse("/fhir").is_err());
+    }
+
+    #[test]
+    fn loopback_aliases_are_the_same_server() {
+        let b = BaseUrl::parse("http://127.0.0.1:8090/fhir").unwrap();
+        assert_eq!(
+            b.path_below("http://localhost:8090/fhir/Patient/$export?_type=Patient")
+                .as_deref(),
+            Some("/Patient/$export?_type=Patient")
+        );
+        assert_eq!(b.path_below("http://[::1]:8090/fhir").as_deref(), Some(""));
+        assert_eq!(
+            b.path_below("http://127.0.0.1:8090/fhir/bulk-status/1")
+                .as_deref(),
+            Some("/bulk-status/1")
+        );
+        // Another port, scheme, path or host is another server.
+        assert_eq!(b.path_below("http://localhost:8091/fhir/x"), None);
+        assert_eq!(b.path_below("https://localhost:8090/fhir/x"), None);
+        assert_eq!(b.path_below("http://127.0.0.1:8090/fhirx/x"), None);
+        assert_eq!(b.path_below("http://10.0.0.1:8090/fhir/x"), None);
+        // A server with a real name has no aliases.
+        let h = BaseUrl::parse("https://fhir.example.org/r4").unwrap();
+        assert_eq!(h.alias_spellings().len(), 2);
+        assert_eq!(h.path_below("https://localhost/r4/x"), None);
+        assert_eq!(
+            h.path_below("https://fhir.example.org:443/r4/x").as_deref(),
+            Some("/x")
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! produce on demand (slow headers, 503 storms, 50 MB bodies). Helpers every test file shares
 //! live here once: the gateway's metrics and SEKMET's log (below, one id at a time or a batch
 //! at once), `raw` (raw HTTP/1.1 exchanges), `broker` (tansu, topics, consumers, writes), `idp`
-//! (tokens from the real OIDC provider, a private provider) and `roads` (the streaming and the
-//! buffered road to the FHIR server, and comparing their answers).
+//! (tokens from the real OIDC provider, a private provider), `bulk` (Bulk Data export: kick-off,
+//! polling, handed-out URLs) and `roads` (the streaming and the buffered road to the FHIR
+//! server, and comparing their answers).
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -19,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod broker;
+pub mod bulk;
 pub mod idp;
 pub mod raw;
 pub mod roads;
