@@ -7,7 +7,8 @@
 //!   and none may be unresolvable;
 //! * update / patch / delete: the current version (read through `cx.fhir`) is judged the same
 //!   way; a resource the caller may not even read is refused as a read would be (404 with
-//!   `hide_existence`); a missing one is a create (PUT) or left to the server (404);
+//!   `hide_existence`); a missing one is a create (PUT), else left to the server (answered
+//!   404 by the gateway with `hide_existence`, like a hidden one);
 //! * patch: no operation may touch an element that decides the owner
 //!   (`compartment::decides_owner`); a patch that is neither JSON Patch nor FHIRPath Patch in
 //!   JSON cannot be checked and is refused;
@@ -109,7 +110,7 @@ impl Judge<'_> {
                  (which resources they change is not checked)",
             ))),
             (m, [t, id]) if valid_type(t) && valid_id(id) => {
-                if let Some(no) = self.existing(t, id).await? {
+                if let Some(no) = self.existing(t, id, m == "PUT").await? {
                     return Ok(Some(no));
                 }
                 match m {
@@ -150,10 +151,20 @@ impl Judge<'_> {
 
     /// Update, patch, delete: the resource as it is now decides. `Ok(None)` also when it does
     /// not exist (a PUT creates it: its body alone is judged).
-    async fn existing(&mut self, rtype: &str, id: &str) -> Result<Option<Response>, ModuleError> {
+    async fn existing(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        put: bool,
+    ) -> Result<Option<Response>, ModuleError> {
         let (status, current) = self.cx.fhir.get_json(&format!("{rtype}/{id}")).await?;
         match status {
             200 => {}
+            // With hide_existence a patch or delete of nothing answers as one of a hidden
+            // resource does (a server's 204 for deleting nothing would tell the two apart).
+            404 | 410 if !put && self.f.style.hide_existence => {
+                return Ok(Some(filter::denied_response(&self.f.style)))
+            }
             404 | 410 => return Ok(None),
             s => {
                 return Err(ModuleError::Unavailable(format!(
@@ -582,6 +593,8 @@ mod tests {
         )
         .await;
         assert_eq!(r.unwrap().status, 404);
+        let (r, _) = check(&hidden, patient(), req("DELETE", "/Observation/new", None)).await;
+        assert_eq!(r.unwrap().status, 404, "nothing there: the same answer");
         // Own data: allowed.
         let (r, _) = check(
             &f,
