@@ -275,6 +275,25 @@ pub trait PostProcess: Send + Sync {
         cx: &Context,
     ) -> Result<PostOutcome, ModuleError>;
 
+    /// Cheap check, like `applies`: does this module judge this request before it is sent
+    /// (`check_write`)? Such a request takes the buffered road, its body read whole, whatever
+    /// its method (a DELETE too).
+    fn checks_write(&self, _req: &Request, _caller: Option<&Identity>) -> bool {
+        false
+    }
+
+    /// Judges a write as it will go upstream (after the pre chain, before the server is
+    /// called): `Some` refuses it with that answer, and nothing is sent. The response side
+    /// cannot undo a write, so a filter that limits what the caller sees limits here what the
+    /// caller may change.
+    async fn check_write(
+        &self,
+        _req: &Request,
+        _cx: &Context,
+    ) -> Result<Option<Response>, ModuleError> {
+        Ok(None)
+    }
+
     /// What it reads of the body; `Compartment` lets the gateway skip parsing the rest.
     fn reads(&self) -> BodyAccess {
         BodyAccess::Whole

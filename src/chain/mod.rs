@@ -103,3 +103,30 @@ pub async fn run_post(
     }
     Ok(())
 }
+
+/// Asks every post module that judges this write (`check_write`) before the upstream call;
+/// the first refusal is the answer.
+pub async fn check_writes(
+    route: &str,
+    modules: &[Arc<dyn PostProcess>],
+    req: &Request,
+    cx: &Context,
+) -> Result<Option<Response>, GatewayError> {
+    for m in modules {
+        if !m.checks_write(req, cx.identity.as_ref()) {
+            continue;
+        }
+        let t = Instant::now();
+        let out = m.check_write(req, cx).await;
+        let outcome = match &out {
+            Ok(None) => "continue",
+            Ok(Some(_)) => "stop",
+            Err(_) => "error",
+        };
+        metrics::module_call(route, m.name(), "write", outcome, t.elapsed());
+        if let Some(refused) = out.map_err(|e| module_error(m.name(), e))? {
+            return Ok(Some(refused));
+        }
+    }
+    Ok(None)
+}

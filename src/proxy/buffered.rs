@@ -260,7 +260,10 @@ impl FhirProxy {
             .iter()
             .filter(|m| m.applies(&req, caller))
             .all(|m| matches!(m.reads(), BodyAccess::Compartment | BodyAccess::Headers));
-        let buffered = body.is_some() || pre_needs_body || post_needs_body;
+        // A write a filter judges before it is sent needs its body (and a DELETE, which has
+        // none, must not stream past the check).
+        let checks_write = route.post.iter().any(|m| m.checks_write(&req, caller));
+        let buffered = body.is_some() || pre_needs_body || post_needs_body || checks_write;
         if !buffered && !pre_applies {
             // Headers-only post modules run on the streamed answer's head.
             ctx.head_chain = post_applies.then_some(req);
@@ -311,6 +314,14 @@ impl FhirProxy {
                 }
                 PreResult::Continue => {
                     self.authorize_final(ctx, &req)?;
+                    // What goes upstream is judged, after the pre chain: a refusal is the
+                    // answer and the server never sees the write.
+                    if let Some(mut refused) =
+                        chain::check_writes(&route.prefix, &route.post, &req, &cx).await?
+                    {
+                        tag_outcome(&mut refused, &ctx.correlation_id);
+                        return Ok(Some(Answer::Module(refused, None)));
+                    }
                     let mut target = req.path.clone();
                     if !req.query.is_empty() {
                         target.push('?');

@@ -7,6 +7,8 @@
 //! Administrator and the global roles bypass. A caller who is nobody in the FHIR server (no
 //! `fhirUser`, no link) sees no patient data. Lookups fail closed (503).
 
+mod writes;
+
 use crate::compartment::{values_at, Owners};
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{valid_id, Identity, Role};
@@ -385,6 +387,22 @@ impl PostProcess for ParticipantFilter {
             filter::Applied::Denied => PostOutcome::Stop,
             filter::Applied::Filtered(_) => PostOutcome::Continue,
         })
+    }
+
+    /// Every write from a caller it filters is judged before it is sent (`writes.rs`).
+    fn checks_write(&self, req: &Request, caller: Option<&Identity>) -> bool {
+        writes::is_write_method(&req.method) && !caller.is_some_and(|id| self.bypasses(id))
+    }
+
+    async fn check_write(
+        &self,
+        req: &Request,
+        cx: &Context,
+    ) -> Result<Option<Response>, ModuleError> {
+        if cx.identity.as_ref().is_some_and(|id| self.bypasses(id)) {
+            return Ok(None);
+        }
+        self.judge_write(req, cx).await
     }
 
     /// It judges resources by their owners alone and removes what it denies.
