@@ -38,9 +38,14 @@ async fn create_at_sekmet(resource: Value) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-/// Downloads every output file of a manifest through the gateway as `token`: each streams
-/// (the access log says `road=stream`), is NDJSON of the manifest's type with its count of
-/// lines, and holds no upstream address. Returns the files' lines by type.
+/// A headers-only post module on the route: exported files carry its headers too.
+const NO_STORE: &str =
+    "post:\n  - name: ResponseHeaders\n    settings: {set: {Cache-Control: no-store}}\n";
+
+/// Downloads every output file of a manifest through the gateway as `token` (on a route with
+/// `NO_STORE`): each streams (the access log says `road=stream`), carries `Cache-Control:
+/// no-store`, is NDJSON of the manifest's type with its count of lines, and holds no upstream
+/// address. Returns the files' lines by type.
 async fn download_all(
     gw: &Gateway,
     manifest: &Value,
@@ -65,6 +70,7 @@ async fn download_all(
         let h = r.headers().clone();
         assert_eq!(header(&h, "content-type"), "application/fhir+ndjson");
         assert_eq!(header(&h, "x-request-id"), id);
+        assert_eq!(header(&h, "cache-control"), "no-store", "{url}");
         let body = r.bytes().await.unwrap();
         assert_no_upstream_address(&h, &body, &sekmet_url());
         assert!(!String::from_utf8_lossy(&body).contains(":8090"));
@@ -102,7 +108,7 @@ async fn download_all(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn patient_export_through_the_gateway_for_its_owner_only() {
-    let gw = jwt_gateway(&bulk_yaml("")).await;
+    let gw = jwt_gateway(&bulk_yaml(NO_STORE)).await;
     let admin = token("admin-app").await;
     // A patient whose data names the server by its own address: the file must not.
     let pid = create_at_sekmet(json!({
@@ -274,7 +280,7 @@ async fn patient_export_through_the_gateway_for_its_owner_only() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn group_export_and_cancel() {
-    let gw = jwt_gateway(&bulk_yaml("")).await;
+    let gw = jwt_gateway(&bulk_yaml(NO_STORE)).await;
     let admin = token("admin-app").await;
     let family = format!("Grp{}", uniq());
     let mut members = Vec::new();

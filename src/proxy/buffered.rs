@@ -179,6 +179,23 @@ impl FhirProxy {
         }
     }
 
+    /// The allow-listed request headers, as modules and the gateway's client see them (names
+    /// lower-case; values that are not UTF-8 left out).
+    pub(super) fn forwarded_headers(&self, down: &RequestHeader) -> Vec<(String, String)> {
+        self.gw
+            .forward
+            .iter()
+            .flat_map(|n| {
+                down.headers
+                    .get_all(n)
+                    .iter()
+                    .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+                    .map(|v| (n.as_str().to_string(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// What modules see of this request, on either road.
     pub(super) fn module_context(&self, ctx: &Ctx, client: Arc<GatewayFhirClient>) -> Context {
         Context {
@@ -217,18 +234,7 @@ impl FhirProxy {
             return Ok(false);
         }
         let down = session.req_header();
-        let headers: Vec<(String, String)> = gw
-            .forward
-            .iter()
-            .flat_map(|n| {
-                down.headers
-                    .get_all(n)
-                    .iter()
-                    .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-                    .map(|v| (n.as_str().to_string(), v.to_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let headers = self.forwarded_headers(down);
         let mut req = ModRequest {
             method: down.method.as_str().to_string(),
             path: ctx.rest.clone(),

@@ -194,6 +194,28 @@ impl FhirProxy {
             Kind::Status => BulkStep::Status,
             Kind::File => BulkStep::File,
         };
+        if kind == Kind::File {
+            // A file streams past the module chains; the route's headers-only modules
+            // (e.g. `Cache-Control: no-store`) still run on its head.
+            let req = ModRequest {
+                method: "GET".into(),
+                path: ctx.rest.clone(),
+                query: ctx
+                    .query
+                    .as_deref()
+                    .map(|q| String::from_utf8_lossy(q).into_owned())
+                    .unwrap_or_default(),
+                headers: self.forwarded_headers(session.req_header()),
+                body: None,
+            };
+            let caller = ctx.identity.as_ref();
+            if gw.routes[ctx.route].post.iter().any(|m| {
+                m.reads() == fhir_gateway_modules::processor::BodyAccess::Headers
+                    && m.applies(&req, caller)
+            }) {
+                ctx.head_chain = Some(req);
+            }
+        }
         ctx.service_auth = gw.identity.authorization().await?;
         ctx.call = Some(self.call_identity(ctx));
         Ok(Admit::Proxy)
@@ -256,19 +278,7 @@ impl FhirProxy {
     ) -> std::result::Result<(), GatewayError> {
         let down = session.req_header();
         let method = down.method.clone();
-        let headers: Vec<(String, String)> = self
-            .gw
-            .forward
-            .iter()
-            .flat_map(|n| {
-                down.headers
-                    .get_all(n)
-                    .iter()
-                    .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-                    .map(|v| (n.as_str().to_string(), v.to_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let headers = self.forwarded_headers(down);
         let mut target = ctx.rest.clone();
         if let Some(q) = &ctx.query {
             target.push('?');

@@ -4,6 +4,7 @@
 //! own headers, as on the buffered road).
 
 use super::*;
+use fhir_gateway_modules::processor::{BodyAccess, PostProcess};
 
 /// Headers a headers-only module never changes: the framing is Pingora's and the gateway's.
 const FRAMING: &[&str] = &["content-length", "transfer-encoding", "connection"];
@@ -33,7 +34,15 @@ impl FhirProxy {
         };
         let client = Arc::new(self.client_for(ctx));
         let cx = self.module_context(ctx, client);
-        chain::run_post(&route.prefix, &route.post, &req, &mut r, &cx).await?;
+        // Only the headers-only modules: on a handed-out Bulk Data file the others may apply
+        // too, but nothing runs them on a streamed body.
+        let heads: Vec<Arc<dyn PostProcess>> = route
+            .post
+            .iter()
+            .filter(|m| m.reads() == BodyAccess::Headers)
+            .cloned()
+            .collect();
+        chain::run_post(&route.prefix, &heads, &req, &mut r, &cx).await?;
         if r.status != status || !matches!(r.body, ModBody::None) {
             return Err(GatewayError::Module {
                 module: route
