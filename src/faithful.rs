@@ -62,6 +62,10 @@ pub fn parse_cut(raw: &[u8], keep: fn(&str) -> bool) -> Option<CutBundle> {
     let mut members = HashMap::new();
     let mut entries = Vec::new();
     for (k, m) in top {
+        // A repeated member (two `entry` arrays): the ranges would not match the tree.
+        if tree.contains_key(&k) {
+            return None;
+        }
         let v = match m {
             Member::Entries(items) => {
                 let mut parsed = Vec::with_capacity(items.len());
@@ -473,6 +477,11 @@ mod tests {
         )
         .is_none());
         assert!(parse_cut(b"not json", owner_fields).is_none());
+        assert!(parse_cut(
+            br#"{"resourceType":"Bundle","entry":[],"entry":[{"resource":{"id":"a"}}]}"#,
+            owner_fields
+        )
+        .is_none());
         // A Bundle that is not valid JSON past the part a filter reads is refused too.
         assert!(parse_cut(
             br#"{"resourceType":"Bundle","entry":[{"resource":{"text":[1,}}}]}"#,
