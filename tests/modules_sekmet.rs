@@ -49,7 +49,7 @@ async fn count(path: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn transform_bundle_turns_a_transaction_into_a_batch_that_keeps_references() {
-    let gw = gateway_with("pre:\n  - name: TransformBundle\n").await;
+    let gw = gateway_with("pre:\n  - name: TransformBundle\n    settings: {mode: always}\n").await;
     let mark = uniq();
     // An existing Patient the conditional create will match.
     direct_post(
@@ -95,10 +95,14 @@ async fn transform_bundle_turns_a_transaction_into_a_batch_that_keeps_references
     let sent: Value = serde_json::from_str(sent["body"].as_str().unwrap()).unwrap();
     assert_eq!(sent["type"], "batch");
     assert_eq!(sent["entry"][0]["request"]["method"], "PUT");
-    assert_eq!(
-        sent["entry"][0]["request"]["url"],
-        "Patient/5f3c6f1e-1111-4c7b-9d2a-000000000001"
-    );
+    // The create stays a create: a fresh id, not the client's UUID.
+    let new_id = sent["entry"][0]["request"]["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("Patient/")
+        .unwrap()
+        .to_string();
+    assert_ne!(new_id, "5f3c6f1e-1111-4c7b-9d2a-000000000001");
     assert_eq!(sent["entry"][1]["request"]["method"], "GET");
     assert!(
         rec.iter().any(|x| x["url"]
@@ -122,18 +126,131 @@ async fn transform_bundle_turns_a_transaction_into_a_batch_that_keeps_references
     let o = &obs["entry"][0]["resource"];
     assert_eq!(
         o["subject"]["reference"],
-        "Patient/5f3c6f1e-1111-4c7b-9d2a-000000000001"
+        format!("Patient/{new_id}").as_str()
     );
     assert_eq!(
         o["performer"][0]["reference"],
         format!("Patient/{existing_id}").as_str()
     );
-    direct_get("Patient/5f3c6f1e-1111-4c7b-9d2a-000000000001").await;
+    direct_get(&format!("Patient/{new_id}")).await;
+}
+
+async fn post_bundle(gw: &Gateway, bundle: &Value, rid: &str) -> (u16, Value) {
+    let r = client()
+        .post(gw.base())
+        .header("Content-Type", "application/fhir+json")
+        .header("X-Request-Id", rid)
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A transaction that creates a Patient under `uuid`, family `family`; `then` entries after it.
+fn create_tx(uuid: &str, family: &str, then: &[Value]) -> Value {
+    let mut entries = vec![json!({"fullUrl": format!("urn:uuid:{uuid}"),
+        "resource": {"resourceType": "Patient", "name": [{"family": family}]},
+        "request": {"method": "POST", "url": "Patient"}})];
+    entries.extend(then.iter().cloned());
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+/// Issue 14: TransformBundle keeps a transaction's meaning. `auto` (the default) leaves it to
+/// SEKMET, which runs transactions: atomic, and a create is a create. `always` converts, and a
+/// converted create gets a fresh id, so a reused or guessed `urn:uuid` never overwrites.
+#[tokio::test(flavor = "multi_thread")]
+async fn transactions_stay_atomic_and_creates_stay_creates() {
+    let auto = gateway_with("pre:\n  - name: TransformBundle\n").await;
+    let mark = uniq();
+    let uuid = uuid::Uuid::new_v4().to_string();
+    // Two transactions reusing one urn:uuid: two Patients.
+    for i in 0..2 {
+        let rid = format!("tx-auto-{mark}-{i}");
+        let (status, body) =
+            post_bundle(&auto, &create_tx(&uuid, &format!("Re{mark}"), &[]), &rid).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["type"], "transaction-response");
+        let sent = sekmet_received(&rid);
+        let sent = sent
+            .iter()
+            .find(|x| x["url"] == "/fhir")
+            .expect("the transaction");
+        let sent: Value = serde_json::from_str(sent["body"].as_str().unwrap()).unwrap();
+        assert_eq!(sent["type"], "transaction", "passed as sent");
+    }
+    assert_eq!(count(&format!("Patient?family=Re{mark}")).await, 2);
+    // A failing entry: the server's 4xx, and nothing of the transaction is written.
+    let bad_put = json!({"resource": {"resourceType": "Patient", "id": "not-this-one"},
+                         "request": {"method": "PUT", "url": format!("Patient/other-{mark}")}});
+    let (status, body) = post_bundle(
+        &auto,
+        &create_tx(
+            &uuid::Uuid::new_v4().to_string(),
+            &format!("Fail{mark}"),
+            &[bad_put],
+        ),
+        &format!("tx-fail-{mark}"),
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status} {body}");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(
+        count(&format!("Patient?family=Fail{mark}")).await,
+        0,
+        "nothing written"
+    );
+
+    // Converted: still two Patients for a reused urn:uuid, neither under the client's UUID.
+    let always =
+        gateway_with("pre:\n  - name: TransformBundle\n    settings: {mode: always}\n").await;
+    for i in 0..2 {
+        let (status, body) = post_bundle(
+            &always,
+            &create_tx(&uuid, &format!("Al{mark}"), &[]),
+            &format!("tx-al-{mark}-{i}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let made = direct_get(&format!("Patient?family=Al{mark}")).await;
+    assert_eq!(made["total"], 2);
+    for e in made["entry"].as_array().unwrap() {
+        assert_ne!(e["resource"]["id"], uuid.as_str());
+    }
+    // A urn:uuid naming an existing resource (another patient's) does not overwrite it.
+    let victim = format!("victim-{mark}");
+    let r = client()
+        .put(format!("{}/Patient/{victim}", sekmet_url()))
+        .header("Content-Type", "application/fhir+json")
+        .body(
+            json!({"resourceType": "Patient", "id": victim, "name": [{"family": "Victim"}]})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let attack = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": format!("urn:uuid:{victim}"),
+         "resource": {"resourceType": "Patient", "id": victim, "name": [{"family": format!("Attacker{mark}")}]},
+         "request": {"method": "POST", "url": "Patient"}}]});
+    let (status, body) = post_bundle(&always, &attack, &format!("tx-attack-{mark}")).await;
+    assert_eq!(status, 200, "{body}");
+    let v = direct_get(&format!("Patient/{victim}")).await;
+    assert_eq!(v["name"][0]["family"], "Victim", "not overwritten");
+    assert_eq!(v["meta"]["versionId"], "1");
+    assert_eq!(
+        count(&format!("Patient?family=Attacker{mark}")).await,
+        1,
+        "created anew"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ambiguous_conditions_are_412_and_malformed_bundles_400_with_nothing_written() {
-    let gw = gateway_with("pre:\n  - name: TransformBundle\n").await;
+    let gw = gateway_with("pre:\n  - name: TransformBundle\n    settings: {mode: always}\n").await;
     let mark = uniq();
     for _ in 0..2 {
         direct_post(

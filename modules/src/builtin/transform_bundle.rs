@@ -1,17 +1,29 @@
 //! TransformBundle (pre) — for FHIR servers without transactions: a `transaction` Bundle POSTed
 //! to the base becomes a `batch` the server can run, with the transaction's references kept.
 //!
+//! `mode` decides when: `auto` (the default) converts only when the server's CapabilityStatement
+//! does not list the `transaction` interaction (read on first use, then every
+//! `capability_ttl_secs`; a server whose statement cannot be read gets the transaction as sent:
+//! it runs it or refuses it whole, never half); `always` converts; `never` does not.
+//!
+//! Converting:
 //! 1. Conditional entries (`ifNoneExist` creates, conditional PUT URLs) are resolved by
 //!    searching the server: more than one match → 412 naming the entry, nothing written; one
 //!    match → the entry targets the existing resource and references to its `fullUrl` follow;
 //!    none → unchanged.
-//! 2. `type` becomes `batch`; entries with a `urn:uuid:` fullUrl and a resource get
-//!    id = resource.id or the UUID and become `PUT <Type>/<id>` (or `<Type>?_id=<id>`).
+//! 2. `type` becomes `batch`. A create (POST) with a `urn:uuid:` fullUrl stays a create: it
+//!    becomes `PUT <Type>/<fresh id>`, the id a new random UUID, never the client's UUID or
+//!    `resource.id` (a reused or guessed UUID would otherwise overwrite an existing resource).
+//!    A PUT with a `urn:uuid:` fullUrl keeps its id (resource.id or the UUID).
 //! 3. Every `reference` pointing at a `urn:uuid:` of the bundle becomes `<Type>/<id>`.
 //!
-//! A malformed bundle (bad JSON, an entry without `request`) is a 400; nothing is sent upstream.
+//! A batch is not atomic: an entry that fails leaves the others written (docs/modules.md).
 //!
-//! Settings: `conditional_put` (use `<Type>?_id=<id>`; default false).
+//! A malformed bundle (bad JSON, an entry without `request`) is a 400 in every mode; nothing is
+//! sent upstream.
+//!
+//! Settings: `mode` (`auto`), `capability_ttl_secs` (300), `conditional_put` (use
+//! `<Type>?_id=<id>`; default false).
 
 use crate::processor::{Context, ModuleError, PreOutcome, PreProcess, Request, Response};
 use crate::Identity;
@@ -19,26 +31,107 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-#[derive(Debug, Deserialize, Default)]
+/// When a transaction is turned into a batch.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Only when the server does not run transactions itself.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+fn default_ttl() -> u64 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     #[serde(default)]
     pub conditional_put: bool,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_ttl")]
+    pub capability_ttl_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            conditional_put: false,
+            mode: Mode::Auto,
+            capability_ttl_secs: default_ttl(),
+        }
+    }
 }
 
 pub struct TransformBundle {
     conditional_put: bool,
+    mode: Mode,
+    ttl: Duration,
+    /// Whether the server lists `transaction`, and when that was read.
+    server_runs_transactions: Mutex<Option<(Instant, bool)>>,
 }
 
 impl TransformBundle {
     pub const NAME: &'static str = "TransformBundle";
 
     pub fn new(s: Settings) -> Result<Self, String> {
+        if !(1..=86_400).contains(&s.capability_ttl_secs) {
+            return Err("capability_ttl_secs must be 1..=86400".into());
+        }
         Ok(TransformBundle {
             conditional_put: s.conditional_put,
+            mode: s.mode,
+            ttl: Duration::from_secs(s.capability_ttl_secs),
+            server_runs_transactions: Mutex::new(None),
         })
     }
+
+    /// Whether this transaction is turned into a batch.
+    async fn converts(&self, cx: &Context) -> bool {
+        match self.mode {
+            Mode::Always => true,
+            Mode::Never => false,
+            Mode::Auto => !self.server_runs_transactions(cx).await,
+        }
+    }
+
+    /// From the server's CapabilityStatement, cached for `ttl`. Unreadable: `true` (the
+    /// transaction goes as sent: the server runs it or refuses it whole), not cached.
+    async fn server_runs_transactions(&self, cx: &Context) -> bool {
+        if let Some((at, runs)) = *self.server_runs_transactions.lock().unwrap() {
+            if at.elapsed() < self.ttl {
+                return runs;
+            }
+        }
+        let runs = match cx.fhir.get_json("metadata").await {
+            Ok((200, cs)) => lists_transaction(&cs),
+            _ => return true,
+        };
+        *self.server_runs_transactions.lock().unwrap() = Some((Instant::now(), runs));
+        runs
+    }
+}
+
+/// Whether a CapabilityStatement lists the system `transaction` interaction.
+fn lists_transaction(cs: &Value) -> bool {
+    cs.get("rest")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            r.get("interaction")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .any(|i| i.get("code").and_then(Value::as_str) == Some("transaction"))
 }
 
 fn bad(msg: impl Into<String>) -> PreOutcome {
@@ -143,6 +236,9 @@ impl PreProcess for TransformBundle {
             }
         }
 
+        if !self.converts(cx).await {
+            return Ok(PreOutcome::Continue);
+        }
         let mut out = Vec::with_capacity(entries.len());
         // fullUrl (urn:uuid:...) → Type/id, for step 3.
         let mut refs: HashMap<String, String> = HashMap::new();
@@ -231,11 +327,17 @@ impl PreProcess for TransformBundle {
             if let (Some(f), Some(t)) = (&full_url, &rtype) {
                 if let Some(uuid) = f.strip_prefix("urn:uuid:") {
                     if method == "POST" || (method == "PUT" && !url.contains('?')) {
-                        let id = e["resource"]
-                            .get("id")
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                            .unwrap_or_else(|| uuid.to_string());
+                        // A create gets a fresh id: the client's UUID (or resource.id) may
+                        // name a resource that exists, and a PUT to it would overwrite it.
+                        let id = if method == "POST" {
+                            uuid::Uuid::new_v4().to_string()
+                        } else {
+                            e["resource"]
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .map(str::to_string)
+                                .unwrap_or_else(|| uuid.to_string())
+                        };
                         if !crate::identity::valid_id(&id) {
                             return Ok(bad(format!("entry {i}: {id:?} is not a valid FHIR id")));
                         }
@@ -279,13 +381,21 @@ mod tests {
         }
     }
 
+    fn always() -> TransformBundle {
+        TransformBundle::new(Settings {
+            mode: Mode::Always,
+            ..Settings::default()
+        })
+        .unwrap()
+    }
+
     fn tx(entries: Value) -> Value {
         json!({"resourceType":"Bundle","type":"transaction","entry":entries})
     }
 
     #[tokio::test]
     async fn urn_uuid_entries_become_puts_and_references_follow() {
-        let m = TransformBundle::new(Settings::default()).unwrap();
+        let m = always();
         let mut r = req(tx(json!([
             {"fullUrl":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
             {"fullUrl":"urn:uuid:bbbbbbbb-0000-0000-0000-000000000002","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"},"hasMember":[{"reference":"urn:uuid:unknown"}]},"request":{"method":"POST","url":"Observation"}},
@@ -300,18 +410,18 @@ mod tests {
         ));
         let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
         assert_eq!(b["type"], "batch");
-        assert_eq!(
-            b["entry"][0]["request"]["url"],
-            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
-        );
+        // The create stays a create: a fresh id, not the client's UUID.
+        let id = b["entry"][0]["resource"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        assert_ne!(id, "aaaaaaaa-0000-0000-0000-000000000001");
+        assert_eq!(b["entry"][0]["request"]["url"], format!("Patient/{id}"));
         assert_eq!(b["entry"][0]["request"]["method"], "PUT");
         assert_eq!(
-            b["entry"][0]["resource"]["id"],
-            "aaaaaaaa-0000-0000-0000-000000000001"
-        );
-        assert_eq!(
             b["entry"][1]["resource"]["subject"]["reference"],
-            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
+            format!("Patient/{id}")
         );
         assert_eq!(
             b["entry"][1]["resource"]["hasMember"][0]["reference"],
@@ -320,13 +430,74 @@ mod tests {
         assert_eq!(b["entry"][2]["request"]["method"], "DELETE");
         assert_eq!(
             b["entry"][3]["resource"]["provision"]["data"][0]["reference"]["reference"],
-            "Patient/aaaaaaaa-0000-0000-0000-000000000001"
+            format!("Patient/{id}")
         );
+        // Another transaction reusing the same UUID creates another resource.
+        let mut again = req(tx(json!([
+            {"fullUrl":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001","resource":{"resourceType":"Patient","id":"victim"},"request":{"method":"POST","url":"Patient"}}
+        ])));
+        m.process(&mut again, &cx).await.unwrap();
+        let b: Value = serde_json::from_slice(again.body.as_ref().unwrap()).unwrap();
+        let other = b["entry"][0]["resource"]["id"].as_str().unwrap();
+        assert_ne!(other, id);
+        assert_ne!(other, "victim", "a create never takes the client's id");
+    }
+
+    #[tokio::test]
+    async fn auto_converts_only_for_servers_without_transactions_and_caches_what_it_read() {
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        let body = tx(json!([
+            {"fullUrl":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}
+        ]));
+        let runs = json!({"resourceType":"CapabilityStatement","rest":[{"mode":"server","interaction":[{"code":"batch"},{"code":"transaction"}]}]});
+        let (cx, client) = context_with(ScriptedClient::new(vec![(200, runs)]));
+        for _ in 0..2 {
+            let mut r = req(body.clone());
+            m.process(&mut r, &cx).await.unwrap();
+            let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+            assert_eq!(b["type"], "transaction", "passed as sent");
+        }
+        assert_eq!(
+            client.calls(),
+            vec!["GET metadata".to_string()],
+            "read once"
+        );
+
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        let batch_only = json!({"resourceType":"CapabilityStatement","rest":[{"mode":"server","interaction":[{"code":"batch"}]}]});
+        let (cx, _) = context_with(ScriptedClient::new(vec![(200, batch_only)]));
+        let mut r = req(body.clone());
+        m.process(&mut r, &cx).await.unwrap();
+        let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+        assert_eq!(b["type"], "batch");
+
+        // Unreadable: the server gets the transaction as sent (it runs it or refuses it whole).
+        let m = TransformBundle::new(Settings::default()).unwrap();
+        let (cx, _) = context_with(ScriptedClient::new(vec![(503, json!({}))]));
+        let mut r = req(body.clone());
+        m.process(&mut r, &cx).await.unwrap();
+        let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+        assert_eq!(b["type"], "transaction");
+
+        let never = TransformBundle::new(Settings {
+            mode: Mode::Never,
+            ..Settings::default()
+        })
+        .unwrap();
+        let (cx, client) = context_with(ScriptedClient::new(vec![]));
+        let mut r = req(body);
+        never.process(&mut r, &cx).await.unwrap();
+        assert!(client.calls().is_empty());
+        assert!(TransformBundle::new(Settings {
+            capability_ttl_secs: 0,
+            ..Settings::default()
+        })
+        .is_err());
     }
 
     #[tokio::test]
     async fn conditional_create_matching_twice_is_412_and_once_reuses() {
-        let m = TransformBundle::new(Settings::default()).unwrap();
+        let m = always();
         let two = json!({"resourceType":"Bundle","total":2,"entry":[{"resource":{"id":"a"}},{"resource":{"id":"b"}}]});
         let mut r = req(tx(json!([
             {"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient","ifNoneExist":"identifier=x|1"}}
