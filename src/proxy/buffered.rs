@@ -62,6 +62,25 @@ pub(super) async fn client_gone(session: &mut Session) {
     }
 }
 
+/// The request as modules see it: path below the prefix and raw query from `ctx`, no body.
+pub(super) fn module_request(
+    method: &str,
+    ctx: &Ctx,
+    headers: Vec<(String, String)>,
+) -> ModRequest {
+    ModRequest {
+        method: method.to_string(),
+        path: ctx.rest.clone(),
+        query: ctx
+            .query
+            .as_deref()
+            .map(|q| String::from_utf8_lossy(q).into_owned())
+            .unwrap_or_default(),
+        headers,
+        body: None,
+    }
+}
+
 /// A module's own OperationOutcome carries the correlation id too, like every gateway error.
 pub(super) fn tag_outcome(r: &mut ModResponse, correlation_id: &str) {
     let Some(body) = r.json_body_mut() else {
@@ -235,17 +254,7 @@ impl FhirProxy {
         }
         let down = session.req_header();
         let headers = self.forwarded_headers(down);
-        let mut req = ModRequest {
-            method: down.method.as_str().to_string(),
-            path: ctx.rest.clone(),
-            query: ctx
-                .query
-                .as_deref()
-                .map(|q| String::from_utf8_lossy(q).into_owned())
-                .unwrap_or_default(),
-            headers,
-            body: None,
-        };
+        let mut req = module_request(down.method.as_str(), ctx, headers);
         let mut body = match admit {
             Admit::Buffered(b) => Some(b),
             Admit::Proxy => None,

@@ -96,17 +96,7 @@ impl FhirProxy {
                 return Err(self.export_roles_rule());
             }
         }
-        let probe = ModRequest {
-            method: "GET".into(),
-            path: ctx.rest.clone(),
-            query: ctx
-                .query
-                .as_deref()
-                .map(|q| String::from_utf8_lossy(q).into_owned())
-                .unwrap_or_default(),
-            headers: Vec::new(),
-            body: None,
-        };
+        let probe = module_request("GET", ctx, Vec::new());
         let route = &self.gw.routes[ctx.route];
         // Headers-only modules (ResponseHeaders) change no data: they do not bar an export.
         if let Some(m) = route.post.iter().find(|m| {
@@ -197,17 +187,7 @@ impl FhirProxy {
         if kind == Kind::File {
             // A file streams past the module chains; the route's headers-only modules
             // (e.g. `Cache-Control: no-store`) still run on its head.
-            let req = ModRequest {
-                method: "GET".into(),
-                path: ctx.rest.clone(),
-                query: ctx
-                    .query
-                    .as_deref()
-                    .map(|q| String::from_utf8_lossy(q).into_owned())
-                    .unwrap_or_default(),
-                headers: self.forwarded_headers(session.req_header()),
-                body: None,
-            };
+            let req = module_request("GET", ctx, self.forwarded_headers(session.req_header()));
             let caller = ctx.identity.as_ref();
             if gw.routes[ctx.route].post.iter().any(|m| {
                 m.reads() == fhir_gateway_modules::processor::BodyAccess::Headers
