@@ -260,21 +260,26 @@ impl FhirProxy {
             Admit::Proxy => None,
         };
         let caller = ctx.identity.as_ref();
-        let pre_applies = route.pre.iter().any(|m| m.applies(&req, caller));
-        let pre_needs_body = route
+        // Each module is asked once (`applies` may classify the request).
+        let pre_needs: Vec<bool> = route
             .pre
             .iter()
-            .any(|m| m.applies(&req, caller) && m.needs_body());
-        let post_applies = route.post.iter().any(|m| m.applies(&req, caller));
-        let post_needs_body = route
-            .post
-            .iter()
-            .any(|m| m.applies(&req, caller) && m.reads() != BodyAccess::Headers);
-        let filters_only = route
+            .filter(|m| m.applies(&req, caller))
+            .map(|m| m.needs_body())
+            .collect();
+        let pre_applies = !pre_needs.is_empty();
+        let pre_needs_body = pre_needs.contains(&true);
+        let post_reads: Vec<BodyAccess> = route
             .post
             .iter()
             .filter(|m| m.applies(&req, caller))
-            .all(|m| matches!(m.reads(), BodyAccess::Compartment | BodyAccess::Headers));
+            .map(|m| m.reads())
+            .collect();
+        let post_applies = !post_reads.is_empty();
+        let post_needs_body = post_reads.iter().any(|r| *r != BodyAccess::Headers);
+        let filters_only = post_reads
+            .iter()
+            .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
         let checks_write = route.post.iter().any(|m| m.checks_write(&req, caller));
