@@ -45,12 +45,7 @@ impl FhirProxy {
         chain::run_post(&route.prefix, &heads, &req, &mut r, &cx).await?;
         if r.status != status || !matches!(r.body, ModBody::None) {
             return Err(GatewayError::Module {
-                module: route
-                    .post
-                    .iter()
-                    .map(|m| m.name())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                module: heads.iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
                 message: "a headers-only post module changed the status or the body".into(),
                 unavailable: false,
             });
