@@ -84,7 +84,7 @@ async fn transform_bundle_turns_a_transaction_into_a_batch_that_keeps_references
     let body = r.bytes().await.unwrap();
     assert_no_upstream_address(&headers, &body, &sekmet_url());
     let resp: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(resp["type"], "batch-response");
+    assert_eq!(resp["type"], "transaction-response", "the client's meaning");
 
     // What SEKMET received: a batch of PUTs, the conditional create resolved to a read.
     let rec = sekmet_received(&rid);
@@ -246,6 +246,108 @@ async fn transactions_stay_atomic_and_creates_stay_creates() {
         1,
         "created anew"
     );
+}
+
+async fn put_direct(path: &str, body: &Value) {
+    let r = client()
+        .put(format!("{}/{path}", sekmet_url()))
+        .header("Content-Type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
+}
+
+/// Issue 14: a converted transaction (`always`) is still all or nothing. The server runs it as
+/// a batch; when an entry fails, the gateway deletes what the others created and restores what
+/// they updated or deleted, and answers the failing entry's 4xx naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_converted_transaction_with_a_failing_entry_leaves_nothing_written() {
+    let gw = gateway_with("pre:\n  - name: TransformBundle\n    settings: {mode: always}\n").await;
+    let mark = uniq();
+    let (keep, doomed) = (format!("keep-{mark}"), format!("doomed-{mark}"));
+    put_direct(
+        &format!("Patient/{keep}"),
+        &json!({"resourceType":"Patient","id":keep,"name":[{"family":"Keep"}],"active":true}),
+    )
+    .await;
+    put_direct(
+        &format!("Patient/{doomed}"),
+        &json!({"resourceType":"Patient","id":doomed,"name":[{"family":"Doomed"}]}),
+    )
+    .await;
+    let update = json!({"resource":{"resourceType":"Patient","id":keep,"name":[{"family":"Changed"}]},
+                        "request":{"method":"PUT","url":format!("Patient/{keep}")}});
+    let delete = json!({"request":{"method":"DELETE","url":format!("Patient/{doomed}")}});
+    // SEKMET refuses this entry: its id does not match its URL.
+    let failing = json!({"resource":{"resourceType":"Patient","id":"not-this-one"},
+                         "request":{"method":"PUT","url":format!("Patient/other-{mark}")}});
+    let tx = create_tx(
+        &uuid::Uuid::new_v4().to_string(),
+        &format!("New{mark}"),
+        &[update.clone(), delete.clone(), failing],
+    );
+    let rid = format!("tx-undo-{mark}");
+    let (status, body) = post_bundle(&gw, &tx, &rid).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    let d = body["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(d.contains("entry 3 (PUT Patient/other-"), "{d}");
+    assert!(d.contains("3 written entries undone"), "{d}");
+
+    // SEKMET ran the batch (pinned to the versions found) and then the undo.
+    let rec = sekmet_received(&rid);
+    let batch = rec
+        .iter()
+        .find(|x| x["method"] == "POST" && x["url"] == "/fhir")
+        .expect("the batch");
+    let batch: Value = serde_json::from_str(batch["body"].as_str().unwrap()).unwrap();
+    assert_eq!(batch["type"], "batch");
+    assert_eq!(batch["entry"][1]["request"]["ifMatch"], "W/\"1\"");
+    assert_eq!(batch["entry"][2]["request"]["ifMatch"], "W/\"1\"");
+    let created = batch["entry"][0]["request"]["url"].as_str().unwrap();
+    assert!(
+        rec.iter()
+            .any(|x| x["method"] == "DELETE" && x["url"] == format!("/fhir/{created}")),
+        "the create was undone: {rec:?}"
+    );
+
+    // Read back: nothing of the transaction remains.
+    assert_eq!(count(&format!("Patient?family=New{mark}")).await, 0);
+    let k = direct_get(&format!("Patient/{keep}")).await;
+    assert_eq!(k["name"][0]["family"], "Keep", "update undone: {k}");
+    assert_eq!(k["active"], true);
+    assert_eq!(k["meta"]["versionId"], "3", "restored as a new version");
+    let g = direct_get(&format!("Patient/{doomed}")).await;
+    assert_eq!(g["name"][0]["family"], "Doomed", "delete undone: {g}");
+
+    // The same entries without the failing one: a transaction-response, all of it written.
+    let tx = create_tx(
+        &uuid::Uuid::new_v4().to_string(),
+        &format!("New{mark}"),
+        &[update, delete],
+    );
+    let (status, body) = post_bundle(&gw, &tx, &format!("tx-ok-{mark}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["type"], "transaction-response");
+    let statuses: Vec<&str> = body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert!(statuses[0].starts_with("201"), "{statuses:?}");
+    assert!(statuses[1].starts_with("200"), "{statuses:?}");
+    assert_eq!(count(&format!("Patient?family=New{mark}")).await, 1);
+    let k = direct_get(&format!("Patient/{keep}")).await;
+    assert_eq!(k["name"][0]["family"], "Changed");
+    let r = client()
+        .get(format!("{}/Patient/{doomed}", sekmet_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410, "deleted");
 }
 
 #[tokio::test(flavor = "multi_thread")]

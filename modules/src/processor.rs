@@ -239,6 +239,26 @@ pub trait PreProcess: Send + Sync {
     }
 
     async fn process(&self, req: &mut Request, cx: &Context) -> Result<PreOutcome, ModuleError>;
+
+    /// Cheap check: may this module have to finish its work on the server's answer
+    /// (`finish`)? The gateway then keeps the request as the caller sent it.
+    fn finishes(&self) -> bool {
+        false
+    }
+
+    /// Runs after the upstream call, before the post chain, when this module applied and the
+    /// chain continued: `original` is the request as the caller sent it, `sent` as it went to
+    /// the server. A module that changed what a request means (TransformBundle: a transaction
+    /// sent as a batch) gives the answer that meaning back here.
+    async fn finish(
+        &self,
+        _original: &Request,
+        _sent: &Request,
+        _resp: &mut Response,
+        _cx: &Context,
+    ) -> Result<(), ModuleError> {
+        Ok(())
+    }
 }
 
 /// What a post module reads of a response body.

@@ -75,6 +75,29 @@ pub async fn run_pre(
     Ok(PreResult::Continue)
 }
 
+/// Lets the pre modules that applied finish on the server's answer (`PreProcess::finish`),
+/// last module first: each undoes its own change in the reverse order it was made.
+pub async fn run_finish(
+    route: &str,
+    modules: &[Arc<dyn PreProcess>],
+    original: &Request,
+    sent: &Request,
+    resp: &mut Response,
+    cx: &Context,
+) -> Result<(), GatewayError> {
+    for m in modules.iter().rev() {
+        if !m.finishes() || !m.applies(original, cx.identity.as_ref()) {
+            continue;
+        }
+        let t = Instant::now();
+        let out = m.finish(original, sent, resp, cx).await;
+        let outcome = if out.is_ok() { "continue" } else { "error" };
+        metrics::module_call(route, m.name(), "finish", outcome, t.elapsed());
+        out.map_err(|e| module_error(m.name(), e))?;
+    }
+    Ok(())
+}
+
 /// Runs every applicable post module over the one parsed response.
 pub async fn run_post(
     route: &str,

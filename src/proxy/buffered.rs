@@ -261,14 +261,15 @@ impl FhirProxy {
         };
         let caller = ctx.identity.as_ref();
         // Each module is asked once (`applies` may classify the request).
-        let pre_needs: Vec<bool> = route
+        let pre_needs: Vec<(bool, bool)> = route
             .pre
             .iter()
             .filter(|m| m.applies(&req, caller))
-            .map(|m| m.needs_body())
+            .map(|m| (m.needs_body(), m.finishes()))
             .collect();
         let pre_applies = !pre_needs.is_empty();
-        let pre_needs_body = pre_needs.contains(&true);
+        let pre_needs_body = pre_needs.iter().any(|(body, _)| *body);
+        let pre_finishes = pre_needs.iter().any(|(_, finish)| *finish);
         let post_reads: Vec<BodyAccess> = route
             .post
             .iter()
@@ -283,7 +284,8 @@ impl FhirProxy {
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
         let checks_write = route.post.iter().any(|m| m.checks_write(&req, caller));
-        let buffered = body.is_some() || pre_needs_body || post_needs_body || checks_write;
+        let buffered =
+            body.is_some() || pre_needs_body || pre_finishes || post_needs_body || checks_write;
         if !buffered && !pre_applies {
             // Headers-only post modules run on the streamed answer's head.
             ctx.head_chain = post_applies.then_some(req);
@@ -293,6 +295,8 @@ impl FhirProxy {
             body = Some(self.read_body(session, &mut ctx.body).await?);
         }
         req.body = body.map(|b| b.to_vec());
+        // A module that finishes on the answer compares it with what the caller sent.
+        let original = pre_finishes.then(|| req.clone());
         if post_applies {
             // The post chain decides what this caller sees, so the server must not answer a
             // conditional read with a 304 the chain cannot judge (see `CallIdentity::filtered`).
@@ -365,14 +369,14 @@ impl FhirProxy {
                     if (200..300).contains(&fetched.status) {
                         ctx.written.iter().for_each(|t| gw.invalidate(t));
                     }
-                    if !post_applies {
+                    if !post_applies && original.is_none() {
                         return Ok(Some(Answer::Server(fetched)));
                     }
                     // Modules edit the parsed tree; the faithful writer reuses the server's bytes
                     // for whatever they left unchanged. Filters that judge only whose data a
                     // resource is get a Bundle's resources cut down to what decides that.
                     let raw = fetched.body.clone();
-                    let cut = filters_only && fetched.is_json();
+                    let cut = filters_only && original.is_none() && fetched.is_json();
                     let (r, origin) = match cut.then(|| faithful::parse_cut(&raw, decides_owner)) {
                         Some(Some(c)) => {
                             let r = fetched.into_parsed(c.tree.clone());
@@ -385,6 +389,11 @@ impl FhirProxy {
                         }
                     };
                     let origin = origin.map(|tree| Origin { tree, raw });
+                    let mut r = r;
+                    if let Some(original) = &original {
+                        chain::run_finish(&route.prefix, &route.pre, original, &req, &mut r, &cx)
+                            .await?;
+                    }
                     (r, origin)
                 }
             };

@@ -17,7 +17,16 @@
 //!    A PUT with a `urn:uuid:` fullUrl keeps its id (resource.id or the UUID).
 //! 3. Every `reference` pointing at a `urn:uuid:` of the bundle becomes `<Type>/<id>`.
 //!
-//! A batch is not atomic: an entry that fails leaves the others written (docs/modules.md).
+//! 4. Atomicity (`atomic.rs`): every resource may appear once; each update, patch and delete
+//!    is pinned to the version it found (`ifMatch`), read just before. The answer is the
+//!    transaction's: all entries succeeded → a `transaction-response` with the server's own
+//!    statuses; one failed → the gateway undoes what the others wrote (deletes what they
+//!    created, restores by version what they updated or deleted) and answers the failing
+//!    entry's 4xx with an OperationOutcome naming it. A server that keeps no versions of a
+//!    type (no `vread`) cannot have updates of it undone: such a transaction is refused.
+//!    Limits: a writer between the pin and the undo (the undo is itself pinned and reports
+//!    what it could not restore, 500); a restored resource has a new version, and history
+//!    shows the undone one.
 //!
 //! A malformed bundle (bad JSON, an entry without `request`) is a 400 in every mode; nothing is
 //! sent upstream.
@@ -25,13 +34,15 @@
 //! Settings: `mode` (`auto`), `capability_ttl_secs` (300), `conditional_put` (use
 //! `<Type>?_id=<id>`; default false).
 
+mod atomic;
+
 use crate::processor::{Context, ModuleError, PreOutcome, PreProcess, Request, Response};
 use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// When a transaction is turned into a batch.
@@ -74,8 +85,16 @@ pub struct TransformBundle {
     conditional_put: bool,
     mode: Mode,
     ttl: Duration,
-    /// Whether the server lists `transaction`, and when that was read.
-    server_runs_transactions: Mutex<Option<(Instant, bool)>>,
+    /// What the server's CapabilityStatement says, and when that was read.
+    caps: Mutex<Option<(Instant, Arc<Caps>)>>,
+}
+
+/// What the gateway needs to know of the server's CapabilityStatement.
+#[derive(Debug, Default)]
+pub(crate) struct Caps {
+    pub transaction: bool,
+    /// Types it lists without `vread`: their updates cannot be undone.
+    pub no_vread: BTreeSet<String>,
 }
 
 impl TransformBundle {
@@ -89,49 +108,68 @@ impl TransformBundle {
             conditional_put: s.conditional_put,
             mode: s.mode,
             ttl: Duration::from_secs(s.capability_ttl_secs),
-            server_runs_transactions: Mutex::new(None),
+            caps: Mutex::new(None),
         })
     }
 
-    /// Whether this transaction is turned into a batch.
-    async fn converts(&self, cx: &Context) -> bool {
+    /// Whether this transaction is turned into a batch, with what is known of the server
+    /// (nothing under `always`: updates are then undone if the server allows it).
+    async fn converts(&self, cx: &Context) -> Option<Arc<Caps>> {
         match self.mode {
-            Mode::Always => true,
-            Mode::Never => false,
-            Mode::Auto => !self.server_runs_transactions(cx).await,
+            Mode::Always => Some(Arc::new(Caps::default())),
+            Mode::Never => None,
+            Mode::Auto => self.caps(cx).await.filter(|c| !c.transaction),
         }
     }
 
-    /// From the server's CapabilityStatement, cached for `ttl`. Unreadable: `true` (the
+    /// From the server's CapabilityStatement, cached for `ttl`. Unreadable: `None` (the
     /// transaction goes as sent: the server runs it or refuses it whole), not cached.
-    async fn server_runs_transactions(&self, cx: &Context) -> bool {
-        if let Some((at, runs)) = *self.server_runs_transactions.lock().unwrap() {
+    async fn caps(&self, cx: &Context) -> Option<Arc<Caps>> {
+        if let Some((at, caps)) = &*self.caps.lock().unwrap() {
             if at.elapsed() < self.ttl {
-                return runs;
+                return Some(caps.clone());
             }
         }
-        let runs = match cx.fhir.get_json("metadata").await {
-            Ok((200, cs)) => lists_transaction(&cs),
-            _ => return true,
+        let caps = match cx.fhir.get_json("metadata").await {
+            Ok((200, cs)) => Arc::new(read_caps(&cs)),
+            _ => return None,
         };
-        *self.server_runs_transactions.lock().unwrap() = Some((Instant::now(), runs));
-        runs
+        *self.caps.lock().unwrap() = Some((Instant::now(), caps.clone()));
+        Some(caps)
     }
 }
 
-/// Whether a CapabilityStatement lists the system `transaction` interaction.
-fn lists_transaction(cs: &Value) -> bool {
-    cs.get("rest")
+fn codes(v: Option<&Value>) -> impl Iterator<Item = &str> {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.get("code").and_then(Value::as_str))
+}
+
+/// The system `transaction` interaction, and the types listed without `vread`.
+fn read_caps(cs: &Value) -> Caps {
+    let mut caps = Caps::default();
+    for rest in cs
+        .get("rest")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .flat_map(|r| {
-            r.get("interaction")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-        })
-        .any(|i| i.get("code").and_then(Value::as_str) == Some("transaction"))
+    {
+        caps.transaction |= codes(rest.get("interaction")).any(|c| c == "transaction");
+        for r in rest
+            .get("resource")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = r.get("type").and_then(Value::as_str) {
+                if !codes(r.get("interaction")).any(|c| c == "vread") {
+                    caps.no_vread.insert(t.to_string());
+                }
+            }
+        }
+    }
+    caps
 }
 
 fn bad(msg: impl Into<String>) -> PreOutcome {
@@ -176,6 +214,20 @@ impl PreProcess for TransformBundle {
 
     fn applies(&self, req: &Request, _caller: Option<&Identity>) -> bool {
         req.method == "POST" && req.path.trim_matches('/').is_empty()
+    }
+
+    fn finishes(&self) -> bool {
+        self.mode != Mode::Never
+    }
+
+    async fn finish(
+        &self,
+        original: &Request,
+        sent: &Request,
+        resp: &mut Response,
+        cx: &Context,
+    ) -> Result<(), ModuleError> {
+        atomic::finish(original, sent, resp, cx).await
     }
 
     async fn process(&self, req: &mut Request, cx: &Context) -> Result<PreOutcome, ModuleError> {
@@ -236,9 +288,11 @@ impl PreProcess for TransformBundle {
             }
         }
 
-        if !self.converts(cx).await {
+        let Some(caps) = self.converts(cx).await else {
             return Ok(PreOutcome::Continue);
-        }
+        };
+        // Ids this module made up: nothing can exist there, nothing to pin.
+        let mut fresh = HashSet::new();
         let mut out = Vec::with_capacity(entries.len());
         // fullUrl (urn:uuid:...) → Type/id, for step 3.
         let mut refs: HashMap<String, String> = HashMap::new();
@@ -330,7 +384,9 @@ impl PreProcess for TransformBundle {
                         // A create gets a fresh id: the client's UUID (or resource.id) may
                         // name a resource that exists, and a PUT to it would overwrite it.
                         let id = if method == "POST" {
-                            uuid::Uuid::new_v4().to_string()
+                            let id = uuid::Uuid::new_v4().to_string();
+                            fresh.insert(format!("{t}/{id}"));
+                            id
                         } else {
                             e["resource"]
                                 .get("id")
@@ -355,6 +411,10 @@ impl PreProcess for TransformBundle {
             out.push(e);
         }
 
+        // Step 4: all or nothing.
+        if let Some(refused) = atomic::pin(&mut out, &fresh, &caps, cx).await? {
+            return Ok(PreOutcome::Stop(refused));
+        }
         // Step 3: references between entries.
         let mut out = Value::Array(out);
         rewrite_references(&mut out, &refs);
@@ -403,13 +463,17 @@ mod tests {
             // A Reference under a key named `reference` (found by the bundle_transform fuzzer).
             {"resource":{"resourceType":"Consent","provision":{"data":[{"meaning":"instance","reference":{"reference":"urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"}}]}},"request":{"method":"POST","url":"Consent"}}
         ])));
-        let (cx, _) = context_with(ScriptedClient::new(vec![]));
+        let old = json!({"resourceType":"Patient","id":"old","meta":{"versionId":"3"}});
+        let (cx, client) = context_with(ScriptedClient::by_url(vec![("Patient/old", 200, old)]));
         assert!(matches!(
             m.process(&mut r, &cx).await.unwrap(),
             PreOutcome::Continue
         ));
+        // Only the delete's target is read (to pin it): the fresh ids name nothing.
+        assert_eq!(client.calls(), ["GET Patient/old"]);
         let b: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
         assert_eq!(b["type"], "batch");
+        assert_eq!(b["entry"][2]["request"]["ifMatch"], "W/\"3\"");
         // The create stays a create: a fresh id, not the client's UUID.
         let id = b["entry"][0]["resource"]["id"]
             .as_str()
