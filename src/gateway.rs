@@ -77,6 +77,8 @@ pub struct Gateway {
     pub connector: Connector,
     /// Bulk Data export: who may start one, and the key of the URLs handed out.
     pub bulk: crate::bulk::Bulk,
+    /// The audit trail of what each caller was shown (`audit:`), when configured.
+    pub trail: Option<crate::audit::Audit>,
 }
 
 impl Gateway {
@@ -158,6 +160,10 @@ impl Gateway {
             audit,
             connector,
             bulk: crate::bulk::Bulk::new(&cfg.bulk, &cfg.built.bulk)?,
+            trail: cfg
+                .audit
+                .as_ref()
+                .map(|a| crate::audit::Audit::new(a, &cfg.built.audit.key)),
             events: event_queue.clone(),
             event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),

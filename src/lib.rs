@@ -1,5 +1,6 @@
 //! fhir-gateway: a secure gateway for FHIR servers, on Cloudflare Pingora.
 
+pub mod audit;
 pub mod auth;
 pub mod bulk;
 pub mod chain;

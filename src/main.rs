@@ -35,10 +35,75 @@ struct Cli {
     /// Take over the listening sockets of a running instance (zero-downtime upgrade).
     #[arg(short, long)]
     upgrade: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        what: AuditCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Checks a trail file: deleted, edited and reordered records, forged checkpoints.
+    /// Exit 0: intact; 1: findings (listed); 2: cannot read.
+    Verify {
+        /// The JSON-lines trail (`audit.file`).
+        file: PathBuf,
+        /// The checkpoint key (`audit.key_file`).
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+}
+
+fn audit_verify(file: &std::path::Path, key_file: &std::path::Path) -> ExitCode {
+    let key = match std::fs::read(key_file) {
+        Ok(k) => k.trim_ascii().to_vec(),
+        Err(e) => {
+            eprintln!("{}: {e}", key_file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let report = match std::fs::File::open(file)
+        .and_then(|f| fhir_gateway::audit::verify::verify(std::io::BufReader::new(f), &key))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    for (line, what) in &report.findings {
+        println!("{}:{line}: {what}", file.display());
+    }
+    println!(
+        "{}: {} records, {} checkpoints, {} finding(s); {} record(s) after the last valid checkpoint (protected by the chain only)",
+        file.display(),
+        report.records,
+        report.checkpoints,
+        report.findings.len(),
+        report.unsigned_tail
+    );
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Audit {
+        what: AuditCommand::Verify { file, key_file },
+    }) = &cli.command
+    {
+        return audit_verify(file, key_file);
+    }
     let conf_name = cli.conf.display().to_string();
     let modules = fhir_gateway_modules::builtin::Registry::builtin();
     let mut cfg = match config::load(&cli.conf, &modules) {

@@ -185,3 +185,24 @@ pub fn request(route: &str, method: &str, status: u16, took: Duration) {
         .with_label_values(&[route])
         .observe(took.as_secs_f64());
 }
+
+static AUDIT: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_audit_total",
+        "Audit trail: records written, write failures (kept and retried), break-the-glass accesses",
+        &["what"]
+    )
+    .expect("metric registers once")
+});
+
+pub fn audit_written(n: u64) {
+    AUDIT.with_label_values(&["written"]).inc_by(n);
+}
+
+pub fn audit_write_failed() {
+    AUDIT.with_label_values(&["write_failed"]).inc();
+}
+
+pub fn break_the_glass() {
+    AUDIT.with_label_values(&["break_the_glass"]).inc();
+}

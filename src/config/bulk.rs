@@ -42,6 +42,12 @@ pub struct BuiltBulk {
 /// Reads the key file: it must exist, be readable only by its owner (it is a secret) and hold
 /// at least `MIN_KEY_BYTES` bytes (surrounding whitespace, e.g. a final newline, is not key).
 pub(super) fn read_key(path: &str) -> Result<BindingKey, String> {
+    BindingKey::new(&read_secret(path)?)
+}
+
+/// A secret key file: it must exist, be readable only by its owner and hold at least
+/// `MIN_KEY_BYTES` bytes (surrounding whitespace is not key).
+pub(super) fn read_secret(path: &str) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -58,7 +64,7 @@ pub(super) fn read_key(path: &str) -> Result<BindingKey, String> {
             key.len()
         ));
     }
-    BindingKey::new(key)
+    Ok(key.to_vec())
 }
 
 pub(super) fn validate(cfg: &BulkConfig, errs: &mut Errors) -> BuiltBulk {

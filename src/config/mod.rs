@@ -6,6 +6,7 @@
 //! over; the other runtime objects (`Gateway`, `Upstream`, `ServiceIdentity`) are built from
 //! the data in their own modules once the whole file has been validated.
 
+mod audit;
 mod auth;
 mod bulk;
 mod events;
@@ -23,6 +24,7 @@ use crate::net::IpNet;
 use fhir_gateway_modules::builtin::Registry;
 use serde::Deserialize;
 
+pub use audit::{AuditConfig, BuiltAudit};
 pub use auth::{
     AuditHeaderNames, AuthConfig, AuthMode, ClaimNames, IssuerConfig, JwksConfig, OffloadConfig,
     OneOrMany, RoleValues, SmartConfig,
@@ -100,6 +102,9 @@ pub struct GatewayConfig {
     /// Bulk Data export: who may start one, and the key binding its URLs to the caller.
     #[serde(default)]
     pub bulk: BulkConfig,
+    /// The audit trail of what each caller was shown (off when absent).
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
     /// What validation parsed and built from the above; empty until `load` or `parse`
     /// accepted the file.
     #[serde(skip)]
@@ -116,6 +121,8 @@ pub struct Built {
     pub trusted_proxies: Vec<IpNet>,
     /// `bulk`: export roles and the URL binding key.
     pub bulk: BuiltBulk,
+    /// `audit`: the checkpoint key.
+    pub audit: BuiltAudit,
 }
 
 fn default_prefix() -> String {
@@ -159,6 +166,7 @@ fn validate(
     }
     events::validate(&cfg.events, &mut errs);
     let bulk = bulk::validate(&cfg.bulk, &mut errs);
+    let audit = audit::validate(cfg.audit.as_ref(), &mut errs);
     let mut trusted_proxies = Vec::new();
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {
         match IpNet::parse(p) {
@@ -186,6 +194,7 @@ fn validate(
         routes,
         trusted_proxies,
         bulk,
+        audit,
     })
 }
 

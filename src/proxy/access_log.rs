@@ -32,6 +32,7 @@ impl FhirProxy {
             _ => {}
         }
         crate::metrics::body_bytes(ctx.body.seen(), session.body_bytes_sent() as u64);
+        self.audit_request(session, ctx, status).await;
         if !self.gw.access_log || !log::log_enabled!(target: "access", log::Level::Info) {
             return;
         }

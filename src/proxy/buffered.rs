@@ -540,6 +540,9 @@ impl FhirProxy {
                 out = Bytes::from(new);
             }
         }
+        if !head_only {
+            self.audit_answer(ctx, status, headers, &out);
+        }
         // A HEAD answer has no body: its length is the server's (as on the streaming road).
         let length = match ctx.upstream_length {
             Some(n) if head_only => n,

@@ -34,7 +34,7 @@ fn decode(v: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn param(query: &str, name: &str) -> Option<String> {
+pub(super) fn param(query: &str, name: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|p| p.split_once('='))
@@ -72,6 +72,18 @@ impl FhirProxy {
             .authenticate(&session.req_header().headers, None)
             .await
             .map_err(GatewayError::from)?;
+        let req = session.req_header();
+        if req.uri.path().trim_end_matches('/') == "/manage/audit" {
+            if req.method != Method::GET {
+                return Err(GatewayError::MethodNotAllowed(
+                    "/manage/audit answers GET".into(),
+                ));
+            }
+            let query = req.uri.query().unwrap_or("").to_string();
+            let r = self.audit_query(&identity, &query).await;
+            ctx.identity = Some(identity);
+            return r;
+        }
         if !identity.has(Role::Administrator) {
             return Err(GatewayError::Forbidden(
                 "role: /manage needs Administrator".into(),
@@ -134,7 +146,7 @@ impl FhirProxy {
             }
             _ => {
                 return Err(GatewayError::NotFound(format!(
-                    "{path}: /manage has find, links, link and unlink"
+                    "{path}: /manage has find, links, link, unlink and audit"
                 )))
             }
         })

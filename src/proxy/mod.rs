@@ -16,6 +16,7 @@
 
 mod access_log;
 mod admission;
+mod audit;
 mod body_guard;
 mod buffered;
 mod bulk;
@@ -135,6 +136,11 @@ pub struct Ctx {
     head_chain: Option<ModRequest>,
     /// Bulk Data: a kick-off, or a handed-out status or file URL.
     bulk: BulkStep,
+    /// The audit trail: a streamed answer's body as sent, and a buffered one's.
+    tee: Option<audit::Tee>,
+    answered: std::sync::OnceLock<(Bytes, bool)>,
+    /// The break-the-glass reason this request was served under.
+    glass: Option<String>,
 }
 
 impl FhirProxy {
@@ -216,6 +222,9 @@ impl ProxyHttp for FhirProxy {
             upstream_length: None,
             head_chain: None,
             bulk: BulkStep::None,
+            tee: None,
+            answered: std::sync::OnceLock::new(),
+            glass: None,
         }
     }
 

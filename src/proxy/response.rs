@@ -116,6 +116,7 @@ impl FhirProxy {
             ctx.written.iter().for_each(|t| self.gw.invalidate(t));
         }
         let head_request = *method == Method::HEAD;
+        self.audit_head(ctx, resp, head_request);
         let rewritable = self
             .clean_head(ctx, resp, head_request)
             .map_err(|e| ctx.fail(e))?;
@@ -153,6 +154,7 @@ impl FhirProxy {
         if let Some(length) = self.filter_body(body, end_of_stream, ctx)? {
             one_write::body_complete(session, length);
         }
+        self.audit_chunk(ctx, body);
         Ok(None)
     }
 
