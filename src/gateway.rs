@@ -79,6 +79,8 @@ pub struct Gateway {
     pub bulk: crate::bulk::Bulk,
     /// The audit trail of what each caller was shown (`audit:`), when configured.
     pub trail: Option<crate::audit::Audit>,
+    /// Break-the-glass sessions (`break_the_glass:`), when configured.
+    pub glass: Option<crate::audit::glass::Glass>,
 }
 
 impl Gateway {
@@ -164,6 +166,10 @@ impl Gateway {
                 .audit
                 .as_ref()
                 .map(|a| crate::audit::Audit::new(a, &cfg.built.audit.key)),
+            glass: cfg
+                .break_the_glass
+                .as_ref()
+                .map(|g| crate::audit::glass::Glass::new(g, &cfg.built.glass)),
             events: event_queue.clone(),
             event_queue,
             links: Arc::new(Directory::new(cfg.identity_links.clone())),

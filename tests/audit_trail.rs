@@ -111,7 +111,7 @@ fn verify(file: &Path, key: &Path) -> (i32, String) {
 async fn the_trail_names_exactly_who_was_shown_each_patient_and_verify_catches_tampering() {
     let (dir, file, key) = trail_dir();
     let gw = jwt_gateway(&format!(
-        "policy:\n  read: [Reader, Administrator, Patient, Practitioner]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n    settings: {{cache_ttl_secs: 30}}\n{}",
+        "policy:\n  read: [Reader, Administrator, Patient, Practitioner]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n    settings: {{cache_ttl_secs: 30}}\n{}break_the_glass:\n  roles: [Practitioner]\n  minutes: 5\n",
         audit_yaml(&file, &key)
     ))
     .await;
@@ -246,6 +246,80 @@ async fn the_trail_names_exactly_who_was_shown_each_patient_and_verify_catches_t
     .await;
     assert_eq!(st, 200);
     assert_eq!(later["total"], 0);
+
+    // Break-the-glass: without a reason refused; with one the practitioner reads B, and so
+    // for the session's time; every such read is audited with the reason.
+    let dr_token = &users[2].1;
+    let glass = |reason: Option<&'static str>| {
+        let mut r = client()
+            .get(format!("{}/Patient/{pb}", gw.base()))
+            .bearer_auth(dr_token);
+        if let Some(why) = reason {
+            r = r.header("X-Break-The-Glass", why);
+        }
+        r
+    };
+    let r = glass(Some(" ")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("needs a reason"));
+    let r = glass(None).send().await.unwrap();
+    assert_ne!(r.status(), 200, "no session yet: filtered");
+    let r = glass(Some("unconscious patient in ED"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["id"], pb.as_str());
+    let r = glass(None).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the session holds");
+    let r = client()
+        .get(format!("{}/Patient/{pb}", gw.base()))
+        .bearer_auth(&users[1].1)
+        .header("X-Break-The-Glass", "curious")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a Patient may not break the glass");
+    let (st, sessions) = {
+        let r = client()
+            .get(gw.url("/manage/glass"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(st, 200);
+    assert_eq!(sessions["sessions"][0]["user"], user_id("oid-dr"));
+    assert_eq!(
+        sessions["sessions"][0]["reason"],
+        "unconscious patient in ED"
+    );
+    assert!(
+        gw.log().contains("break-the-glass: user"),
+        "logged for the privacy officer"
+    );
+    let (_, trail) = manage_audit(&gw, &format!("patient=Patient/{pb}"), admin).await;
+    let glassed: Vec<&Value> = trail["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|ev| ev["agent"][0]["who"]["identifier"]["value"] == user_id("oid-dr").as_str())
+        .collect();
+    assert_eq!(
+        glassed.len(),
+        2,
+        "both reads of B under the session: {trail}"
+    );
+    for ev in glassed {
+        assert_eq!(
+            ev["agent"][0]["purposeOfUse"][0]["text"],
+            "unconscious patient in ED"
+        );
+        assert_eq!(ev["purposeOfEvent"][0]["coding"][0]["code"], "BTG");
+    }
 
     // Every request of the workload has a record, with its correlation id; the token never.
     let text = std::fs::read_to_string(&file).unwrap();

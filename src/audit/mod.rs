@@ -9,6 +9,7 @@
 
 pub mod chain;
 pub mod event;
+pub mod glass;
 pub mod verify;
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod bulk;
 mod events;
+mod glass;
 mod limits;
 mod listen;
 mod load;
@@ -31,6 +32,7 @@ pub use auth::{
 };
 pub use bulk::{BuiltBulk, BulkConfig};
 pub use events::{EventsConfig, KafkaConfig, SpoolSettings};
+pub use glass::{BuiltGlass, GlassConfig};
 pub use limits::LimitsConfig;
 pub use listen::{ListenConfig, ListenTls, MetricsConfig};
 pub use load::{expand_env, load, parse, parse_with, ConfigError, ConfigErrors};
@@ -105,6 +107,9 @@ pub struct GatewayConfig {
     /// The audit trail of what each caller was shown (off when absent).
     #[serde(default)]
     pub audit: Option<AuditConfig>,
+    /// Emergency access past the data filters, always audited with its reason.
+    #[serde(default)]
+    pub break_the_glass: Option<GlassConfig>,
     /// What validation parsed and built from the above; empty until `load` or `parse`
     /// accepted the file.
     #[serde(skip)]
@@ -123,6 +128,8 @@ pub struct Built {
     pub bulk: BuiltBulk,
     /// `audit`: the checkpoint key.
     pub audit: BuiltAudit,
+    /// `break_the_glass`: its roles.
+    pub glass: BuiltGlass,
 }
 
 fn default_prefix() -> String {
@@ -167,6 +174,7 @@ fn validate(
     events::validate(&cfg.events, &mut errs);
     let bulk = bulk::validate(&cfg.bulk, &mut errs);
     let audit = audit::validate(cfg.audit.as_ref(), &mut errs);
+    let glass = glass::validate(cfg.break_the_glass.as_ref(), cfg.audit.is_some(), &mut errs);
     let mut trusted_proxies = Vec::new();
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {
         match IpNet::parse(p) {
@@ -195,6 +203,7 @@ fn validate(
         trusted_proxies,
         bulk,
         audit,
+        glass,
     })
 }
 

@@ -488,3 +488,63 @@ fn bulk_roles_and_lifetime_are_checked() {
     let e = errors(&format!("{MINIMAL}bulk:\n  binding_key: x\n"));
     assert!(e[0].message.contains("unknown field"), "{e:?}");
 }
+
+#[test]
+fn audit_and_break_the_glass_are_checked_before_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fgw-audit-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let audit = format!(
+        "audit:\n  file: {}\n  key_file: {}\n",
+        dir.join("trail.jsonl").display(),
+        key.display()
+    );
+    let c = parse(&format!("{MINIMAL}{audit}"), &env).unwrap();
+    assert_eq!(c.built.audit.key.len(), 32);
+    assert_eq!(c.audit.as_ref().unwrap().checkpoint_every, 1000);
+
+    let msgs =
+        |text: String| -> Vec<String> { errors(&text).into_iter().map(|e| e.message).collect() };
+    let m = msgs(format!(
+        "{MINIMAL}audit:\n  file: relative.jsonl\n  key_file: /nonexistent/key\n  instance: 'a b'\n"
+    ));
+    assert!(m.iter().any(|x| x.starts_with("audit.key_file:")), "{m:?}");
+    assert!(
+        m.iter()
+            .any(|x| x.starts_with("audit.file: must be an absolute")),
+        "{m:?}"
+    );
+    assert!(m.iter().any(|x| x.starts_with("audit.instance")), "{m:?}");
+    // Break-the-glass is never unaudited.
+    let m = msgs(format!(
+        "{MINIMAL}break_the_glass:\n  roles: [Practitioner]\n"
+    ));
+    assert!(
+        m.iter().any(|x| x.contains("needs the audit trail")),
+        "{m:?}"
+    );
+    let m = msgs(format!(
+        "{MINIMAL}{audit}break_the_glass:\n  roles: [Doctor]\n  minutes: 0\n"
+    ));
+    assert!(
+        m.iter().any(|x| x.contains("unknown role \"Doctor\"")),
+        "{m:?}"
+    );
+    assert!(
+        m.iter().any(|x| x.starts_with("break_the_glass.minutes")),
+        "{m:?}"
+    );
+    let c = parse(
+        &format!("{MINIMAL}{audit}break_the_glass:\n  roles: [Practitioner]\n"),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(
+        c.built.glass.roles,
+        vec![fhir_gateway_modules::Role::Practitioner]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -199,6 +199,8 @@ impl FhirProxy {
                 }
             }
             guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
+            self.break_the_glass(session.req_header(), &identity, request.is_read, ctx)
+                .await?;
             ctx.identity = Some(identity);
         } else if !anonymous && ctx.rest.rsplit('/').next() == Some("$export") {
             // No classification without authentication: the kick-off is known by its path.

@@ -3,6 +3,7 @@
 //! queued after the request, and `/manage/audit` answers "who saw patient X".
 
 use super::{Ctx, FhirProxy};
+use crate::audit::glass::Asked;
 use crate::audit::{Record, Shown};
 use crate::error::GatewayError;
 use bytes::Bytes;
@@ -131,6 +132,66 @@ impl FhirProxy {
                 reason,
             })
             .await;
+    }
+
+    /// Break-the-glass: a reason header opens (or renews) a session for a caller in the
+    /// configured roles; reads in a session skip the configured filters (`ctx.glass`). Writes
+    /// stay filtered. A reason-less or role-less ask is refused, never silently ignored.
+    pub(super) async fn break_the_glass(
+        &self,
+        req: &pingora::http::RequestHeader,
+        identity: &Identity,
+        is_read: bool,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let Some(glass) = &self.gw.glass else {
+            return Ok(());
+        };
+        let reason = match req.headers.get(&glass.header) {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                GatewayError::BadRequest(format!("{}: not a readable reason", glass.header))
+            })?),
+            None => None,
+        };
+        match glass.ask(identity, reason) {
+            Asked::No => Ok(()),
+            Asked::Refused(why) => Err(GatewayError::Forbidden(why)),
+            Asked::Yes(reason, opened) => {
+                if opened {
+                    log::warn!(
+                        "break-the-glass: user {} (tenant {}) opened a session: {reason:?} (request {})",
+                        identity.user_id,
+                        identity.tenant.as_deref().unwrap_or("-"),
+                        ctx.correlation_id
+                    );
+                    self.gw
+                        .events
+                        .publish(
+                            &format!("break-the-glass/{}", identity.user_id),
+                            json!({"action": "BreakTheGlass", "resourcetype": null, "id": null,
+                                   "user": identity.user_id, "tenant": identity.tenant,
+                                   "reason": reason, "correlationid": ctx.correlation_id,
+                                   "source": "break_the_glass"}),
+                        )
+                        .await;
+                }
+                if is_read {
+                    crate::metrics::break_the_glass();
+                    ctx.glass = Some(reason);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `GET /manage/glass`: the break-the-glass sessions in force on this instance.
+    pub(super) fn glass_sessions(&self) -> Result<ModResponse, GatewayError> {
+        match &self.gw.glass {
+            Some(g) => Ok(ModResponse::json(200, g.list())),
+            None => Err(GatewayError::NotFound(
+                "/manage/glass: break_the_glass is not configured".into(),
+            )),
+        }
     }
 
     /// `GET /manage/audit?patient=Patient/X[&since=<instant>][&_count=n]`: the AuditEvents

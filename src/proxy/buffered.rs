@@ -260,6 +260,21 @@ impl FhirProxy {
             Admit::Proxy => None,
         };
         let caller = ctx.identity.as_ref();
+        // A break-the-glass read skips the filters the session bypasses.
+        let unglassed;
+        let post_modules: &[Arc<dyn fhir_gateway_modules::processor::PostProcess>] =
+            match (&ctx.glass, &gw.glass) {
+                (Some(_), Some(g)) => {
+                    unglassed = route
+                        .post
+                        .iter()
+                        .filter(|m| !g.bypass.iter().any(|b| b == m.name()))
+                        .cloned()
+                        .collect::<Vec<_>>();
+                    &unglassed
+                }
+                _ => &route.post,
+            };
         // Each module is asked once (`applies` may classify the request).
         let pre_needs: Vec<(bool, bool)> = route
             .pre
@@ -270,8 +285,7 @@ impl FhirProxy {
         let pre_applies = !pre_needs.is_empty();
         let pre_needs_body = pre_needs.iter().any(|(body, _)| *body);
         let pre_finishes = pre_needs.iter().any(|(_, finish)| *finish);
-        let post_reads: Vec<BodyAccess> = route
-            .post
+        let post_reads: Vec<BodyAccess> = post_modules
             .iter()
             .filter(|m| m.applies(&req, caller))
             .map(|m| m.reads())
@@ -283,7 +297,7 @@ impl FhirProxy {
             .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
-        let checks_write = route.post.iter().any(|m| m.checks_write(&req, caller));
+        let checks_write = post_modules.iter().any(|m| m.checks_write(&req, caller));
         let buffered =
             body.is_some() || pre_needs_body || pre_finishes || post_needs_body || checks_write;
         if !buffered && !pre_applies {
@@ -341,7 +355,7 @@ impl FhirProxy {
                     // What goes upstream is judged, after the pre chain: a refusal is the
                     // answer and the server never sees the write.
                     if let Some(mut refused) =
-                        chain::check_writes(&route.prefix, &route.post, &req, &cx).await?
+                        chain::check_writes(&route.prefix, post_modules, &req, &cx).await?
                     {
                         tag_outcome(&mut refused, &ctx.correlation_id);
                         return Ok(Some(Answer::Module(refused, None)));
@@ -397,7 +411,7 @@ impl FhirProxy {
                     (r, origin)
                 }
             };
-            chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+            chain::run_post(&route.prefix, post_modules, &req, &mut resp, &cx).await?;
             if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
                 return Ok(Some(Answer::Module(not_modified, None)));
             }

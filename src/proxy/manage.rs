@@ -104,6 +104,7 @@ impl FhirProxy {
                 links.find(&client, &t, &name).await
             }
             (Method::GET, "/manage/links") => links.list(&client).await,
+            (Method::GET, "/manage/glass") => self.glass_sessions()?,
             (Method::POST, "/manage/link") | (Method::POST, "/manage/unlink") => {
                 let body = self.read_body(session, &mut ctx.body).await?;
                 if body.len() > 16 * 1024 {
@@ -146,7 +147,7 @@ impl FhirProxy {
             }
             _ => {
                 return Err(GatewayError::NotFound(format!(
-                    "{path}: /manage has find, links, link, unlink and audit"
+                    "{path}: /manage has find, links, link, unlink, glass and audit"
                 )))
             }
         })
