@@ -92,7 +92,7 @@ impl Glass {
             ));
         }
         let reason: String = reason.chars().take(500).collect();
-        let opened = !sessions.get(&k).is_some_and(|s| s.reason == reason);
+        let opened = sessions.get(&k).is_none_or(|s| s.reason != reason);
         let s = sessions.entry(k).or_insert_with(|| Session {
             user: id.user_id.clone(),
             tenant: id.tenant.clone(),
