@@ -347,3 +347,77 @@ async fn an_unfiltered_writers_conditional_create_dedupes_at_the_server() {
     assert_eq!(w[0].2.as_deref(), Some(crit.as_str()), "{w:?}");
     assert_eq!(held(&ident).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn matches_a_consent_withholds_are_no_matches_either() {
+    let run = format!("cw{}", uniq());
+    let (p, d) = (format!("{run}-p"), format!("{run}-d"));
+    put_direct(
+        &format!("Practitioner/{d}"),
+        json!({"resourceType": "Practitioner", "id": d}),
+    )
+    .await;
+    put_direct(
+        &format!("Patient/{p}"),
+        json!({"resourceType": "Patient", "id": p,
+               "generalPractitioner": [{"reference": format!("Practitioner/{d}")}]}),
+    )
+    .await;
+    let (pp, dr) = (format!("Patient/{p}"), format!("Practitioner/{d}"));
+    let ident = format!("{run}-withheld");
+    let o = format!("{run}-o");
+    put_direct(&format!("Observation/{o}"), {
+        let mut v = obs(&pp, &ident, "final");
+        v["id"] = json!(o);
+        v
+    })
+    .await;
+    // The patient withholds everything from this practitioner of record.
+    put_direct(
+        &format!("Consent/{run}-c"),
+        json!({"resourceType": "Consent", "id": format!("{run}-c"), "status": "active",
+               "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                     "code": "patient-privacy"}]},
+               "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+               "patient": {"reference": pp},
+               "provision": {"type": "permit", "provision": [
+                   {"type": "deny", "actor": [{"reference": {"reference": dr},
+                       "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                            "code": "PRCP"}]}}]}]}}),
+    )
+    .await;
+    let before = held(&ident).await;
+    assert_eq!(before.len(), 1);
+
+    let gw = jwt_gateway(
+        "policy:\n  read: [Reader, Administrator, Practitioner]\n  write: [Writer, Administrator, Practitioner]\npost:\n  - name: ParticipantFilter\n    settings: {cache_ttl_secs: 30}\n  - name: ConsentOptOut\n    settings: {category: \"http://loinc.org|59284-0\"}\n",
+    )
+    .await;
+    let td = user_token(&format!("oid-{d}"), &["Practitioner"], Some(&dr));
+    let crit = format!("identifier={SYS}|{ident}");
+    let made = format!("{run}-made");
+    // ParticipantFilter alone would let the practitioner see it; the Consent does not.
+    let put = send(
+        &gw,
+        "PUT",
+        &format!("Observation?{crit}"),
+        &td,
+        &[],
+        Some(obs(&pp, &made, "amended")),
+    )
+    .await;
+    assert_eq!(put.0, 201, "{}", put.1);
+    let create = send(
+        &gw,
+        "POST",
+        "Observation",
+        &td,
+        &[("If-None-Exist", &crit)],
+        Some(obs(&pp, &made, "final")),
+    )
+    .await;
+    assert_eq!(create.0, 201, "{}", create.1);
+    assert_eq!(writes_received(&create.2)[0].2, None);
+    assert_eq!(held(&ident).await, before);
+    assert_eq!(held(&made).await.len(), 2);
+}
