@@ -7,6 +7,7 @@
 
 pub mod builtin;
 pub mod compartment;
+pub mod conditional;
 pub mod filter;
 pub mod identity;
 pub mod links;

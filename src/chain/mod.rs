@@ -127,6 +127,26 @@ pub async fn run_post(
     Ok(())
 }
 
+/// Resolves a filtered caller's conditional write over what they may see (`conditional.rs`),
+/// before the pre chain: `Some` is the answer and nothing is sent.
+pub async fn resolve_conditionals(
+    route: &str,
+    modules: &[Arc<dyn PostProcess>],
+    req: &mut Request,
+    cx: &Context,
+) -> Result<Option<Response>, GatewayError> {
+    const NAME: &str = "ConditionalWrites";
+    let t = Instant::now();
+    let out = fhir_gateway_modules::conditional::resolve(modules, req, cx).await;
+    let outcome = match &out {
+        Ok(None) => "continue",
+        Ok(Some(_)) => "stop",
+        Err(_) => "error",
+    };
+    metrics::module_call(route, NAME, "write", outcome, t.elapsed());
+    out.map_err(|e| module_error(NAME, e))
+}
+
 /// Asks every post module that judges this write (`check_write`) before the upstream call;
 /// the first refusal is the answer.
 pub async fn check_writes(

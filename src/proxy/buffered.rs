@@ -5,6 +5,7 @@
 use super::*;
 use crate::faithful;
 use fhir_gateway_modules::compartment::decides_owner;
+use fhir_gateway_modules::conditional;
 use fhir_gateway_modules::processor::BodyAccess;
 
 /// The FHIR server's answer as it came: the tree the post chain starts from, and its bytes.
@@ -298,8 +299,16 @@ impl FhirProxy {
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
         let checks_write = post_modules.iter().any(|m| m.checks_write(&req, caller));
-        let buffered =
-            body.is_some() || pre_needs_body || pre_finishes || post_needs_body || checks_write;
+        // A filtered caller's conditional write: its search is resolved here first, over what
+        // the caller may see (`conditional.rs`), so it needs the buffered road.
+        let conditional =
+            conditional::may_be_conditional(&req) && conditional::filtered(post_modules, caller);
+        let buffered = body.is_some()
+            || pre_needs_body
+            || pre_finishes
+            || post_needs_body
+            || checks_write
+            || conditional;
         if !buffered && !pre_applies {
             // Headers-only post modules run on the streamed answer's head.
             ctx.head_chain = post_applies.then_some(req);
@@ -328,6 +337,14 @@ impl FhirProxy {
         // left to answer. Only when the request body was read (or there is none), so the
         // watch cannot swallow body bytes.
         let work = async {
+            if conditional {
+                if let Some(mut r) =
+                    chain::resolve_conditionals(&route.prefix, post_modules, &mut req, &cx).await?
+                {
+                    tag_outcome(&mut r, &ctx.correlation_id);
+                    return Ok(Some(Answer::Module(r, None)));
+                }
+            }
             let (mut resp, origin) = match chain::run_pre(&route.prefix, &route.pre, &mut req, &cx)
                 .await?
             {

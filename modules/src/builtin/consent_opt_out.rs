@@ -1,9 +1,16 @@
-//! ConsentOptOut (post): a patient may withhold their data from everyone or from named
-//! actors with an R4 Consent (`provision.type = deny`, the configured category, status
-//! active, now inside `provision.period` — either end may be open). Actors are read from
-//! `provision.actor[].reference.reference` (the predecessor read a non-existent `actors` and
-//! so blocked everyone). Consent lookups that fail deny (503). Administrators bypass; the
-//! patient is never blocked from their own data; writes are not blocked.
+//! ConsentOptOut (post): a patient may withhold their data from everyone, from named actors,
+//! or only some of it, with R4 Consents of the configured category (status active). Each
+//! Consent's provisions are read as R4 defines them, nested exceptions included
+//! (`provision.rs`), and judged for every resource of the answer and the caller: actors are
+//! read from `provision.actor[].reference.reference` (the predecessor read a non-existent
+//! `actors` and so blocked everyone), periods may be open at either end, and criteria the
+//! gateway cannot judge withhold rather than show. Consent lookups that fail deny (503).
+//! Administrators bypass; the patient is never blocked from their own data; writes are not
+//! blocked.
+
+mod provision;
+
+pub use provision::{Provision, Subject, Tri};
 
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{Identity, Role};
@@ -42,25 +49,11 @@ pub struct Settings {
     pub bypass_roles: Vec<String>,
 }
 
-/// One deny provision in force between `start` and `end` (seconds since the epoch).
+/// One Consent of a patient: its root provision and every exception nested in it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct OptOut {
+pub struct Rule {
     pub consent: String,
-    pub start: Option<i64>,
-    pub end: Option<i64>,
-    /// Empty: everyone.
-    pub actors: Vec<Ref>,
-}
-
-impl OptOut {
-    fn in_force(&self, now: i64) -> bool {
-        self.start.is_none_or(|s| s <= now) && self.end.is_none_or(|e| now <= e)
-    }
-
-    fn blocks(&self, caller: &BTreeSet<Ref>, now: i64) -> bool {
-        self.in_force(now)
-            && (self.actors.is_empty() || self.actors.iter().any(|a| caller.contains(a)))
-    }
+    pub root: Provision,
 }
 
 pub struct ConsentOptOut {
@@ -68,8 +61,8 @@ pub struct ConsentOptOut {
     bypass: Vec<Role>,
     style: Style,
     ttl_minutes: u64,
-    /// Patient id → their opt-outs.
-    consents: Cache<String, Arc<Vec<OptOut>>>,
+    /// Patient id → their Consents.
+    consents: Cache<String, Arc<Vec<Rule>>>,
     /// Practitioner id → the practitioner, its PractitionerRoles and their Organizations.
     associations: Cache<String, Arc<BTreeSet<Ref>>>,
 }
@@ -169,8 +162,8 @@ impl ConsentOptOut {
         Ok(set)
     }
 
-    /// A patient's opt-outs, every page (cached).
-    async fn opt_outs(&self, patient: &str, cx: &Context) -> Result<Arc<Vec<OptOut>>, ModuleError> {
+    /// A patient's Consents, every page (cached).
+    async fn rules(&self, patient: &str, cx: &Context) -> Result<Arc<Vec<Rule>>, ModuleError> {
         if self.ttl_minutes > 0 {
             if let Some(hit) = self.consents.get(patient) {
                 return Ok(hit);
@@ -186,9 +179,9 @@ impl ConsentOptOut {
             )
             .await?;
         let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
-        let list: Vec<OptOut> = found
+        let list: Vec<Rule> = found
             .iter()
-            .filter_map(|c| opt_out(c, patient, &self.category, &resolver))
+            .filter_map(|c| rule(c, patient, &self.category, &resolver))
             .collect();
         let list = Arc::new(list);
         if self.ttl_minutes > 0 {
@@ -198,9 +191,9 @@ impl ConsentOptOut {
     }
 }
 
-/// The deny provision of a Consent, if it is one of this patient's active opt-outs of the
-/// configured category (checked here too: the search is only a pre-selection).
-pub fn opt_out(c: &Value, patient: &str, category: &str, resolver: &Resolver) -> Option<OptOut> {
+/// A Consent's rule, if it is one of this patient's active Consents of the configured
+/// category (checked here too: the search is only a pre-selection).
+pub fn rule(c: &Value, patient: &str, category: &str, resolver: &Resolver) -> Option<Rule> {
     if c.get("resourceType").and_then(Value::as_str) != Some("Consent")
         || c.get("status").and_then(Value::as_str) != Some("active")
     {
@@ -227,49 +220,16 @@ pub fn opt_out(c: &Value, patient: &str, category: &str, resolver: &Resolver) ->
         Some(Target::Local(r)) if r.is("Patient") && r.id == patient
     );
     let p = c.get("provision")?;
-    if !has_category || !for_patient || p.get("type").and_then(Value::as_str) != Some("deny") {
+    if !has_category || !for_patient {
         return None;
     }
-    // An unreadable bound is treated as open: the opt-out then applies more widely, never less.
-    let start = p
-        .pointer("/period/start")
-        .and_then(Value::as_str)
-        .and_then(|s| fhir_time(s, false));
-    let end = p
-        .pointer("/period/end")
-        .and_then(Value::as_str)
-        .and_then(|s| fhir_time(s, true));
-    let mut actors = Vec::new();
-    let mut unreadable = false;
-    for a in p
-        .get("actor")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        match a
-            .pointer("/reference/reference")
-            .and_then(Value::as_str)
-            .map(|s| resolver.parse(s))
-        {
-            Some(Target::Local(r)) => actors.push(r),
-            _ => unreadable = true,
-        }
-    }
-    if unreadable {
-        // An actor we cannot match (an identifier, another server) might be this caller:
-        // fail closed and let the provision deny everyone.
-        actors.clear();
-    }
-    Some(OptOut {
+    Some(Rule {
         consent: c
             .get("id")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string(),
-        start,
-        end,
-        actors,
+        root: provision::read(p, resolver, true),
     })
 }
 
@@ -434,12 +394,12 @@ impl PostProcess for ConsentOptOut {
             return Ok(PostOutcome::Continue);
         }
         let caller = self.associations(&who, cx).await?;
-        let mut opt_outs: BTreeMap<String, Arc<Vec<OptOut>>> = BTreeMap::new();
+        let mut rules: BTreeMap<String, Arc<Vec<Rule>>> = BTreeMap::new();
         let list: Vec<String> = patients.into_iter().collect();
         for chunk in list.chunks(8) {
-            let got = futures::future::join_all(chunk.iter().map(|p| self.opt_outs(p, cx))).await;
+            let got = futures::future::join_all(chunk.iter().map(|p| self.rules(p, cx))).await;
             for (p, g) in chunk.iter().zip(got) {
-                opt_outs.insert(p.clone(), g?);
+                rules.insert(p.clone(), g?);
             }
         }
         let now = now();
@@ -447,11 +407,20 @@ impl PostProcess for ConsentOptOut {
             Some(Participant::Patient(p)) => Some(p.clone()),
             _ => None,
         };
+        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
+        // Judged per resource: a Consent may withhold only some of a patient's data.
         let mut deny = |r: &Value| {
+            let subject = Subject {
+                resource: r,
+                subsetted: filter::is_subsetted(r, &req.query),
+                caller: &caller,
+                now,
+                resolver: &resolver,
+            };
             ownership.owners(r).patients.iter().any(|p| {
                 me.as_deref() != Some(p.as_str())
-                    && match opt_outs.get(p) {
-                        Some(list) => list.iter().any(|o| o.blocks(&caller, now)),
+                    && match rules.get(p) {
+                        Some(list) => list.iter().any(|c| c.root.may_deny(&subject)),
                         // Not looked up (cannot happen): fail closed.
                         None => true,
                     }
@@ -495,243 +464,4 @@ impl PostProcess for ConsentOptOut {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{context_with, ScriptedClient};
-    use serde_json::json;
-
-    const CAT: &str = "http://loinc.org|59284-0";
-
-    fn module() -> ConsentOptOut {
-        ConsentOptOut::new(serde_json::from_value(json!({"category": CAT})).unwrap()).unwrap()
-    }
-
-    fn consent(patient: &str, period: Value, actors: &[&str]) -> Value {
-        json!({"resourceType": "Consent", "id": format!("c-{patient}"), "status": "active",
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": format!("Patient/{patient}")},
-            "provision": {"type": "deny", "period": period,
-                "actor": actors.iter().map(|a| json!({"role": {"text": "x"}, "reference": {"reference": a}})).collect::<Vec<_>>()}})
-    }
-
-    fn bundle(rs: Vec<Value>) -> Value {
-        json!({"resourceType": "Bundle", "type": "searchset",
-               "entry": rs.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
-    }
-
-    fn obs(id: &str, p: &str) -> Value {
-        json!({"resourceType": "Observation", "id": id, "subject": {"reference": format!("Patient/{p}")}})
-    }
-
-    fn who(fhir_user: &str) -> Identity {
-        Identity {
-            user_id: "u".into(),
-            roles: vec![Role::Practitioner],
-            fhir_user: Some(fhir_user.into()),
-            ..Default::default()
-        }
-    }
-
-    fn get() -> Request {
-        Request {
-            method: "GET".into(),
-            path: "/Observation".into(),
-            query: String::new(),
-            headers: vec![],
-            body: None,
-        }
-    }
-
-    async fn ids_for(
-        m: &ConsentOptOut,
-        caller: Identity,
-        client: ScriptedClient,
-        body: Value,
-    ) -> Vec<String> {
-        let (mut cx, _) = context_with(client);
-        cx.identity = Some(caller);
-        let mut resp = Response::json(200, body);
-        m.process(&get(), &mut resp, &cx).await.unwrap();
-        resp.json_body().unwrap()["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["search"]["mode"] != "outcome")
-            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    #[test]
-    fn dates_and_periods() {
-        assert_eq!(fhir_time("1970-01-01", false), Some(0));
-        assert_eq!(fhir_time("1970-01-01", true), Some(86_399));
-        assert_eq!(fhir_time("1970", true), Some(365 * 86_400 - 1));
-        assert_eq!(fhir_time("1970-02", true), Some(59 * 86_400 - 1));
-        assert_eq!(
-            fhir_time("2000-02-29T12:00:00+02:00", false),
-            fhir_time("2000-02-29T10:00:00Z", false)
-        );
-        assert_eq!(
-            fhir_time("2024-06-01T00:00:00.123Z", false),
-            Some(1_717_200_000)
-        );
-        for bad in [
-            "",
-            "20x4",
-            "2024-13",
-            "2023-02-29",
-            "2024-01-01T25:00:00Z",
-            "2024-01-01T10:00:00",
-        ] {
-            assert_eq!(fhir_time(bad, false), None, "{bad}");
-        }
-        let o = OptOut {
-            consent: "c".into(),
-            start: Some(100),
-            end: None,
-            actors: vec![],
-        };
-        assert!(!o.in_force(99));
-        assert!(o.in_force(100));
-        assert!(o.in_force(i64::MAX));
-    }
-
-    #[test]
-    fn consents_are_read_as_r4() {
-        let r = Resolver::new(&["http://fhir.internal/fhir"]);
-        let c = consent("A", json!({"start": "2020-01-01"}), &["Practitioner/p2"]);
-        let o = opt_out(&c, "A", CAT, &r).unwrap();
-        assert_eq!(o.actors, [Ref::new("Practitioner", "p2")]);
-        assert_eq!(o.end, None);
-        // Other patient, permit, other category, inactive: not opt-outs of A.
-        assert!(opt_out(&c, "B", CAT, &r).is_none());
-        let mut permit = c.clone();
-        permit["provision"]["type"] = json!("permit");
-        assert!(opt_out(&permit, "A", CAT, &r).is_none());
-        assert!(opt_out(&c, "A", "http://loinc.org|00000-0", &r).is_none());
-        let mut inactive = c.clone();
-        inactive["status"] = json!("inactive");
-        assert!(opt_out(&inactive, "A", CAT, &r).is_none());
-        // The predecessor's `actors` field does not exist in R4: no actor → everyone.
-        let mut old = consent("A", json!({}), &[]);
-        old["provision"]["actors"] = json!([{"reference": {"reference": "Practitioner/x"}}]);
-        assert!(opt_out(&old, "A", CAT, &r).unwrap().actors.is_empty());
-    }
-
-    #[tokio::test]
-    async fn named_actor_blocks_only_that_actor() {
-        let m = module();
-        let client = || {
-            ScriptedClient::by_url(vec![
-                (
-                    "Consent?patient=Patient/A",
-                    200,
-                    bundle(vec![consent(
-                        "A",
-                        json!({"start": "2020-01-01"}),
-                        &["Practitioner/p2"],
-                    )]),
-                ),
-                ("Consent?patient=Patient/B", 200, bundle(vec![])),
-                ("PractitionerRole?", 200, bundle(vec![])),
-            ])
-        };
-        let body = bundle(vec![obs("a", "A"), obs("b", "B")]);
-        assert_eq!(
-            ids_for(&m, who("Practitioner/p2"), client(), body.clone()).await,
-            ["b"]
-        );
-        assert_eq!(
-            ids_for(&m, who("Practitioner/p1"), client(), body).await,
-            ["a", "b"]
-        );
-    }
-
-    #[tokio::test]
-    async fn no_actor_blocks_everyone_but_the_patient() {
-        let m = module();
-        let client = || {
-            ScriptedClient::by_url(vec![
-                (
-                    "Consent?patient=Patient/A",
-                    200,
-                    bundle(vec![consent("A", json!({"end": "2999"}), &[])]),
-                ),
-                ("PractitionerRole?", 200, bundle(vec![])),
-            ])
-        };
-        let body = bundle(vec![obs("a", "A")]);
-        assert!(ids_for(&m, who("Practitioner/p1"), client(), body.clone())
-            .await
-            .is_empty());
-        assert_eq!(ids_for(&m, who("Patient/A"), client(), body).await, ["a"]);
-    }
-
-    #[tokio::test]
-    async fn organisation_of_a_role_is_an_actor_and_expired_consents_do_not_count() {
-        let m = module();
-        let client = || {
-            ScriptedClient::by_url(vec![
-                (
-                    "Consent?patient=Patient/A",
-                    200,
-                    bundle(vec![consent("A", json!({}), &["Organization/org1"])]),
-                ),
-                (
-                    "Consent?patient=Patient/B",
-                    200,
-                    bundle(vec![consent("B", json!({"end": "2001-01-01"}), &[])]),
-                ),
-                (
-                    "PractitionerRole?",
-                    200,
-                    bundle(vec![
-                        json!({"resourceType": "PractitionerRole", "id": "r",
-                               "practitioner": {"reference": "Practitioner/p1"},
-                               "organization": {"reference": "Organization/org1"}}),
-                        // Someone else's role, answered by a server that ignored the search.
-                        json!({"resourceType": "PractitionerRole", "id": "r2",
-                               "practitioner": {"reference": "Practitioner/p2"},
-                               "organization": {"reference": "Organization/org2"}}),
-                    ]),
-                ),
-            ])
-        };
-        let body = bundle(vec![obs("a", "A"), obs("b", "B")]);
-        assert_eq!(
-            ids_for(&m, who("Practitioner/p1"), client(), body).await,
-            ["b"]
-        );
-    }
-
-    #[tokio::test]
-    async fn cached_until_a_consent_is_written() {
-        let m = module();
-        let (mut cx, client) = context_with(ScriptedClient::by_url(vec![
-            ("Consent?", 200, bundle(vec![])),
-            ("PractitionerRole?", 200, bundle(vec![])),
-        ]));
-        cx.identity = Some(who("Practitioner/p1"));
-        for _ in 0..3 {
-            let mut resp = Response::json(200, bundle(vec![obs("a", "A")]));
-            m.process(&get(), &mut resp, &cx).await.unwrap();
-        }
-        assert_eq!(client.calls().len(), 2, "{:?}", client.calls());
-        m.invalidate("Consent");
-        let mut resp = Response::json(200, bundle(vec![obs("a", "A")]));
-        m.process(&get(), &mut resp, &cx).await.unwrap();
-        assert_eq!(client.calls().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn lookup_failure_denies() {
-        let m = module();
-        let (mut cx, _) = context_with(ScriptedClient::by_url(vec![("", 500, json!({}))]));
-        cx.identity = Some(who("Patient/Z"));
-        let mut resp = Response::json(200, obs("a", "A"));
-        assert!(matches!(
-            m.process(&get(), &mut resp, &cx).await,
-            Err(ModuleError::Unavailable(_))
-        ));
-    }
-}
+mod tests;

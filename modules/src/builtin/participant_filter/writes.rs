@@ -13,8 +13,9 @@
 //!   (`compartment::decides_owner`); a patch that is neither JSON Patch nor FHIRPath Patch in
 //!   JSON cannot be checked and is refused;
 //! * batch / transaction: each write entry is judged the same way;
-//! * conditional update / patch / delete (which resources they change is the server's
-//!   search) are refused.
+//! * conditional update / patch / delete reach this check as the gateway resolved them
+//!   (`crate::conditional`): `_id=<ids the caller may see>`, each id judged as above; any
+//!   other conditional (which resources it changes is the server's search) is refused.
 //!
 //! Who is judged: a caller the filter does not bypass who is a participant — holds a
 //! participant role, or is one in the FHIR server (`fhirUser`, an identity link). A Writer
@@ -42,6 +43,8 @@ struct Write<'a> {
     method: &'a str,
     /// Below the FHIR base, without slashes at the ends (`Observation/1`, `Observation`, ``).
     path: &'a str,
+    /// The query (a type-level PUT / PATCH / DELETE with one is conditional).
+    query: &'a str,
     body: Option<Body>,
 }
 
@@ -105,10 +108,26 @@ impl Judge<'_> {
             // Searches and operations do not write a resource of the caller's.
             ("POST", _) if segs.last() == Some(&"_search") || w.path.contains('$') => Ok(None),
             ("POST", [t]) => self.body(w, t).await,
-            ("PUT" | "PATCH" | "DELETE", [_]) => Ok(Some(refuse(
-                "conditional updates, patches and deletes are not accepted from participants \
-                 (which resources they change is not checked)",
-            ))),
+            // What the gateway makes of a conditional (`conditional.rs`): the resources named
+            // by `_id` alone, each judged as if named in the path (a missing one is no match).
+            ("PUT" | "PATCH" | "DELETE", [t]) => match crate::conditional::ids_only(w.query) {
+                Some(ids) if valid_type(t) => {
+                    for id in &ids {
+                        if let Some(no) = self.existing(t, id, true).await? {
+                            return Ok(Some(no));
+                        }
+                    }
+                    match w.method {
+                        "PUT" => self.body(w, t).await,
+                        "PATCH" => Ok(patch(w)),
+                        _ => Ok(None),
+                    }
+                }
+                _ => Ok(Some(refuse(
+                    "conditional updates, patches and deletes are not accepted from participants \
+                     unless the gateway resolved them (which resources they change is not checked)",
+                ))),
+            },
             (m, [t, id]) if valid_type(t) && valid_id(id) => {
                 if let Some(no) = self.existing(t, id, m == "PUT").await? {
                     return Ok(Some(no));
@@ -223,11 +242,9 @@ impl Judge<'_> {
                     "Bundle entry {i}: {url} is not on this server"
                 ))));
             }
-            // With a query, a type-level PUT / PATCH / DELETE is conditional (refused).
-            let path = url
-                .split_once('?')
-                .map_or(url, |(p, _)| p)
-                .trim_matches('/');
+            // With a query, a type-level PUT / PATCH / DELETE is conditional.
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let path = path.trim_matches('/');
             if path.is_empty() {
                 return Ok(Some(refuse(format!(
                     "Bundle entry {i}: a Bundle inside a Bundle is not accepted from participants"
@@ -243,7 +260,12 @@ impl Judge<'_> {
                     Body::Json(r.clone())
                 }
             });
-            let entry = Write { method, path, body };
+            let entry = Write {
+                method,
+                path,
+                query,
+                body,
+            };
             if let Some(mut no) = Box::pin(self.judge(&entry)).await? {
                 add_entry(&mut no, i);
                 return Ok(Some(no));
@@ -411,6 +433,7 @@ impl ParticipantFilter {
         let w = Write {
             method: &req.method,
             path: req.path.trim_matches('/'),
+            query: &req.query,
             body,
         };
         let mut judge = Judge {
@@ -613,12 +636,36 @@ mod tests {
         )
         .await;
         assert_eq!(r.unwrap().status, 403);
-        // Conditional writes are refused outright.
+        // Conditional writes the gateway did not resolve are refused outright.
         let mut cond = req("DELETE", "/Observation", None);
         cond.query = "subject=Patient/12".into();
         let (r, calls) = check(&f, patient(), cond).await;
         assert!(diagnostics(&r.unwrap()).contains("conditional"));
         assert!(calls.is_empty());
+        // Resolved ones (`_id=` alone) are judged id by id; a missing id is no match.
+        let by_id = |m: &str, ids: &str, body: Option<Value>| {
+            let mut r = req(m, "/Observation", body);
+            r.query = format!("_id={ids}");
+            r
+        };
+        let (r, _) = check(&f, patient(), by_id("DELETE", "mine,new", None)).await;
+        assert!(r.is_none());
+        let (r, _) = check(&f, patient(), by_id("DELETE", "mine,theirs", None)).await;
+        assert_eq!(r.unwrap().status, 403);
+        let (r, _) = check(
+            &f,
+            patient(),
+            by_id("PUT", "mine", Some(obs("mine", "Patient/99"))),
+        )
+        .await;
+        assert_eq!(r.unwrap().status, 403);
+        let (r, _) = check(
+            &f,
+            patient(),
+            by_id("PUT", "new", Some(obs("new", "Patient/12"))),
+        )
+        .await;
+        assert!(r.is_none());
     }
 
     #[tokio::test]
