@@ -248,7 +248,14 @@ impl FhirProxy {
     ) -> std::result::Result<bool, GatewayError> {
         let gw = self.gw.clone();
         let route = &gw.routes[ctx.route];
-        if route.pre.is_empty() && route.post.is_empty() && matches!(admit, Admit::Proxy) {
+        // The caller's scope filter, if its scopes narrow: it runs after the route's post
+        // chain (so nothing a module adds escapes it) and judges writes first.
+        let scope: Vec<Arc<dyn PostProcess>> = ctx.scopes.iter().cloned().collect();
+        if route.pre.is_empty()
+            && route.post.is_empty()
+            && scope.is_empty()
+            && matches!(admit, Admit::Proxy)
+        {
             // No chain on this route: nothing to build or ask.
             return Ok(false);
         }
@@ -272,6 +279,7 @@ impl FhirProxy {
         let post_reads: Vec<BodyAccess> = route
             .post
             .iter()
+            .chain(&scope)
             .filter(|m| m.applies(&req, caller))
             .map(|m| m.reads())
             .collect();
@@ -282,7 +290,11 @@ impl FhirProxy {
             .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
-        let checks_write = route.post.iter().any(|m| m.checks_write(&req, caller));
+        let checks_write = route
+            .post
+            .iter()
+            .chain(&scope)
+            .any(|m| m.checks_write(&req, caller));
         let buffered = body.is_some() || pre_needs_body || post_needs_body || checks_write;
         if !buffered && !pre_applies {
             // Headers-only post modules run on the streamed answer's head.
@@ -315,6 +327,8 @@ impl FhirProxy {
             {
                 PreResult::Reply(mut r) => {
                     tag_outcome(&mut r, &ctx.correlation_id);
+                    // A direct reply skips the route's post chain, never the scope filter.
+                    chain::run_post(&route.prefix, &scope, &req, &mut r, &cx).await?;
                     return Ok(Some(Answer::Module(r, None)));
                 }
                 PreResult::Stop(mut r) => {
@@ -336,9 +350,13 @@ impl FhirProxy {
                     self.authorize_final(ctx, &req)?;
                     // What goes upstream is judged, after the pre chain: a refusal is the
                     // answer and the server never sees the write.
-                    if let Some(mut refused) =
-                        chain::check_writes(&route.prefix, &route.post, &req, &cx).await?
+                    let refused = match chain::check_writes(&route.prefix, &scope, &req, &cx)
+                        .await?
                     {
+                        Some(r) => Some(r),
+                        None => chain::check_writes(&route.prefix, &route.post, &req, &cx).await?,
+                    };
+                    if let Some(mut refused) = refused {
                         tag_outcome(&mut refused, &ctx.correlation_id);
                         return Ok(Some(Answer::Module(refused, None)));
                     }
@@ -389,6 +407,8 @@ impl FhirProxy {
                 }
             };
             chain::run_post(&route.prefix, &route.post, &req, &mut resp, &cx).await?;
+            // Also when a route module stopped the chain: what it answered is judged too.
+            chain::run_post(&route.prefix, &scope, &req, &mut resp, &cx).await?;
             if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
                 return Ok(Some(Answer::Module(not_modified, None)));
             }
