@@ -251,11 +251,8 @@ impl FhirProxy {
         // The caller's scope filter, if its scopes narrow: it runs after the route's post
         // chain (so nothing a module adds escapes it) and judges writes first.
         let scope: Vec<Arc<dyn PostProcess>> = ctx.scopes.iter().cloned().collect();
-        if route.pre.is_empty()
-            && route.post.is_empty()
-            && scope.is_empty()
-            && matches!(admit, Admit::Proxy)
-        {
+        let no_chain = route.pre.is_empty() && route.post.is_empty() && scope.is_empty();
+        if no_chain && matches!(admit, Admit::Proxy) {
             // No chain on this route: nothing to build or ask.
             return Ok(false);
         }
@@ -350,13 +347,10 @@ impl FhirProxy {
                     self.authorize_final(ctx, &req)?;
                     // What goes upstream is judged, after the pre chain: a refusal is the
                     // answer and the server never sees the write.
-                    let refused = match chain::check_writes(&route.prefix, &scope, &req, &cx)
-                        .await?
+                    let judges: Vec<_> = scope.iter().chain(&route.post).cloned().collect();
+                    if let Some(mut refused) =
+                        chain::check_writes(&route.prefix, &judges, &req, &cx).await?
                     {
-                        Some(r) => Some(r),
-                        None => chain::check_writes(&route.prefix, &route.post, &req, &cx).await?,
-                    };
-                    if let Some(mut refused) = refused {
                         tag_outcome(&mut refused, &ctx.correlation_id);
                         return Ok(Some(Answer::Module(refused, None)));
                     }
