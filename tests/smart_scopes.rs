@@ -202,6 +202,28 @@ async fn patient_scopes_hold_every_request_to_the_patients_compartment() {
     // Another patient's compartment is empty for A.
     let theirs = all_pages(&gw, &t, &format!("Patient/{}/Observation", s.b)).await;
     assert!(theirs.is_empty(), "{theirs:?}");
+    // Only callers whose scopes narrow leave the streaming road.
+    let wide = {
+        let mut c = reader_claims();
+        c["scp"] = json!("user/*.rs");
+        sign_as_idp(&c)
+    };
+    let mut ids = Vec::new();
+    for (who, token) in [("admin", admin()), ("wide", wide), ("patient", t.clone())] {
+        let rid = format!("scopes-road-{who}-{}", uniq());
+        let r = client()
+            .get(gw.url(&format!("/fhir/Observation/{}", s.a_lab)))
+            .bearer_auth(token)
+            .header("X-Request-Id", &rid)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{who}");
+        ids.push(rid);
+    }
+    let roads = roads_taken(&gw, &ids).await;
+    let taken: Vec<&str> = ids.iter().map(|i| roads[i].as_str()).collect();
+    assert_eq!(taken, ["stream", "stream", "buffered"]);
     // An existence oracle stays refused, before SEKMET.
     let rid = format!("scopes-has-{}", uniq());
     let r = client()
@@ -402,4 +424,35 @@ async fn granular_scopes_narrow_to_what_their_query_selects() {
         assert!(v.to_string().contains("no scope grants"), "{scope}: {v}");
         assert_sekmet_never_received(&rid).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_narrowing_holds_on_a_route_with_participant_filter_too() {
+    // ParticipantFilter refuses a read of another patient's data with a 403; for a caller whose
+    // scopes narrow it still must not differ from a read of nothing.
+    let gw = jwt_gateway("post:\n  - name: ParticipantFilter\n").await;
+    let s = seed(&gw).await;
+    let t = scoped("patient/Observation.rs?category=laboratory", &s.a);
+    let theirs = assert_hidden(
+        get(&gw, &t, &format!("Observation/{}", s.b_lab)).await,
+        &s.b_lab,
+    )
+    .await;
+    let nothing = format!("nothing-{}", uniq());
+    let absent = assert_hidden(
+        get(&gw, &t, &format!("Observation/{nothing}")).await,
+        &nothing,
+    )
+    .await;
+    assert_eq!(theirs, absent);
+    let vital = assert_hidden(
+        get(&gw, &t, &format!("Observation/{}", s.a_vital)).await,
+        &s.a_vital,
+    )
+    .await;
+    assert_eq!(vital, absent);
+    assert_eq!(
+        all_pages(&gw, &t, "Observation?_count=3").await,
+        obs(&[&s.a_lab])
+    );
 }
