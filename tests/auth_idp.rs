@@ -624,24 +624,43 @@ async fn smart_scopes_are_a_ceiling_and_patient_scopes_need_a_patient() {
         get(format!("{}/Patient/{pid}/Observation", gw.base())).await,
         200
     );
+    // Requests that do not name the patient are allowed and filtered by the scope filter
+    // (tests/smart_scopes.rs): another Patient is the same 404 as no Patient at all.
     let other = seed_patient("Other").await;
-    assert_eq!(get(format!("{}/Patient/{other}", gw.base())).await, 403);
+    assert_eq!(get(format!("{}/Patient/{other}", gw.base())).await, 404);
     assert_eq!(
-        get(format!("{}/Patient/{other}/$everything", gw.base())).await,
-        403
+        get(format!("{}/Patient/no-such-{}", gw.base(), uniq())).await,
+        404
     );
-    assert_eq!(
-        get(format!("{}/Observation", gw.base())).await,
-        403,
-        "unrestricted search"
+    let everything = client()
+        .get(format!("{}/Patient/{other}/$everything", gw.base()))
+        .bearer_auth(&pt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(everything.status(), 200);
+    let body = everything.text().await.unwrap();
+    assert!(
+        !body.contains(&other),
+        "another patient's $everything is empty: {body}"
     );
+    assert_eq!(get(format!("{}/Observation", gw.base())).await, 200);
     assert_eq!(
         get(format!(
             "{}/Observation?patient={pid}&_revinclude=Provenance:target",
             gw.base()
         ))
         .await,
-        403
+        200
+    );
+    assert_eq!(
+        get(format!(
+            "{}/Patient?_has:Observation:subject:code=x",
+            gw.base()
+        ))
+        .await,
+        403,
+        "an existence oracle"
     );
     // $everything is checked against every type it returns.
     let mut c = reader_claims();

@@ -2,13 +2,15 @@
 //! `granting_contexts`. The input is a token's `scope` claim: scopes separated by spaces.
 //!
 //! Invariants: no panic; a scope grants nothing on a type it does not name unless its type is
-//! a wildcard (and a restricted v2 scope grants nothing at all); a parsed scope written back in
+//! a wildcard (and a v2 scope whose query is unsupported grants nothing at all); a parsed scope written back in
 //! canonical form (`ctx/Type.cruds`, and the Entra dotted form) parses to the same scope;
 //! `granting_contexts` is exactly the set of contexts of the granting scopes, and is
 //! `[Patient]` exactly when only patient/ scopes grant (what `auth/policy.rs` relies on).
 #![no_main]
 
-use fhir_gateway_modules::smart::{parse_scope, ClinicalScope, Perm, ScopeContext, ScopeSet};
+use fhir_gateway_modules::smart::{
+    parse_scope, ClinicalScope, Perm, ScopeContext, ScopeQuery, ScopeSet,
+};
 use libfuzzer_sys::fuzz_target;
 
 const PERMS: [Perm; 5] = [
@@ -92,7 +94,8 @@ fn check_one(raw: &str) {
         "{raw:?}: a scope with no permission"
     );
 
-    // Grants: only the named type (or every type for a wildcard), never when restricted.
+    // Grants: only the named type (or every type for a wildcard), never with an unsupported
+    // query.
     let named = sc.resource_type.clone().unwrap_or_default();
     let mut probes: Vec<String> = [
         "Patient",
@@ -118,14 +121,14 @@ fn check_one(raw: &str) {
         for p in PERMS {
             if sc.grants(t, p) {
                 assert!(
-                    !sc.restricted,
-                    "{raw:?}: restricted scope grants {p:?} on {t}"
+                    sc.query.as_ref().is_none_or(ScopeQuery::is_supported),
+                    "{raw:?}: a scope with an unsupported query grants {p:?} on {t}"
                 );
                 assert!(sc.perms.allows(p));
                 if let Some(n) = &sc.resource_type {
                     assert_eq!(n, t, "{raw:?} grants {p:?} on a type it does not name");
                 }
-            } else if !sc.restricted && sc.perms.allows(p) {
+            } else if sc.query.as_ref().is_none_or(ScopeQuery::is_supported) && sc.perms.allows(p) {
                 // Not granting must mean: a type other than the one named.
                 assert!(
                     sc.resource_type.as_deref().is_some_and(|n| n != t),
@@ -137,7 +140,7 @@ fn check_one(raw: &str) {
 
     // Canonical forms round-trip (smart.rs has no Display: this is the harness's rendering).
     let ty = sc.resource_type.as_deref().unwrap_or("*");
-    let q = if sc.restricted { "?category=x" } else { "" };
+    let q = query.map(|q| format!("?{q}")).unwrap_or_default();
     for text in [
         format!("{ctx}/{ty}.{}{q}", letters(&sc)),
         format!("{ctx}.{ty}.{}{q}", letters(&sc)),

@@ -201,6 +201,11 @@ pub fn patient_paths(resource_type: &str) -> Option<&'static [&'static str]> {
         .map(|(_, p)| *p)
 }
 
+/// Whether resources of `resource_type` can be in a patient's compartment.
+pub fn in_compartment(resource_type: &str) -> bool {
+    resource_type == "Patient" || patient_paths(resource_type).is_some()
+}
+
 /// Whose data a resource is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Owners {

@@ -2,9 +2,15 @@
 //! (`patient/Observation.rs`, `system/*.cruds`), and the Entra ID dotted form
 //! (`patient.Observation.read`, `user.all.write`).
 //!
-//! Scopes with v2 query restrictions (`patient/Observation.rs?category=laboratory`) are parsed
-//! but grant nothing: the gateway cannot enforce the restriction, and ignoring it would widen
-//! access.
+//! v2 granular scopes (`patient/Observation.rs?category=laboratory`) grant, narrowed: the
+//! gateway keeps only the resources their query selects (`query.rs`, evaluated on each resource;
+//! `filter.rs`, the gateway's scope filter). A query the gateway cannot evaluate exactly grants
+//! nothing: ignoring it would widen access.
+
+pub mod filter;
+pub mod query;
+
+pub use query::ScopeQuery;
 
 /// `patient/`, `user/` or `system/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,27 +116,37 @@ pub struct ClinicalScope {
     /// `None` = every type (`*` / `all`).
     pub resource_type: Option<String>,
     pub perms: Perms,
-    /// v2 query restriction: the scope then grants nothing here.
+    /// Whether the scope has a v2 query (then `query` holds it).
     pub restricted: bool,
+    /// The v2 query: it narrows what the scope grants; an unsupported one grants nothing.
+    pub query: Option<ScopeQuery>,
 }
 
 impl ClinicalScope {
+    /// Whether the scope grants `perm` on `resource_type`, possibly narrowed (to the patient's
+    /// compartment, to what its query selects): `narrows` says.
     pub fn grants(&self, resource_type: &str, perm: Perm) -> bool {
-        !self.restricted
+        self.query.as_ref().is_none_or(ScopeQuery::is_supported)
             && self.perms.allows(perm)
             && self
                 .resource_type
                 .as_deref()
                 .is_none_or(|t| t == resource_type)
     }
+
+    /// Whether what it grants is narrowed: to the patient's compartment, or by a query.
+    pub fn narrows(&self) -> bool {
+        self.context == ScopeContext::Patient || self.restricted
+    }
 }
 
 /// Parses one scope; `None` for anything that is not a clinical scope (`openid`, `launch`,
 /// `offline_access`, `fhirUser`, or garbage).
 pub fn parse_scope(s: &str) -> Option<ClinicalScope> {
-    let (s, restricted) = match s.split_once('?') {
-        Some((base, q)) => (base, !q.is_empty()),
-        None => (s, false),
+    let (s, query) = match s.split_once('?') {
+        Some((base, q)) if !q.is_empty() => (base, Some(q)),
+        Some((base, _)) => (base, None),
+        None => (s, None),
     };
     let (ctx, rest) = if let Some((c, r)) = s.split_once('/') {
         (c, r)
@@ -150,11 +166,13 @@ pub fn parse_scope(s: &str) -> Option<ClinicalScope> {
         t if is_resource_type_name(t) => Some(t.to_string()),
         _ => return None,
     };
+    let query = query.map(|q| ScopeQuery::parse(resource_type.as_deref(), q));
     Some(ClinicalScope {
         context,
         resource_type,
         perms: Perms::parse(perms)?,
-        restricted,
+        restricted: query.is_some(),
+        query,
     })
 }
 
@@ -181,6 +199,18 @@ impl ScopeSet {
     /// Whether the token carries clinical scopes at all (then they are a ceiling).
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty()
+    }
+
+    /// The scopes granting `perm` on `resource_type` (`None`: on every type).
+    pub fn granting<'a>(
+        &'a self,
+        resource_type: Option<&'a str>,
+        perm: Perm,
+    ) -> impl Iterator<Item = &'a ClinicalScope> + 'a {
+        self.scopes.iter().filter(move |s| match resource_type {
+            Some(t) => s.grants(t, perm),
+            None => !s.restricted && s.resource_type.is_none() && s.perms.allows(perm),
+        })
     }
 
     /// The contexts under which `perm` on `resource_type` is granted.
@@ -254,10 +284,31 @@ mod tests {
     }
 
     #[test]
-    fn restricted_v2_scopes_grant_nothing() {
+    fn granular_v2_scopes_grant_narrowed_unless_unsupported() {
         let s = p("patient/Observation.rs?category=laboratory");
-        assert!(s.restricted);
-        assert!(!s.grants("Observation", Perm::Read));
+        assert!(s.restricted && s.narrows());
+        assert!(s.grants("Observation", Perm::Read));
+        assert!(!s.grants("Patient", Perm::Read));
+        let u = p("user/Observation.rs?category=laboratory");
+        assert!(u.narrows() && u.grants("Observation", Perm::Search));
+        assert!(!p("user/Observation.rs").narrows());
+        assert!(p("patient/Observation.rs").narrows());
+        // A query the gateway cannot evaluate exactly grants nothing.
+        for s in [
+            "patient/Observation.rs?date=gt2020",
+            "user/Observation.rs?category:not=laboratory",
+            "system/*.rs?category=laboratory",
+        ] {
+            let s = p(s);
+            assert!(s.restricted);
+            assert!(!s.grants("Observation", Perm::Read), "{s:?}");
+        }
+        let set = ScopeSet::from_strings(&["patient/Observation.rs?code=x"]);
+        assert_eq!(
+            set.granting_contexts("Observation", Perm::Read),
+            vec![ScopeContext::Patient]
+        );
+        assert!(set.granting_contexts_all_types(Perm::Read).is_empty());
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! Authorization: roles decide what a caller may do; SMART clinical scopes, when the token
 //! carries any, are a ceiling on that (or decide alone when `scopes_alone_suffice`).
 //!
-//! `patient/` scopes need a patient context and, until the data-level filters check every
-//! returned resource, are honoured only for requests that name that patient: a read of the
-//! Patient itself, its compartment (`Patient/{id}/Type`, `$everything`), or a search restricted
-//! to it by a compartment parameter. Everything else is denied — never widened.
+//! Scopes that narrow — `patient/` (the patient's compartment) and v2 granular scopes
+//! (`Observation.rs?category=laboratory`) — grant here, and the gateway's scope filter
+//! (`fhir_gateway_modules::smart::filter`, attached for every such token) keeps what comes
+//! back, and what is written, inside them. `patient/` scopes need a patient context. A
+//! narrowed request may not use parameters that match on other resources (`_has`, chains),
+//! export, or run operations that write.
 
-use fhir_gateway_modules::compartment::patient_params;
 use fhir_gateway_modules::request::{FhirRequest, Interaction, Types};
-use fhir_gateway_modules::smart::{ScopeContext, ScopeSet};
+use fhir_gateway_modules::smart::{ClinicalScope, Perm, ScopeContext, ScopeSet};
 use fhir_gateway_modules::{Identity, Role};
 
 /// Why a request was refused: the rule that failed, for the 403 diagnostics.
@@ -80,41 +81,33 @@ pub fn authorize_with(
     if !role_ok && !scopes_alone_suffice {
         return Err(role_rule());
     }
-    let mut patient_only = false;
+    // Narrowed: some need is granted only by scopes the gateway's scope filter narrows
+    // (`patient/`, or a v2 query); patient: only by `patient/` scopes.
+    let (mut narrowed, mut patient_only) = (false, false);
     for need in &req.needs {
-        let contexts_per_type: Vec<(String, Vec<ScopeContext>)> = match &need.types {
-            Types::All => vec![(
-                "*".to_string(),
-                scopes.granting_contexts_all_types(need.perm),
-            )],
-            Types::Some(types) => types
-                .iter()
-                .map(|t| (t.clone(), scopes.granting_contexts(t, need.perm)))
-                .collect(),
+        let types: Vec<Option<&str>> = match &need.types {
+            Types::All => vec![None],
+            Types::Some(types) => types.iter().map(|t| Some(t.as_str())).collect(),
         };
-        for (t, contexts) in contexts_per_type {
-            if contexts.is_empty() {
+        for t in types {
+            let grants: Vec<&ClinicalScope> = scopes.granting(t, need.perm).collect();
+            if grants.is_empty() {
                 return Err(format!(
                     "scope: no scope grants '{}' on {} (needed by {})",
                     need.perm.letter(),
-                    if t == "*" {
-                        "every resource type".to_string()
-                    } else {
-                        t
-                    },
+                    t.unwrap_or("every resource type"),
                     describe(req)
                 ));
             }
-            if contexts == [ScopeContext::Patient] {
-                patient_only = true;
-            }
+            narrowed |= grants.iter().all(|s| s.narrows());
+            patient_only |= grants.iter().all(|s| s.context == ScopeContext::Patient);
         }
     }
-    if patient_only {
-        let Some(pid) = id.patient_context() else {
-            return Err("scope: patient/ scopes need a patient context (fhirUser or patient claim); none in the token".into());
-        };
-        within_patient(req, &pid)?;
+    if patient_only && id.patient_context().is_none() {
+        return Err("scope: patient/ scopes need a patient context (fhirUser or patient claim); none in the token".into());
+    }
+    if narrowed {
+        narrowed_shape(req)?;
     }
     Ok(())
 }
@@ -130,68 +123,27 @@ fn describe(req: &FhirRequest) -> String {
     }
 }
 
-/// Does the request stay inside the compartment of patient `pid`?
-fn within_patient(req: &FhirRequest, pid: &str) -> Result<(), Denied> {
-    let outside = || {
-        Err(format!(
-            "scope: patient/ scopes allow only the patient's own data (Patient/{pid}, Patient/{pid}/<Type>, or a search with patient={pid}); {} is not limited to it",
-            describe(req)
-        ))
-    };
-    let pulls_in_others = req.params.iter().any(|(k, _)| {
+/// What a caller whose scopes narrow may not ask, whatever comes back: the scope filter
+/// judges the resources returned, not the server's matching, so parameters that match on
+/// other resources are existence oracles (pitfall 9); exported files and the results of
+/// operations that write are not filtered.
+fn narrowed_shape(req: &FhirRequest) -> Result<(), Denied> {
+    let oracle = req.params.iter().any(|(k, _)| {
         let k = k.split(':').next().unwrap_or("");
-        matches!(
-            k,
-            "_include" | "_revinclude" | "_has" | "_query" | "_filter"
-        ) || k.contains('.')
+        matches!(k, "_has" | "_query" | "_filter") || k.contains('.')
     });
-    if pulls_in_others {
-        return Err("scope: _include, _revinclude, _has, _query, _filter and chained parameters are not allowed with patient/ scopes".into());
+    if oracle {
+        return Err("scope: _has, _query, _filter and chained parameters are not allowed with patient/ or granular scopes".into());
     }
-    if let Some((ty, cid)) = &req.compartment {
-        return if ty == "Patient" && cid == pid {
-            Ok(())
-        } else {
-            outside()
-        };
-    }
-    let ty = req.resource_type.as_deref().unwrap_or("");
     match &req.interaction {
-        Interaction::Read | Interaction::VRead | Interaction::History if ty == "Patient" => {
-            if req.id.as_deref() == Some(pid) {
-                Ok(())
-            } else {
-                outside()
-            }
-        }
-        Interaction::Search if ty == "Patient" => {
-            let ids: Vec<&str> = req.param("_id").collect();
-            if !ids.is_empty() && ids.iter().all(|v| v.split(',').all(|x| x == pid)) {
-                Ok(())
-            } else {
-                outside()
-            }
-        }
-        Interaction::Search => {
-            let Some(params) = patient_params(ty) else {
-                return outside();
-            };
-            // Only an exact parameter (no `:not`, `:missing`, `:identifier`...) restricts the
-            // results to the patient; other parameters can only narrow them further.
-            let restricted = req.params.iter().any(|(k, v)| {
-                let name = k.as_str();
-                // `patient` always targets a Patient; the compartment parameters may too.
-                // A bare id on other parameters could name another type (Group/p1).
-                let typed = v == &format!("Patient/{pid}");
-                (name == "patient" && (v == pid || typed)) || (params.contains(&name) && typed)
-            });
-            if restricted {
-                Ok(())
-            } else {
-                outside()
-            }
-        }
-        _ => outside(),
+        Interaction::Operation(op) if op == "$export" => Err(
+            "scope: patient/ and granular scopes never export (exported files are not filtered)"
+                .into(),
+        ),
+        Interaction::Operation(op) if req.needs.iter().any(|n| n.perm == Perm::Create) => Err(
+            format!("scope: {op} may change data; it is not run for patient/ or granular scopes"),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -277,57 +229,61 @@ mod tests {
     }
 
     #[test]
-    fn patient_scopes_need_and_respect_a_patient_context() {
-        let mut p = who(&[Role::Reader], &["patient/*.read"]);
+    fn patient_scopes_need_a_patient_context_and_leave_the_rest_to_the_scope_filter() {
+        let mut p = who(&[Role::Reader, Role::Writer], &["patient/*.cruds"]);
         let e = authorize(&p, &classify("GET", "/Patient/p1", "").unwrap(), false).unwrap_err();
         assert!(e.contains("patient context"), "{e}");
         p.fhir_user = Some("Patient/p1".into());
-        assert!(ok(&p, "GET", "/Patient/p1", ""));
-        assert!(
-            !ok(&p, "GET", "/Patient/p12", ""),
-            "Patient/p1 is not Patient/p12"
-        );
-        assert!(ok(&p, "GET", "/Patient/p1/Observation", ""));
-        assert!(!ok(&p, "GET", "/Patient/p2/Observation", ""));
-        assert!(ok(&p, "GET", "/Patient/p1/$everything", ""));
-        assert!(!ok(&p, "GET", "/Patient/p2/$everything", ""));
-        assert!(ok(&p, "GET", "/Observation", "patient=p1&code=x"));
-        assert!(ok(&p, "GET", "/Observation", "subject=Patient/p1"));
-        assert!(
-            !ok(&p, "GET", "/Observation", "code=x"),
-            "unrestricted search"
-        );
-        assert!(!ok(&p, "GET", "/Observation", "patient=p1,p2"));
-        assert!(
-            !ok(&p, "GET", "/Observation", "patient:not=p1"),
-            "modifiers do not restrict"
-        );
-        assert!(!ok(&p, "GET", "/Observation", "subject:not=Patient/p1"));
-        assert!(!ok(&p, "GET", "/Observation", "patient:identifier=p1"));
-        assert!(!ok(&p, "GET", "/Observation", "patient=p1&_query=everyone"));
-        assert!(
-            !ok(&p, "GET", "/Observation", "subject=p1"),
-            "a bare id may name a Group"
-        );
-        assert!(ok(&p, "GET", "/Observation", "patient=p1&code:not=x"));
-        assert!(!ok(
-            &p,
-            "GET",
-            "/Observation",
-            "patient=p1&_include=Observation:performer:Practitioner"
-        ));
-        assert!(
-            !ok(&p, "GET", "/Observation/o1", ""),
-            "reads by id are not checked yet: denied"
-        );
-        assert!(ok(&p, "GET", "/Patient", "_id=p1"));
-        assert!(!ok(&p, "GET", "/Patient", "name=x"));
-        // A user/ scope for the same type lifts the restriction.
+        // Whatever the request names, the scope filter judges what comes back.
+        for (m, path, q) in [
+            ("GET", "/Patient/p1", ""),
+            ("GET", "/Patient/p2", ""),
+            ("GET", "/Observation/o1", ""),
+            ("GET", "/Observation", "code=x"),
+            ("GET", "/Patient/p1/$everything", ""),
+            (
+                "GET",
+                "/Observation",
+                "patient=p1&_include=Observation:performer",
+            ),
+            ("POST", "/Observation", ""),
+            ("PUT", "/Observation/o1", ""),
+            ("DELETE", "/Observation/o1", ""),
+        ] {
+            assert!(ok(&p, m, path, q), "{m} {path}?{q}");
+        }
+        // Parameters matching on other resources are oracles; exports are not filtered.
+        for (m, path, q) in [
+            ("GET", "/Patient", "_has:Observation:subject:code=x"),
+            ("GET", "/Observation", "subject.name=x"),
+            ("GET", "/Observation", "patient=p1&_query=everyone"),
+            ("GET", "/Observation", "_filter=x"),
+            ("GET", "/Patient/p1/$export", ""),
+            ("POST", "/Patient/p1/$merge", ""),
+        ] {
+            assert!(!ok(&p, m, path, q), "{m} {path}?{q}");
+        }
+        // A user/ scope for the same type lifts the narrowing (and the oracle rule).
         let both = Identity {
             scopes: vec!["patient/*.read".into(), "user/Observation.read".into()],
             ..p.clone()
         };
-        assert!(ok(&both, "GET", "/Observation", "code=x"));
+        assert!(ok(&both, "GET", "/Observation", "_filter=x"));
+    }
+
+    #[test]
+    fn granular_scopes_grant_narrowed_and_unsupported_ones_grant_nothing() {
+        let lab = who(
+            &[Role::Reader],
+            &["user/Observation.rs?category=laboratory"],
+        );
+        assert!(ok(&lab, "GET", "/Observation", ""));
+        assert!(ok(&lab, "GET", "/Observation/o1", ""));
+        assert!(!ok(&lab, "GET", "/Observation", "_has:X:y:z=1"));
+        assert!(!ok(&lab, "GET", "/Encounter", ""));
+        let odd = who(&[Role::Reader], &["user/Observation.rs?date=gt2020"]);
+        let e = authorize(&odd, &classify("GET", "/Observation", "").unwrap(), false).unwrap_err();
+        assert!(e.contains("no scope grants"), "{e}");
     }
 
     #[test]

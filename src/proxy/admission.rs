@@ -199,6 +199,10 @@ impl FhirProxy {
                 }
             }
             guard = gw.links_in_use && !identity.has(Role::Administrator) && !request.is_read;
+            // The policy granted narrowed scopes on the understanding that this filter judges
+            // what comes back and what is written: set with the identity, never apart.
+            ctx.scopes =
+                ScopeFilter::for_identity(&identity).map(|f| Arc::new(f) as Arc<dyn PostProcess>);
             self.break_the_glass(session.req_header(), &identity, request.is_read, ctx)
                 .await?;
             ctx.identity = Some(identity);

@@ -249,7 +249,11 @@ impl FhirProxy {
     ) -> std::result::Result<bool, GatewayError> {
         let gw = self.gw.clone();
         let route = &gw.routes[ctx.route];
-        if route.pre.is_empty() && route.post.is_empty() && matches!(admit, Admit::Proxy) {
+        // The caller's scope filter, if its scopes narrow: it runs after the route's post
+        // chain (so nothing a module adds escapes it) and judges writes first.
+        let scope: Vec<Arc<dyn PostProcess>> = ctx.scopes.iter().cloned().collect();
+        let no_chain = route.pre.is_empty() && route.post.is_empty() && scope.is_empty();
+        if no_chain && matches!(admit, Admit::Proxy) {
             // No chain on this route: nothing to build or ask.
             return Ok(false);
         }
@@ -263,19 +267,18 @@ impl FhirProxy {
         let caller = ctx.identity.as_ref();
         // A break-the-glass read skips the filters the session bypasses.
         let unglassed;
-        let post_modules: &[Arc<dyn fhir_gateway_modules::processor::PostProcess>] =
-            match (&ctx.glass, &gw.glass) {
-                (Some(_), Some(g)) => {
-                    unglassed = route
-                        .post
-                        .iter()
-                        .filter(|m| !g.bypass.iter().any(|b| b == m.name()))
-                        .cloned()
-                        .collect::<Vec<_>>();
-                    &unglassed
-                }
-                _ => &route.post,
-            };
+        let post_modules: &[Arc<dyn PostProcess>] = match (&ctx.glass, &gw.glass) {
+            (Some(_), Some(g)) => {
+                unglassed = route
+                    .post
+                    .iter()
+                    .filter(|m| !g.bypass.iter().any(|b| b == m.name()))
+                    .cloned()
+                    .collect::<Vec<_>>();
+                &unglassed
+            }
+            _ => &route.post,
+        };
         // Each module is asked once (`applies` may classify the request).
         let pre_needs: Vec<(bool, bool)> = route
             .pre
@@ -288,6 +291,7 @@ impl FhirProxy {
         let pre_finishes = pre_needs.iter().any(|(_, finish)| *finish);
         let post_reads: Vec<BodyAccess> = post_modules
             .iter()
+            .chain(&scope)
             .filter(|m| m.applies(&req, caller))
             .map(|m| m.reads())
             .collect();
@@ -298,7 +302,10 @@ impl FhirProxy {
             .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
-        let checks_write = post_modules.iter().any(|m| m.checks_write(&req, caller));
+        let checks_write = post_modules
+            .iter()
+            .chain(&scope)
+            .any(|m| m.checks_write(&req, caller));
         // A filtered caller's conditional write: its search is resolved here first, over what
         // the caller may see (`conditional.rs`), so it needs the buffered road.
         let conditional =
@@ -350,6 +357,8 @@ impl FhirProxy {
             {
                 PreResult::Reply(mut r) => {
                     tag_outcome(&mut r, &ctx.correlation_id);
+                    // A direct reply skips the route's post chain, never the scope filter.
+                    chain::run_post(&route.prefix, &scope, &req, &mut r, &cx).await?;
                     return Ok(Some(Answer::Module(r, None)));
                 }
                 PreResult::Stop(mut r) => {
@@ -371,8 +380,9 @@ impl FhirProxy {
                     self.authorize_final(ctx, &req)?;
                     // What goes upstream is judged, after the pre chain: a refusal is the
                     // answer and the server never sees the write.
+                    let judges: Vec<_> = scope.iter().chain(post_modules).cloned().collect();
                     if let Some(mut refused) =
-                        chain::check_writes(&route.prefix, post_modules, &req, &cx).await?
+                        chain::check_writes(&route.prefix, &judges, &req, &cx).await?
                     {
                         tag_outcome(&mut refused, &ctx.correlation_id);
                         return Ok(Some(Answer::Module(refused, None)));
@@ -429,6 +439,8 @@ impl FhirProxy {
                 }
             };
             chain::run_post(&route.prefix, post_modules, &req, &mut resp, &cx).await?;
+            // Also when a route module stopped the chain: what it answered is judged too.
+            chain::run_post(&route.prefix, &scope, &req, &mut resp, &cx).await?;
             if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
                 return Ok(Some(Answer::Module(not_modified, None)));
             }

@@ -55,9 +55,14 @@ impl FhirProxy {
         self.note_writes(&req.method, &mut ctx);
         ctx.service_auth = gw.identity.authorization().await?;
         ctx.call = Some(self.call_identity(&ctx));
-        if !(route.pre.is_empty() && route.post.is_empty()) {
+        if !(route.pre.is_empty() && route.post.is_empty())
+            || ctx
+                .identity
+                .as_ref()
+                .is_some_and(|id| ScopeFilter::for_identity(id).is_some())
+        {
             return Err(GatewayError::Internal(
-                "fixed_cost measures a route without modules".into(),
+                "fixed_cost measures a route without modules, for a caller without narrowing scopes".into(),
             ));
         }
         // upstream_peer, upstream_request_filter

@@ -52,11 +52,12 @@ use crate::upstream::head::request_head;
 use crate::upstream::retry::{self, RetryPolicy};
 use async_trait::async_trait;
 use bytes::Bytes;
-use fhir_gateway_modules::processor::FhirClient;
 use fhir_gateway_modules::processor::{
     Body as ModBody, ClientRequest, Context, Request as ModRequest, Response as ModResponse,
 };
+use fhir_gateway_modules::processor::{FhirClient, PostProcess};
 use fhir_gateway_modules::request::{classify, classify_bundle, Interaction};
+use fhir_gateway_modules::smart::filter::ScopeFilter;
 use fhir_gateway_modules::{Identity, Role};
 use http::{HeaderValue, Method};
 use log::warn;
@@ -141,6 +142,9 @@ pub struct Ctx {
     answered: std::sync::OnceLock<(Bytes, bool)>,
     /// The break-the-glass reason this request was served under.
     glass: Option<String>,
+    /// The scope filter of a caller whose scopes narrow (`patient/`, granular): added to the
+    /// route's post chain for this request, so the answer takes the buffered road.
+    scopes: Option<Arc<dyn PostProcess>>,
 }
 
 impl FhirProxy {
@@ -225,6 +229,7 @@ impl ProxyHttp for FhirProxy {
             tee: None,
             answered: std::sync::OnceLock::new(),
             glass: None,
+            scopes: None,
         }
     }
 

@@ -7,7 +7,7 @@
 //! Administrator and the global roles bypass. A caller who is nobody in the FHIR server (no
 //! `fhirUser`, no link) sees no patient data. Lookups fail closed (503).
 
-mod writes;
+pub(crate) mod writes;
 
 use crate::compartment::{values_at, Owners};
 use crate::filter::{self, Judge, Ownership, Style};
@@ -309,7 +309,7 @@ impl ParticipantFilter {
 }
 
 /// Allowed iff not patient data, or the caller may see one of its patients.
-fn allowed(o: &Owners, visible: &BTreeSet<String>) -> bool {
+pub(crate) fn allowed(o: &Owners, visible: &BTreeSet<String>) -> bool {
     !o.is_patient_data() || o.patients.iter().any(|p| visible.contains(p))
 }
 

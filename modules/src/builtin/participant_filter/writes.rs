@@ -17,14 +17,17 @@
 //!   (`crate::conditional`): `_id=<ids the caller may see>`, each id judged as above; any
 //!   other conditional (which resources it changes is the server's search) is refused.
 //!
+//! The same rules serve the scope filter (`smart::filter`) for `patient/` scopes, with the
+//! token's patient as the visible set (`judge_compartment_write`).
+//!
 //! Who is judged: a caller the filter does not bypass who is a participant — holds a
 //! participant role, or is one in the FHIR server (`fhirUser`, an identity link). A Writer
 //! that is nobody (a service writing for others) is not: it sees no patient data, and what
 //! it may write is the route policy's decision, as before.
 
 use super::ParticipantFilter;
-use crate::compartment::{decides_owner, owners, Owners};
-use crate::filter;
+use crate::compartment::{decides_owner, in_compartment, owners, Owners};
+use crate::filter::{self, Style};
 use crate::identity::{valid_id, Role};
 use crate::links::Participant;
 use crate::processor::{Context, ModuleError, Request, Response};
@@ -54,23 +57,39 @@ enum Body {
     Opaque,
 }
 
-fn refuse(why: impl std::fmt::Display) -> Response {
-    Response::outcome(
-        403,
-        "forbidden",
-        format!("{}: {why}", ParticipantFilter::NAME),
-    )
+/// Who refuses, and the rule every refusal of patient data names.
+#[derive(Clone, Copy)]
+struct Voice<'a> {
+    style: &'a Style,
+    rule: &'static str,
 }
 
-/// The rule every refusal of patient data names.
-const RULE: &str = "a participant writes only data of the patients they take part in the care of";
+impl Voice<'_> {
+    fn refuse(&self, why: impl std::fmt::Display) -> Response {
+        Response::outcome(403, "forbidden", format!("{}: {why}", self.style.module))
+    }
+
+    fn outside(&self, what: impl std::fmt::Display) -> Response {
+        self.refuse(format!("{}: {what}", self.rule))
+    }
+}
+
+const PARTICIPANT_RULE: &str =
+    "a participant writes only data of the patients they take part in the care of";
+
+/// Whose patients' data the caller may see: the participant filter's lookup, or a set fixed
+/// by the token (the patient of `patient/` scopes).
+enum Source<'a> {
+    Participant(&'a ParticipantFilter, Option<Participant>),
+    Fixed(Arc<BTreeSet<String>>),
+}
 
 /// Judges one request, with the visible set computed at most once.
 struct Judge<'a> {
-    f: &'a ParticipantFilter,
+    voice: Voice<'a>,
+    source: Source<'a>,
     cx: &'a Context,
     resolver: Resolver,
-    who: Option<Participant>,
     visible: Option<Arc<BTreeSet<String>>>,
 }
 
@@ -79,16 +98,33 @@ impl Judge<'_> {
         if let Some(v) = &self.visible {
             return Ok(v.clone());
         }
-        let v = self.f.visible(self.who.clone(), self.cx).await?;
+        let v = match &self.source {
+            Source::Participant(f, who) => f.visible(who.clone(), self.cx).await?,
+            Source::Fixed(v) => v.clone(),
+        };
         self.visible = Some(v.clone());
         Ok(v)
     }
 
+    fn refuse(&self, why: impl std::fmt::Display) -> Response {
+        self.voice.refuse(why)
+    }
+
+    fn denied(&self) -> Response {
+        filter::denied_response(self.voice.style)
+    }
+
+    /// `patient/` scopes reach a compartment type only inside the patient's compartment: a
+    /// resource of such a type that is nobody's is not theirs either.
+    fn compartment_only(&self, rtype: &str) -> bool {
+        matches!(self.source, Source::Fixed(_)) && in_compartment(rtype)
+    }
+
     /// Write rule: every owner visible, none unknown (a read needs only one visible owner,
     /// but a write puts data into every owner's compartment).
-    async fn may_write(&mut self, o: &Owners) -> Result<bool, ModuleError> {
+    async fn may_write(&mut self, o: &Owners, rtype: &str) -> Result<bool, ModuleError> {
         if !o.is_patient_data() {
-            return Ok(true);
+            return Ok(!self.compartment_only(rtype));
         }
         if o.unknown {
             return Ok(false);
@@ -119,11 +155,11 @@ impl Judge<'_> {
                     }
                     match w.method {
                         "PUT" => self.body(w, t).await,
-                        "PATCH" => Ok(patch(w)),
+                        "PATCH" => Ok(patch(w, self.voice)),
                         _ => Ok(None),
                     }
                 }
-                _ => Ok(Some(refuse(
+                _ => Ok(Some(self.refuse(
                     "conditional updates, patches and deletes are not accepted from participants \
                      unless the gateway resolved them (which resources they change is not checked)",
                 ))),
@@ -134,11 +170,11 @@ impl Judge<'_> {
                 }
                 match m {
                     "PUT" => self.body(w, t).await,
-                    "PATCH" => Ok(patch(w)),
+                    "PATCH" => Ok(patch(w, self.voice)),
                     _ => Ok(None),
                 }
             }
-            _ => Ok(Some(refuse(format!(
+            _ => Ok(Some(self.refuse(format!(
                 "{} /{} is not a write the gateway can check for a participant",
                 w.method, w.path
             )))),
@@ -149,22 +185,22 @@ impl Judge<'_> {
     async fn body(&mut self, w: &Write<'_>, rtype: &str) -> Result<Option<Response>, ModuleError> {
         let v = match &w.body {
             Some(Body::Json(v)) => v,
-            Some(Body::Opaque) => return Ok(Some(refuse(
+            Some(Body::Opaque) => return Ok(Some(self.refuse(
                 "a participant's writes are checked as FHIR JSON only: send application/fhir+json",
             ))),
-            None => return Ok(Some(refuse("a create or update needs a resource"))),
+            None => return Ok(Some(self.refuse("a create or update needs a resource"))),
         };
         if v.get("resourceType").and_then(Value::as_str) != Some(rtype) {
-            return Ok(Some(refuse(format!(
-                "the resource written is not a {rtype}"
-            ))));
+            return Ok(Some(
+                self.refuse(format!("the resource written is not a {rtype}")),
+            ));
         }
         let o = owners(v, &self.resolver);
-        if self.may_write(&o).await? {
+        if self.may_write(&o, rtype).await? {
             return Ok(None);
         }
-        Ok(Some(refuse(format!(
-            "{RULE}: the {rtype} written names a patient outside them"
+        Ok(Some(self.voice.outside(format!(
+            "the {rtype} written names a patient outside them"
         ))))
     }
 
@@ -181,9 +217,7 @@ impl Judge<'_> {
             200 => {}
             // With hide_existence a patch or delete of nothing answers as one of a hidden
             // resource does (a server's 204 for deleting nothing would tell the two apart).
-            404 | 410 if !put && self.f.style.hide_existence => {
-                return Ok(Some(filter::denied_response(&self.f.style)))
-            }
+            404 | 410 if !put && self.voice.style.hide_existence => return Ok(Some(self.denied())),
             404 | 410 => return Ok(None),
             s => {
                 return Err(ModuleError::Unavailable(format!(
@@ -192,28 +226,33 @@ impl Judge<'_> {
             }
         }
         let o = owners(&current, &self.resolver);
-        if !o.is_patient_data() {
+        if !o.is_patient_data() && !self.compartment_only(rtype) {
             return Ok(None);
         }
         let visible = self.visible().await?;
-        if !super::allowed(&o, &visible) {
+        let sees = if self.compartment_only(rtype) {
+            o.patients.iter().any(|p| visible.contains(p))
+        } else {
+            super::allowed(&o, &visible)
+        };
+        if !sees {
             // Not even readable: answered as a read would be (no existence confirmed).
-            return Ok(Some(filter::denied_response(&self.f.style)));
+            return Ok(Some(self.denied()));
         }
-        if self.may_write(&o).await? {
+        if self.may_write(&o, rtype).await? {
             return Ok(None);
         }
-        Ok(Some(refuse(format!(
-            "{RULE}: {rtype}/{id} also belongs to a patient outside them"
+        Ok(Some(self.voice.outside(format!(
+            "{rtype}/{id} also belongs to a patient outside them"
         ))))
     }
 
     /// Every write entry of a batch or transaction, judged as if sent alone.
     async fn bundle(&mut self, w: &Write<'_>) -> Result<Option<Response>, ModuleError> {
         let Some(Body::Json(b)) = &w.body else {
-            return Ok(Some(refuse(
-                "a batch or transaction is checked as JSON only",
-            )));
+            return Ok(Some(
+                self.refuse("a batch or transaction is checked as JSON only"),
+            ));
         };
         let entries = b
             .get("entry")
@@ -225,7 +264,7 @@ impl Judge<'_> {
             let method = e.pointer("/request/method").and_then(Value::as_str);
             let url = e.pointer("/request/url").and_then(Value::as_str);
             let (Some(method), Some(url)) = (method, url) else {
-                return Ok(Some(refuse(format!(
+                return Ok(Some(self.refuse(format!(
                     "Bundle entry {i} has no request method and url"
                 ))));
             };
@@ -238,15 +277,15 @@ impl Judge<'_> {
                 .find_map(|b| url.strip_prefix(b.trim_end_matches('/')))
                 .unwrap_or(url);
             if url.contains("://") {
-                return Ok(Some(refuse(format!(
-                    "Bundle entry {i}: {url} is not on this server"
-                ))));
+                return Ok(Some(
+                    self.refuse(format!("Bundle entry {i}: {url} is not on this server")),
+                ));
             }
             // With a query, a type-level PUT / PATCH / DELETE is conditional.
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
             let path = path.trim_matches('/');
             if path.is_empty() {
-                return Ok(Some(refuse(format!(
+                return Ok(Some(self.refuse(format!(
                     "Bundle entry {i}: a Bundle inside a Bundle is not accepted from participants"
                 ))));
             }
@@ -288,15 +327,15 @@ fn add_entry(r: &mut Response, i: usize) {
 }
 
 /// A patch may not touch what decides whose data the resource is.
-fn patch(w: &Write<'_>) -> Option<Response> {
+fn patch(w: &Write<'_>, voice: Voice<'_>) -> Option<Response> {
     let touched = |what: &str| {
-        refuse(format!(
-            "{RULE}: a participant's patch may not change {what}, which decides whose data \
-             the resource is"
+        voice.outside(format!(
+            "a participant's patch may not change {what}, which decides whose data the \
+             resource is"
         ))
     };
     let unreadable = || {
-        refuse(
+        voice.refuse(
             "a participant's patch must be JSON Patch or FHIRPath Patch (Parameters) in JSON; \
              this one cannot be checked",
         )
@@ -426,25 +465,50 @@ impl ParticipantFilter {
         if who.is_none() && !participant_role {
             return Ok(None);
         }
-        let body = req.json().map(|r| match r {
-            Ok(v) => Body::Json(v),
-            Err(_) => Body::Opaque,
-        });
-        let w = Write {
-            method: &req.method,
-            path: req.path.trim_matches('/'),
-            query: &req.query,
-            body,
+        let voice = Voice {
+            style: &self.style,
+            rule: PARTICIPANT_RULE,
         };
-        let mut judge = Judge {
-            f: self,
-            cx,
-            resolver: Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]),
-            who,
-            visible: None,
-        };
-        judge.judge(&w).await
+        judge(req, cx, voice, Source::Participant(self, who)).await
     }
+}
+
+async fn judge(
+    req: &Request,
+    cx: &Context,
+    voice: Voice<'_>,
+    source: Source<'_>,
+) -> Result<Option<Response>, ModuleError> {
+    let body = req.json().map(|r| match r {
+        Ok(v) => Body::Json(v),
+        Err(_) => Body::Opaque,
+    });
+    let w = Write {
+        method: &req.method,
+        path: req.path.trim_matches('/'),
+        query: &req.query,
+        body,
+    };
+    let mut judge = Judge {
+        voice,
+        source,
+        cx,
+        resolver: Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]),
+        visible: None,
+    };
+    judge.judge(&w).await
+}
+
+/// The same rules for a caller whose data is fixed by the token (`patient/` scopes: the
+/// patient's compartment), refusals worded by `style` and naming `rule`.
+pub(crate) async fn judge_compartment_write(
+    req: &Request,
+    cx: &Context,
+    style: &Style,
+    rule: &'static str,
+    visible: Arc<BTreeSet<String>>,
+) -> Result<Option<Response>, ModuleError> {
+    judge(req, cx, Voice { style, rule }, Source::Fixed(visible)).await
 }
 
 #[cfg(test)]
