@@ -14,17 +14,22 @@ cd "$(dirname "$0")/.."
 GW=http://127.0.0.1:8080/fhir
 PEERS=${PEERS:-$PWD/.cache/peers}
 SPOOL=/tmp/fhir-gateway-demo-spool   # events.spool.dir of conf/demo.yaml
+TRAIL=/tmp/fhir-gateway-demo-audit.jsonl TRAIL_KEY=/tmp/fhir-gateway-demo-audit.key   # audit: of conf/demo.yaml
 
 scripts/prereqs.sh
 scripts/peers.sh install
 echo "== building the gateway"
 cargo build --quiet --bin fhir-gateway
+# The audit trail's checkpoint key (a secret: mode 600) and a fresh trail for this run.
+rm -f "$TRAIL" "$TRAIL_KEY"
+(umask 077; head -c 48 /dev/urandom | base64 >"$TRAIL_KEY")
 target/debug/fhir-gateway -t -c conf/demo.yaml
 
 cleanup() {
   [ -n "${GW_PID:-}" ] && kill "$GW_PID" 2>/dev/null && wait "$GW_PID" 2>/dev/null
   scripts/peers.sh stop sekmet oidc kafka
   rm -rf "$SPOOL"
+  rm -f "$TRAIL_KEY"
 }
 trap cleanup EXIT
 if curl -s -o /dev/null http://127.0.0.1:8080/ 2>/dev/null; then
@@ -197,6 +202,42 @@ ask practitioner-app "$PRACT" GET "$GW/Observation/demo-obs-bob"
 ask optout-patient-app "$OPTOUT" GET "$HR"
 ask patient-app "$PATIENT" GET "$HR"
 
+# ---- Break-the-glass and the audit trail (docs/audit.md) ----------------------------------------
+echo; echo "== break-the-glass: Dr House needs Bob's data in an emergency, despite the opt-out"
+glass() { # reason (empty: none) → one readable line
+  local out code; out=$(mktemp)
+  code=$(curl -sS -o "$out" -w '%{http_code}' -H "Authorization: Bearer $PRACT" -H 'Accept: application/fhir+json' \
+    ${1:+-H "X-Break-The-Glass: $1"} "$GW/Observation/demo-obs-bob")
+  printf '  %-19s GET    /fhir/Observation/demo-obs-bob%s\n      => %s  %s\n' practitioner-app \
+    "${1:+  (X-Break-The-Glass: $1)}" "$code" "$(summary <"$out")"
+  rm -f "$out"
+}
+glass ""
+glass " "
+glass "unconscious patient in the ED, allergies unknown"
+glass ""
+echo "      (no reason: refused; with one: served for break_the_glass.minutes, and audited)"
+printf '  GET /manage/glass (admin-app) => '
+curl -sS -H "Authorization: Bearer $ADMIN" http://127.0.0.1:8080/manage/glass; echo
+
+echo; echo "== who saw Bob's data: the audit trail (GET /manage/audit?patient=Patient/demo-bob, admin-app)"
+curl -sS -H "Authorization: Bearer $ADMIN" 'http://127.0.0.1:8080/manage/audit?patient=Patient/demo-bob' | python3 -c '
+import sys, json
+b = json.load(sys.stdin)
+for e in b.get("entry", []):
+    ev = e["resource"]; who = ev["agent"][0]
+    user = who.get("altId") or who.get("who", {}).get("identifier", {}).get("value", "?")
+    what = next((x["description"] for x in ev["entity"] if x.get("description", "").startswith(("GET", "POST", "PUT"))), "")
+    why = (who.get("purposeOfUse") or [{}])[0].get("text")
+    print("  %s  %-32s %-14s %s%s" % (ev["recorded"], user, ev["subtype"][0]["code"], what,
+          "  [break-the-glass: %s]" % why if why else ""))
+print("  (%d records name Patient/demo-bob; the opt-out kept it from everyone else)" % b.get("total", 0))
+'
+printf '  Bob reads his own access log (patient_access_log: true): GET /manage/audit as optout-patient-app => '
+curl -sS -o /dev/null -w '%{http_code}\n' -H "Authorization: Bearer $OPTOUT" 'http://127.0.0.1:8080/manage/audit?patient=Patient/demo-bob'
+printf '  ... and Ann'"'"'s: => '
+curl -sS -o /dev/null -w '%{http_code} (only their own)\n' -H "Authorization: Bearer $OPTOUT" 'http://127.0.0.1:8080/manage/audit?patient=Patient/demo-ann'
+
 # ---- Events: PublishFHIREvent → spool → Kafka topic fhir-events (docs/events.md) ------------------
 echo; echo "== PublishFHIREvent: writer-app creates, updates and deletes an Observation of Ann"
 OBS='{"resourceType":"Observation","status":"preliminary","code":{"coding":[{"system":"http://loinc.org","code":"8310-5","display":"Body temperature"}]},"subject":{"reference":"Patient/demo-ann"},"effectiveDateTime":"2026-01-16T08:00:00Z","valueQuantity":{"value":37.9,"unit":"Cel","system":"http://unitsofmeasure.org","code":"Cel"}}'
@@ -274,6 +315,22 @@ echo "   directly. The delete is keyed Observation/<id>, not Patient/demo-ann: S
 echo "   with an OperationOutcome, not the resource, so the gateway cannot tell whose Observation it was.)"
 
 echo; echo "== gateway access log (last lines)"; grep " access\]" "$PEERS/gateway-demo.log" | tail -n 5
+
+echo; echo "== the audit trail is intact: fhir-gateway audit verify $TRAIL --key-file $TRAIL_KEY"
+# Records reach the file within a batch (about 20 ms); /manage/audit above already waited for them.
+target/debug/fhir-gateway audit verify "$TRAIL" --key-file "$TRAIL_KEY" | sed 's/^/  /'
+cp "$TRAIL" "$TRAIL.tampered"
+python3 - "$TRAIL.tampered" <<'PY'
+import sys
+p = sys.argv[1]; lines = open(p).read().splitlines()
+rec = [i for i, l in enumerate(lines) if '"event"' in l]
+lines[rec[2]] = lines[rec[2]].replace('"outcome":"0"', '"outcome":"4"', 1)  # one record edited
+del lines[rec[5]]                                                         # one deleted
+open(p, "w").write("\n".join(lines) + "\n")
+PY
+echo "== ... and a copy with one record edited and one deleted is caught:"
+target/debug/fhir-gateway audit verify "$TRAIL.tampered" --key-file "$TRAIL_KEY" | sed 's/^/  /' || true
+rm -f "$TRAIL.tampered"
 if [ -t 0 ] && [ "${DEMO_KEEP:-1}" != 0 ]; then
   echo; echo "The gateway is on $GW (FHIR server on 127.0.0.1:8090, events on 127.0.0.1:19092 topic"
   echo "fhir-events). Ctrl-C stops them all."

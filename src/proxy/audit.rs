@@ -7,6 +7,7 @@ use crate::audit::glass::Asked;
 use crate::audit::{Record, Shown};
 use crate::error::GatewayError;
 use bytes::Bytes;
+use fhir_gateway_modules::links::Participant;
 use fhir_gateway_modules::processor::Response as ModResponse;
 use fhir_gateway_modules::{Identity, Role};
 use pingora::http::ResponseHeader;
@@ -194,14 +195,35 @@ impl FhirProxy {
         }
     }
 
+    /// Whether the caller is `patient` (`Patient/<id>`): `fhirUser`, the SMART patient, or an
+    /// identity link.
+    async fn is_patient(
+        &self,
+        ctx: &Ctx,
+        identity: &Identity,
+        patient: &str,
+    ) -> Result<bool, GatewayError> {
+        let client = self.client_for(ctx);
+        let me = self
+            .gw
+            .links
+            .resolve(identity, &client)
+            .await
+            .map_err(|e| GatewayError::UpstreamUnavailable(format!("who the caller is: {e}")))?;
+        Ok(matches!(me, Some(Participant::Patient(p)) if format!("Patient/{p}") == patient))
+    }
+
     /// `GET /manage/audit?patient=Patient/X[&since=<instant>][&_count=n]`: the AuditEvents
     /// naming that patient, as a searchset. Administrators ask for anyone; a patient for
     /// their own record only, when `audit.patient_access_log` allows it.
     pub(super) async fn audit_query(
         &self,
-        identity: &Identity,
+        ctx: &Ctx,
         query: &str,
     ) -> Result<ModResponse, GatewayError> {
+        let Some(identity) = ctx.identity.as_ref() else {
+            return Err(GatewayError::Unauthorized(None));
+        };
         let Some(trail) = &self.gw.trail else {
             return Err(GatewayError::NotFound(
                 "/manage/audit: no audit trail is configured (audit.file)".into(),
@@ -218,11 +240,10 @@ impl FhirProxy {
         } else {
             format!("Patient/{patient}")
         };
-        let own = identity
-            .patient_context()
-            .is_some_and(|p| format!("Patient/{p}") == patient);
         let allowed = identity.has(Role::Administrator)
-            || (trail.patient_access_log && identity.has(Role::Patient) && own);
+            || (trail.patient_access_log
+                && identity.has(Role::Patient)
+                && self.is_patient(ctx, identity, &patient).await?);
         if !allowed {
             return Err(GatewayError::Forbidden(
                 "role: /manage/audit needs Administrator (or, with audit.patient_access_log, the patient themself)".into(),

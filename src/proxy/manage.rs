@@ -80,9 +80,9 @@ impl FhirProxy {
                 ));
             }
             let query = req.uri.query().unwrap_or("").to_string();
-            let r = self.audit_query(&identity, &query).await;
             ctx.identity = Some(identity);
-            return r;
+            ctx.service_auth = gw.identity.authorization().await?;
+            return self.audit_query(ctx, &query).await;
         }
         if !identity.has(Role::Administrator) {
             return Err(GatewayError::Forbidden(
