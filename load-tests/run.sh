@@ -70,6 +70,8 @@ P3N_PORT=18085   # p3 gateway (jwt, no post module)
 P4_PORT=18086    # p4 gateway (insecure_dev, SamplePostProcess)
 BARE_PORT=18087  # p1 bare Pingora proxy (examples/bare_pingora.rs)
 BARET_PORT=18088 # p1 the same with the gateway's upstream timeouts (--timeouts)
+GWA_PORT=18089   # p1 gateway-audit (gateway-jwt + the audit trail, docs/audit.md)
+P2A_PORT=18079   # p2 gateway-audit (the p2 gateway + the audit trail)
 MET_OFFSET=100   # metrics listeners of p2/p3 gateways: port + 100
 RES_PATH=/fhir/Patient/1
 P2_PATH="/fhir/Observation?_count=100"
@@ -306,8 +308,8 @@ git -C "$REPO" diff --quiet HEAD -- src modules Cargo.toml Cargo.lock 2>/dev/nul
   COMMIT="$COMMIT (uncommitted changes under src/, modules/ or Cargo.* at build time)"
 
 PORTS=("$UP_PORT" "$NGX_PORT")
-has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT" "$BARE_PORT" "$BARET_PORT")
-has p2 && PORTS+=("$P2_PORT" $((P2_PORT + MET_OFFSET)))
+has p1 && PORTS+=("$GW_PORT" "$GWJ_PORT" "$GWA_PORT" "$BARE_PORT" "$BARET_PORT")
+has p2 && PORTS+=("$P2_PORT" $((P2_PORT + MET_OFFSET)) "$P2A_PORT" $((P2A_PORT + MET_OFFSET)))
 has p3 && PORTS+=("$P3E_PORT" $((P3E_PORT + MET_OFFSET)) "$P3N_PORT" $((P3N_PORT + MET_OFFSET)) "$KAFKA_PORT")
 has p4 && PORTS+=("$P4_PORT")
 ((NEED_IDP)) && PORTS+=("$OIDC_PORT")
@@ -677,13 +679,21 @@ auth:
       audiences: ["$AUDIENCE"]
 EOF
 }
+# The audit trail of the gateway-audit paths: its own file per gateway, one checkpoint key.
+AUDIT_KEY=$TMP/audit.key
+(umask 077; head -c 48 /dev/urandom | base64 >"$AUDIT_KEY")
+audit_conf() { # audit_conf <dir>
+  printf 'audit:\n  file: %s/audit.jsonl\n  key_file: %s\n  instance: bench\n' "$1" "$AUDIT_KEY"
+}
 GW_DIRS=()
 if has p1; then
-  mkdir -p "$TMP/gw" "$TMP/gwj"
+  mkdir -p "$TMP/gw" "$TMP/gwj" "$TMP/gwa"
   { gw_common "$TMP/gw" "$GW_PORT"; printf 'auth:\n  mode: insecure_dev\n'; } >"$TMP/gw/gateway.yaml"
   # The same gateway with real JWT validation against the test IdP (keys via OIDC discovery).
   { gw_common "$TMP/gwj" "$GWJ_PORT"; jwt_auth; } >"$TMP/gwj/gateway.yaml"
-  GW_DIRS+=(gw gwj)
+  # gateway-jwt with the audit trail on (issue 16: at most 5 % slower than off).
+  { gw_common "$TMP/gwa" "$GWA_PORT"; jwt_auth; audit_conf "$TMP/gwa"; } >"$TMP/gwa/gateway.yaml"
+  GW_DIRS+=(gw gwj gwa)
 fi
 if has p2; then
   mkdir -p "$TMP/gw-p2"
@@ -700,7 +710,12 @@ post:
     settings: {category: "http://loinc.org|59284-0"}
 EOF
   } >"$TMP/gw-p2/gateway.yaml"
-  GW_DIRS+=(gw-p2)
+  mkdir -p "$TMP/gw-p2a"
+  sed -e "s#$TMP/gw-p2#$TMP/gw-p2a#g" -e "s#127.0.0.1:$P2_PORT#127.0.0.1:$P2A_PORT#" \
+    -e "s#127.0.0.1:$((P2_PORT + MET_OFFSET))#127.0.0.1:$((P2A_PORT + MET_OFFSET))#" \
+    "$TMP/gw-p2/gateway.yaml" >"$TMP/gw-p2a/gateway.yaml"
+  audit_conf "$TMP/gw-p2a" >>"$TMP/gw-p2a/gateway.yaml"
+  GW_DIRS+=(gw-p2 gw-p2a)
 fi
 if has p3; then
   P3_TOPIC=bench-p3-$(date +%s)
@@ -775,7 +790,9 @@ if ((NEED_IDP)); then
   log "started oidc IdP at $IDP (pid $(cat "$PEERS/oidc.pid" 2>/dev/null || echo '?'), CPU $LOADGEN_CPU)"
 fi
 has p1 && start_gw gateway-jwt gwj "$GWJ_PORT"
+has p1 && start_gw gateway-audit gwa "$GWA_PORT"
 has p2 && start_gw gateway-p2 gw-p2 "$P2_PORT"
+has p2 && start_gw gateway-p2-audit gw-p2a "$P2A_PORT"
 if has p3; then
   start_bg kafka "$LOADGEN_CPU" "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/
@@ -815,11 +832,13 @@ if has p1; then
   target p1/bare-timeouts "http://127.0.0.1:$BARET_PORT$RES_PATH" "" "" bare-timeouts
   target p1/gateway "http://127.0.0.1:$GW_PORT$RES_PATH" "" "" gateway
   target p1/gateway-jwt "http://127.0.0.1:$GWJ_PORT$RES_PATH" reader-app "" gateway-jwt
+  target p1/gateway-audit "http://127.0.0.1:$GWA_PORT$RES_PATH" reader-app "" gateway-audit
 fi
 if has p2; then
   target p2/direct "http://127.0.0.1:$UP_PORT$P2_PATH" "" "" upstream
   target p2/nginx "http://127.0.0.1:$NGX_PORT$P2_PATH" "" "" nginx-proxy
   target p2/gateway "http://127.0.0.1:$P2_PORT$P2_PATH" bench-patient-app "" gateway-p2
+  target p2/gateway-audit "http://127.0.0.1:$P2A_PORT$P2_PATH" bench-patient-app "" gateway-p2-audit
 fi
 if has p3; then
   target p3/direct "http://127.0.0.1:$UP_PORT$P3_PATH" "" "$TMP/p3-request.json" upstream
@@ -913,7 +932,7 @@ expect_type() { # expect_type <key>
 }
 
 if has p1; then
-  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [bare-timeouts]=${URL[p1/bare-timeouts]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]})
+  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [bare-timeouts]=${URL[p1/bare-timeouts]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]} [gateway-audit]=${URL[p1/gateway-audit]})
   check_body() { # check_body <path> <must contain> <must not contain>
     local code
     code=$(fetch "p1/$1")
@@ -933,6 +952,7 @@ if has p1; then
   REWRITES=$(grep -o "http://127.0.0.1:$GW_PORT/fhir" "$TMP/body.gateway" | wc -l)
   log "gateway OK: 200, $REWRITES URLs rewritten to http://127.0.0.1:$GW_PORT/fhir, none left to :$UP_PORT"
   check_body gateway-jwt "http://127.0.0.1:$GWJ_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
+  check_body gateway-audit "http://127.0.0.1:$GWA_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
   JWT_REWRITES=$(grep -o "http://127.0.0.1:$GWJ_PORT/fhir" "$TMP/body.gateway-jwt" | wc -l)
   ((JWT_REWRITES == REWRITES)) || die "gateway-jwt rewrote $JWT_REWRITES URLs, gateway $REWRITES"
   status_of() { curl -s --max-time 5 -o /dev/null -w '%{http_code}' "$@" "${URL[p1/gateway-jwt]}"; }
@@ -1247,18 +1267,29 @@ syscall_pass() { # syscall_pass <key> -> SYS[<path>.all|writes|reads] per reques
   wait_idle "$key"
 }
 
+audit_check() { # audit_check <dir> -> "<records> <verify result>": the trail of a gateway-audit
+  sleep 1 # the writer batches every 20 ms
+  local n v
+  n=$(grep -c '"event"' "$1/audit.jsonl" 2>/dev/null || echo 0)
+  if "$BIN" audit verify "$1/audit.jsonl" --key-file "$AUDIT_KEY" >"$1/verify.txt" 2>&1; then v=intact; else v=FAILED; fi
+  echo "$n $v"
+}
+
 # ---- p1: small GET
 if has p1; then
   PHASE1="wrk -t1 -c$CONNS -d${DUR_S}s --latency (closed loop)"
   log "p1 phase 1: peak req/s, $PHASE1, $RUNS run(s) per path"
-  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt
+  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt p1/gateway-audit
   log "p1 phase 2: fixed rate"
-  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt
+  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt p1/gateway-audit
   TARGET=${RATE_TARGET[p1]}
   PHASE2=${RATE_DESC[p1]}
   log "p1 phase 3: syscalls per request (perf stat on the serving process)"
-  for k in direct nginx bare bare-timeouts gateway gateway-jwt; do syscall_pass "p1/$k"; done
+  for k in direct nginx bare bare-timeouts gateway gateway-jwt gateway-audit; do syscall_pass "p1/$k"; done
   profile p1/gateway-jwt 3 "$CONNS"
+  profile p1/gateway-audit 3 "$CONNS"
+  read -r AUDIT_P1_RECORDS AUDIT_P1_VERIFY < <(audit_check "$TMP/gwa")
+  log "p1 audit trail: $AUDIT_P1_RECORDS records, verify: $AUDIT_P1_VERIFY"
 fi
 
 # ---- p2: 100-entry searchset through ParticipantFilter + ConsentOptOut; CPU per MB
@@ -1272,8 +1303,8 @@ declare -A CPU_MB
 if has p2; then
   log "p2: 100-entry searchset ($P2_BYTES bytes), $RUNS run(s) per path"
   c0=$(consent_lookups)
-  measure_peak p2 "$CONNS" p2/direct p2/nginx p2/gateway
-  measure_rate p2 p2/gateway "$CONNS" p2/direct p2/nginx p2/gateway
+  measure_peak p2 "$CONNS" p2/direct p2/nginx p2/gateway p2/gateway-audit
+  measure_rate p2 p2/gateway "$CONNS" p2/direct p2/nginx p2/gateway p2/gateway-audit
   P2_CONSENT=$(($(consent_lookups) - c0))
   # CPU per MB: the serving process's utime + stime around a fixed number of requests (h2load,
   # closed loop, CONNS connections) / (requests x upstream body MB); RUNS counts, median.
@@ -1298,7 +1329,7 @@ if has p2; then
   read -r cs0 cc0 < <(metric_sum_count "$P2_MPORT" fhirgw_module_seconds 'module="ConsentOptOut"')
   read -r rs0 rc0 < <(metric_sum_count "$P2_MPORT" fhirgw_request_seconds)
   for ((r = 1; r <= RUNS; r++)); do
-    for k in nginx gateway; do
+    for k in nginx gateway gateway-audit; do
       read -r ms us s < <(cpu_run "p2/$k" "$r")
       log "  p2 CPU count $k run $r: $P2_CPU_REQS requests, $s s CPU = $ms ms per MB, $us µs per request"
       printf '%s\t%s\t%s\t%s\t%s\n' "$k" "$r" "$ms" "$us" "$s" >>"$P2_CPU_TSV"
@@ -1311,11 +1342,14 @@ if has p2; then
   P2_PF_MS=$(per_req_ms "$ps0" "$ps1" "$pc0" "$pc1")
   P2_CO_MS=$(per_req_ms "$cs0" "$cs1" "$cc0" "$cc1")
   P2_REQ_MS=$(per_req_ms "$rs0" "$rs1" "$rc0" "$rc1")
-  for k in nginx gateway; do
+  for k in nginx gateway gateway-audit; do
     CPU_MB[$k]=$(awk -F'\t' -v k="$k" '$1 == k { print $3 }' "$P2_CPU_TSV" | median)
     CPU_MB[$k.us]=$(awk -F'\t' -v k="$k" '$1 == k { print $4 }' "$P2_CPU_TSV" | median)
   done
   profile p2/gateway 3 "$CONNS"
+  profile p2/gateway-audit 3 "$CONNS"
+  read -r AUDIT_P2_RECORDS AUDIT_P2_VERIFY < <(audit_check "$TMP/gw-p2a")
+  log "p2 audit trail: $AUDIT_P2_RECORDS records, verify: $AUDIT_P2_VERIFY"
 fi
 
 # ---- p3: writes with events
@@ -1450,9 +1484,9 @@ fill_m() { # fill_m <scenario> <path>...: M[scen.phase.path.{rps,p50,p99,cpu,bus
     done
   done
 }
-PATHS=(direct nginx bare bare-timeouts gateway gateway-jwt)
+PATHS=(direct nginx bare bare-timeouts gateway gateway-jwt gateway-audit)
 has p1 && fill_m p1 "${PATHS[@]}"
-has p2 && fill_m p2 direct nginx gateway
+has p2 && fill_m p2 direct nginx gateway gateway-audit
 has p3 && fill_m p3 direct nginx gateway gateway-events
 has p4 && fill_m p4 direct nginx gateway
 
@@ -1537,6 +1571,18 @@ if has p2; then
     "**${CPU_MB[gateway]} ms/MB** (${CPU_MB[gateway.us]} µs per $P2_BYTES-byte answer); nginx proxy_pass ${CPU_MB[nginx]} ms/MB" \
     "$(met le "${CPU_MB[gateway]}" 2)$why"
 fi
+if has p1; then
+  r_aud=$(ratio "${M[p1.peak.gateway-audit.cpu]}" "${M[p1.peak.gateway-jwt.cpu]}")
+  goal "P1 audit" "the audit trail on costs ≤ 5 % CPU per request (gateway-audit vs gateway-jwt, peak)" \
+    "**$r_aud×** (${M[p1.peak.gateway-audit.cpu]} vs ${M[p1.peak.gateway-jwt.cpu]} µs/request); req/s $(ratio "${M[p1.peak.gateway-audit.rps]}" "${M[p1.peak.gateway-jwt.rps]}")×; $AUDIT_P1_RECORDS records written, \`audit verify\`: $AUDIT_P1_VERIFY" \
+    "$(met le "$r_aud" 1.05)"
+fi
+if has p2; then
+  r_aud2=$(ratio "${CPU_MB[gateway-audit]}" "${CPU_MB[gateway]}")
+  goal "P2 audit" "the audit trail on costs ≤ 5 % CPU per MB (gateway-audit vs gateway)" \
+    "**$r_aud2×** (${CPU_MB[gateway-audit]} vs ${CPU_MB[gateway]} ms/MB); $AUDIT_P2_RECORDS records written, \`audit verify\`: $AUDIT_P2_VERIFY" \
+    "$(met le "$r_aud2" 1.05)"
+fi
 if has p3; then
   P3_LOSS=$(awk -v a="${M[p3.peak.gateway-events.rps]}" -v b="${M[p3.peak.gateway.rps]}" 'BEGIN { printf "%.1f", (b - a) / b * 100 }')
   P3_EVS=$(awk -F'\t' '$1 == "peak" { print $5 }' "$EV_TSV" | median)
@@ -1615,6 +1661,8 @@ mkdir -p "$RESULTS"
     done
     echo
     echo "Where gateway-jwt's CPU goes: $(profile_text p1/gateway-jwt)."
+    echo
+    echo "Where gateway-audit's CPU goes (the same + the audit trail's writer thread): $(profile_text p1/gateway-audit)."
   fi
   if has p2; then
     echo
@@ -1625,7 +1673,7 @@ mkdir -p "$RESULTS"
     echo "- direct and nginx: the same GET, unfiltered (100 entries, $P2_BYTES bytes)."
     echo "- Peak: \`wrk -t1 -c$CONNS -d${DUR_S}s\`; fixed rate: \`${RATE_DESC[p2]}\` (${RATE_PCT} % of the gateway's peak)."
     echo
-    scen_table p2 direct nginx gateway
+    scen_table p2 direct nginx gateway gateway-audit
     echo
     echo "- gateway/nginx req/s: **$(ratio "${M[p2.peak.gateway.rps]}" "${M[p2.peak.nginx.rps]}")**, gateway/direct: **$(ratio "${M[p2.peak.gateway.rps]}" "${M[p2.peak.direct.rps]}")**; added p99 at the fixed rate: gateway **$(delta "${M[p2.rate.gateway.p99]}" "${M[p2.rate.direct.p99]}") ms**, nginx $(delta "${M[p2.rate.nginx.p99]}" "${M[p2.rate.direct.p99]}") ms"
     echo
@@ -1635,9 +1683,11 @@ mkdir -p "$RESULTS"
     echo "|---|---:|---:|---|"
     echo "| nginx proxy_pass | ${CPU_MB[nginx]} | ${CPU_MB[nginx.us]} | — |"
     echo "| gateway | **${CPU_MB[gateway]}** | ${CPU_MB[gateway.us]} | $(met le "${CPU_MB[gateway]}" 2) |"
+    echo "| gateway-audit (the same + the audit trail) | ${CPU_MB[gateway-audit]} | ${CPU_MB[gateway-audit.us]} | $(met le "${CPU_MB[gateway-audit]}" 2) |"
     echo
     echo "- The gateway's own view over the CPU counts (\`fhirgw_*_seconds\` sum ÷ count, wall time): request $P2_REQ_MS ms (wall, waiting for the single thread under $CONNS concurrent requests included), ParticipantFilter $P2_PF_MS ms, ConsentOptOut $P2_CO_MS ms per request."
     echo "- Where the gateway's CPU goes: $(profile_text p2/gateway)."
+    echo "- Where gateway-audit's CPU goes: $(profile_text p2/gateway-audit)."
   fi
   if has p3; then
     echo

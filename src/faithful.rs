@@ -192,11 +192,55 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// Where `parse_cut` is in the document: its top, an entry, or an entry's resource.
+/// Where `parse_cut` is in the document: its top, an entry, or an entry's resource; for
+/// `cut_document`, a resource that may be a Bundle (its entries cut in turn, nested ones too).
 #[derive(Clone, Copy)]
 enum Cut {
     Entry(fn(&str) -> bool),
     Resource(fn(&str) -> bool),
+    Document(fn(&str) -> bool),
+    DocumentEntry(fn(&str) -> bool),
+}
+
+/// A Bundle's `entry` array in `cut_document`: each item an entry whose resource is cut.
+struct Entries(fn(&str) -> bool);
+
+impl<'de> DeserializeSeed<'de> for Entries {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Entries {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("Bundle entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(e) = s.next_element_seed(Cut::DocumentEntry(self.0))? {
+            out.push(e);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Value, A::Error> {
+        Cut::Document(self.0).visit_map(m)
+    }
+}
+
+/// Parses a document (a resource, or a Bundle of them, nested Bundles included) keeping of
+/// each resource only the elements `keep` names: the cheap read of whose data an answer
+/// holds (the audit trail), without building the rest.
+pub fn cut_document(raw: &[u8], keep: fn(&str) -> bool) -> Option<Value> {
+    let mut d = serde_json::Deserializer::from_slice(raw);
+    let v = Cut::Document(keep).deserialize(&mut d).ok()?;
+    d.end().ok()?;
+    Some(v)
 }
 
 impl<'de> DeserializeSeed<'de> for Cut {
@@ -224,7 +268,9 @@ impl<'de> Visitor<'de> for Cut {
             }
             let v = match (self, k.as_ref()) {
                 (Cut::Entry(f), "resource") => m.next_value_seed(Cut::Resource(f))?,
-                (Cut::Resource(f), name) if !f(name) => {
+                (Cut::DocumentEntry(f), "resource") => m.next_value_seed(Cut::Document(f))?,
+                (Cut::Document(f), "entry") => m.next_value_seed(Entries(f))?,
+                (Cut::Resource(f) | Cut::Document(f), name) if !f(name) => {
                     m.next_value::<IgnoredAny>()?;
                     continue;
                 }

@@ -95,11 +95,26 @@ impl Chain {
 
     /// Appends one record line to `out`.
     pub fn record(&mut self, event: Value, out: &mut Vec<u8>) {
+        let raw = serde_json::to_vec(&event).unwrap_or_default();
+        self.record_raw(|o| o.extend_from_slice(&raw), out);
+    }
+
+    /// Appends one record line whose event `write` serialises straight into `out`.
+    pub fn record_raw(&mut self, write: impl FnOnce(&mut Vec<u8>), out: &mut Vec<u8>) {
         let seq = self.next_seq();
-        let line =
-            json!({"seq": seq, "instance": self.instance, "prev": self.prev, "event": event});
+        let start = out.len();
+        out.extend_from_slice(b"{\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"instance\":");
+        let _ = serde_json::to_writer(&mut *out, &self.instance);
+        out.extend_from_slice(b",\"prev\":\"");
+        out.extend_from_slice(self.prev.as_bytes());
+        out.extend_from_slice(b"\",\"event\":");
+        write(out);
+        out.push(b'}');
+        self.prev = line_hash(&out[start..]);
+        out.push(b'\n');
         self.unsigned += 1;
-        self.push(line, out);
     }
 
     /// Appends a signed checkpoint line to `out`.

@@ -5,12 +5,12 @@
 //! and the correlation id.
 
 use bytes::Bytes;
-use fhir_gateway_modules::compartment::owners;
+use fhir_gateway_modules::compartment::{decides_owner, owners};
 use fhir_gateway_modules::filter::resources;
 use fhir_gateway_modules::reference::Resolver;
 use fhir_gateway_modules::request::{classify, Interaction};
-use fhir_gateway_modules::{Identity, Role};
-use serde_json::{json, Value};
+use fhir_gateway_modules::Identity;
+use serde_json::Value;
 use std::collections::BTreeSet;
 
 pub const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
@@ -25,6 +25,9 @@ pub enum Shown {
     Nothing,
     /// The bytes sent to the client (after rewriting and filtering).
     Body { chunks: Vec<Bytes>, ndjson: bool },
+    /// A buffered answer's tree as the modules left it (what was serialised for the client),
+    /// with the FHIR server's base its absolute references may still use: no second parse.
+    Tree { tree: Value, upstream_base: String },
     /// Over `max_body_bytes`: the patients are not listed.
     TooLarge,
 }
@@ -43,7 +46,7 @@ pub struct Record {
     pub identity: Option<Identity>,
     pub source: Option<String>,
     pub correlation_id: String,
-    pub public_base: Option<String>,
+    pub public_base: Option<std::sync::Arc<str>>,
     pub shown: Shown,
     /// Why the gateway refused or failed, when it did.
     pub error: Option<String>,
@@ -65,40 +68,41 @@ pub fn patients_of(chunks: &[Bytes], ndjson: bool, base: Option<&str>) -> (BTree
     let mut patients = BTreeSet::new();
     let mut unknown = false;
     let bases: Vec<&str> = base.into_iter().collect();
-    let judge = |body: &Value, patients: &mut BTreeSet<String>| {
-        let mut resolver = Resolver::new(&bases);
-        resolver.learn(body);
-        let mut all = Vec::new();
-        resources(body, &mut all);
-        let mut unknown = false;
-        for r in all {
-            let o = owners(r, &resolver);
-            unknown |= o.unknown;
-            patients.extend(o.patients);
-        }
-        unknown
-    };
+    let judge = |body: &Value, patients: &mut BTreeSet<String>| judge_tree(body, &bases, patients);
     if ndjson {
         for line in raw
             .split(|&b| b == b'\n')
             .filter(|l| !l.trim_ascii().is_empty())
         {
-            match serde_json::from_slice::<Value>(line) {
-                Ok(v) => unknown |= judge(&v, &mut patients),
-                Err(_) => unknown = true,
+            match crate::faithful::cut_document(line, decides_owner) {
+                Some(v) => unknown |= judge(&v, &mut patients),
+                None => unknown = true,
             }
         }
     } else {
-        match serde_json::from_slice::<Value>(raw) {
-            Ok(v) => unknown |= judge(&v, &mut patients),
-            Err(_) => unknown = true,
+        // Only what decides whose data each resource is gets built.
+        match crate::faithful::cut_document(raw, decides_owner) {
+            Some(v) => unknown |= judge(&v, &mut patients),
+            None => unknown = true,
         }
     }
     (patients, unknown)
 }
 
-fn coding(system: &str, code: &str, display: &str) -> Value {
-    json!({"system": system, "code": code, "display": display})
+/// Adds the patients whose compartments hold the resources of `body`; `true` when some
+/// reference may name a patient that cannot be resolved.
+fn judge_tree(body: &Value, bases: &[&str], patients: &mut BTreeSet<String>) -> bool {
+    let mut resolver = Resolver::new(bases);
+    resolver.learn(body);
+    let mut all = Vec::new();
+    resources(body, &mut all);
+    let mut unknown = false;
+    for r in all {
+        let o = owners(r, &resolver);
+        unknown |= o.unknown;
+        patients.extend(o.patients);
+    }
+    unknown
 }
 
 /// The query as audited: parameters that carry a token are dropped.
@@ -138,9 +142,71 @@ fn interaction(method: &str, rest: &str, query: &str) -> (String, &'static str, 
     (code, action, what)
 }
 
+/// Writes JSON straight into the line: the writer thread builds no tree per record.
+struct W<'a>(&'a mut Vec<u8>);
+
+impl W<'_> {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    /// A JSON string, escaped.
+    fn str(&mut self, s: &str) {
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.0, s);
+    }
+
+    fn coding(&mut self, system: &str, code: &str, display: &str) {
+        self.raw("{\"system\":");
+        self.str(system);
+        self.raw(",\"code\":");
+        self.str(code);
+        self.raw(",\"display\":");
+        self.str(display);
+        self.raw("}");
+    }
+
+    fn network(&mut self, ip: &Option<String>) {
+        if let Some(ip) = ip {
+            self.raw(",\"network\":{\"address\":");
+            self.str(ip);
+            self.raw(",\"type\":\"2\"}");
+        }
+    }
+
+    fn patients(&mut self, patients: BTreeSet<String>) {
+        for p in patients {
+            self.raw(",{\"what\":{\"reference\":\"Patient/");
+            // A valid FHIR id needs no escaping; written escaped all the same.
+            let quoted = serde_json::to_string(&p).unwrap_or_default();
+            self.raw(&quoted[1..quoted.len() - 1]);
+            self.raw("\"},\"type\":");
+            self.coding(ENTITY_TYPE, "1", "Person");
+            self.raw(",\"role\":");
+            self.coding(OBJECT_ROLE, "1", "Patient");
+            self.raw("}");
+        }
+    }
+
+    fn other(&mut self, description: &str) {
+        self.raw(",{\"type\":");
+        self.coding(ENTITY_TYPE, "4", "Other");
+        self.raw(",\"description\":");
+        self.str(description);
+        self.raw("}");
+    }
+}
+
 impl Record {
-    /// The AuditEvent, built on the writer thread.
+    /// The AuditEvent as a tree (tests, tools); the writer uses `write_event`.
     pub fn to_event(&self, instance: &str) -> Value {
+        let mut out = Vec::new();
+        self.write_event(instance, &mut out);
+        serde_json::from_slice(&out).unwrap_or(Value::Null)
+    }
+
+    /// Writes the AuditEvent's JSON to `out`, on the writer thread.
+    pub fn write_event(&self, instance: &str, out: &mut Vec<u8>) {
         let query = self.query.as_deref().map(safe_query).unwrap_or_default();
         let (subtype, action, what) = match &self.rest {
             Some(rest) => interaction(&self.method, rest, &query),
@@ -151,102 +217,170 @@ impl Record {
             400..=499 => "4",
             _ => "8",
         };
-        let mut agents = Vec::new();
-        if let Some(id) = &self.identity {
-            let roles: Vec<Value> = id
-                .roles
-                .iter()
-                .map(|r: &Role| json!({"coding": [{"system": "urn:fhir-gateway:role", "code": r.name()}]}))
-                .collect();
-            let mut user = json!({
-                "type": {"coding": [coding("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient")]},
-                "who": {"identifier": {"system": format!("urn:fhir-gateway:issuer:{}", id.issuer), "value": id.user_id}},
-                "requestor": true,
-                "role": roles,
-            });
-            if let Some(t) = &id.tenant {
-                user["who"]["identifier"]["assigner"] = json!({"display": t});
-            }
-            if let Some(upn) = &id.upn {
-                user["altId"] = json!(upn);
-            }
-            if let Some(fu) = &id.fhir_user {
-                user["who"]["reference"] = json!(fu);
-            }
-            if let Some(ip) = &self.source {
-                user["network"] = json!({"address": ip, "type": "2"});
-            }
-            if let Some(r) = &self.reason {
-                user["purposeOfUse"] = json!([{"coding": [coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", "BTG", "break the glass")], "text": r}]);
-            }
-            agents.push(user);
-            if let Some(c) = &id.client_id {
-                agents.push(json!({
-                    "type": {"coding": [coding("http://dicom.nema.org/resources/ontology/DCM", "110150", "Application")]},
-                    "who": {"identifier": {"system": "urn:fhir-gateway:client", "value": c}},
-                    "requestor": false,
-                }));
-            }
-        } else {
-            let mut anon = json!({"who": {"display": "unauthenticated"}, "requestor": true});
-            if let Some(ip) = &self.source {
-                anon["network"] = json!({"address": ip, "type": "2"});
-            }
-            agents.push(anon);
+        let mut w = W(out);
+        w.raw("{\"resourceType\":\"AuditEvent\",\"type\":");
+        w.coding(
+            "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "rest",
+            "RESTful Operation",
+        );
+        w.raw(",\"subtype\":[{\"system\":\"http://hl7.org/fhir/restful-interaction\",\"code\":");
+        w.str(&subtype);
+        w.raw("}],\"action\":");
+        w.str(action);
+        w.raw(",\"recorded\":\"");
+        w.raw(&format!("{:.3}", self.at));
+        w.raw("\",\"outcome\":");
+        w.str(outcome);
+        w.raw(",\"outcomeDesc\":");
+        match &self.error {
+            Some(e) => w.str(&format!("{} {e}", self.status)),
+            None => w.str(&self.status.to_string()),
         }
-        let mut entities = vec![json!({
-            "what": {"identifier": {"system": REQUEST_ID, "value": self.correlation_id}},
-            "type": coding(ENTITY_TYPE, "4", "Other"),
-            "description": format!("{} {}", self.method, self.path),
-        })];
+        w.raw(",\"agent\":[");
+        match &self.identity {
+            Some(id) => {
+                w.raw("{\"type\":{\"coding\":[");
+                w.coding(
+                    "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                    "IRCP",
+                    "information recipient",
+                );
+                w.raw("]},\"who\":{\"identifier\":{\"system\":");
+                w.str(&format!("urn:fhir-gateway:issuer:{}", id.issuer));
+                w.raw(",\"value\":");
+                w.str(&id.user_id);
+                if let Some(t) = &id.tenant {
+                    w.raw(",\"assigner\":{\"display\":");
+                    w.str(t);
+                    w.raw("}");
+                }
+                w.raw("}");
+                if let Some(fu) = &id.fhir_user {
+                    w.raw(",\"reference\":");
+                    w.str(fu);
+                }
+                w.raw("},\"requestor\":true,\"role\":[");
+                for (i, r) in id.roles.iter().enumerate() {
+                    w.raw(if i > 0 {
+                        ",{\"coding\":[{\"system\":\"urn:fhir-gateway:role\",\"code\":"
+                    } else {
+                        "{\"coding\":[{\"system\":\"urn:fhir-gateway:role\",\"code\":"
+                    });
+                    w.str(r.name());
+                    w.raw("}]}");
+                }
+                w.raw("]");
+                if let Some(upn) = &id.upn {
+                    w.raw(",\"altId\":");
+                    w.str(upn);
+                }
+                w.network(&self.source);
+                if let Some(r) = &self.reason {
+                    w.raw(",\"purposeOfUse\":[{\"coding\":[");
+                    w.coding(
+                        "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                        "BTG",
+                        "break the glass",
+                    );
+                    w.raw("],\"text\":");
+                    w.str(r);
+                    w.raw("}]");
+                }
+                w.raw("}");
+                if let Some(c) = &id.client_id {
+                    w.raw(",{\"type\":{\"coding\":[");
+                    w.coding(
+                        "http://dicom.nema.org/resources/ontology/DCM",
+                        "110150",
+                        "Application",
+                    );
+                    w.raw("]},\"who\":{\"identifier\":{\"system\":\"urn:fhir-gateway:client\",\"value\":");
+                    w.str(c);
+                    w.raw("}},\"requestor\":false}");
+                }
+            }
+            None => {
+                w.raw("{\"who\":{\"display\":\"unauthenticated\"},\"requestor\":true");
+                w.network(&self.source);
+                w.raw("}");
+            }
+        }
+        w.raw("],\"source\":{\"site\":");
+        w.str(instance);
+        w.raw(",\"observer\":{\"display\":\"fhir-gateway\"},\"type\":[");
+        w.coding(
+            "http://terminology.hl7.org/CodeSystem/security-source-type",
+            "4",
+            "Application Server",
+        );
+        w.raw("]},\"entity\":[{\"what\":{\"identifier\":{\"system\":\"");
+        w.raw(REQUEST_ID);
+        w.raw("\",\"value\":");
+        w.str(&self.correlation_id);
+        w.raw("}},\"type\":");
+        w.coding(ENTITY_TYPE, "4", "Other");
+        w.raw(",\"description\":");
+        w.str(&format!("{} {}", self.method, self.path));
+        w.raw("}");
         if !query.is_empty() {
             use base64::Engine;
-            entities.push(json!({
-                "type": coding(ENTITY_TYPE, "2", "System Object"),
-                "role": coding(OBJECT_ROLE, "24", "Query"),
-                "query": base64::engine::general_purpose::STANDARD.encode(query.as_bytes()),
-            }));
+            w.raw(",{\"type\":");
+            w.coding(ENTITY_TYPE, "2", "System Object");
+            w.raw(",\"role\":");
+            w.coding(OBJECT_ROLE, "24", "Query");
+            w.raw(",\"query\":\"");
+            w.raw(&base64::engine::general_purpose::STANDARD.encode(query.as_bytes()));
+            w.raw("\"}");
         }
-        if let Some(w) = what {
-            entities.push(json!({"what": {"reference": w}, "type": coding(ENTITY_TYPE, "2", "System Object")}));
+        if let Some(what) = what {
+            w.raw(",{\"what\":{\"reference\":");
+            w.str(&what);
+            w.raw("},\"type\":");
+            w.coding(ENTITY_TYPE, "2", "System Object");
+            w.raw("}");
         }
         match &self.shown {
             Shown::Body { chunks, ndjson } => {
                 let (patients, unknown) = patients_of(chunks, *ndjson, self.public_base.as_deref());
-                for p in patients {
-                    entities.push(json!({"what": {"reference": format!("Patient/{p}")},
-                        "type": coding(ENTITY_TYPE, "1", "Person"),
-                        "role": coding(OBJECT_ROLE, "1", "Patient")}));
-                }
+                w.patients(patients);
                 if unknown {
-                    entities.push(json!({"type": coding(ENTITY_TYPE, "4", "Other"),
-                        "description": "patients incomplete: the answer held references that may name patients the gateway cannot resolve"}));
+                    w.other("patients incomplete: the answer held references that may name patients the gateway cannot resolve");
                 }
             }
-            Shown::TooLarge => entities.push(json!({"type": coding(ENTITY_TYPE, "4", "Other"),
-                "description": "patients incomplete: the answer was larger than audit.max_body_bytes"})),
+            Shown::Tree {
+                tree,
+                upstream_base,
+            } => {
+                let bases: Vec<&str> = self
+                    .public_base
+                    .as_deref()
+                    .into_iter()
+                    .chain([upstream_base.as_str()])
+                    .collect();
+                let mut patients = BTreeSet::new();
+                let unknown = judge_tree(tree, &bases, &mut patients);
+                w.patients(patients);
+                if unknown {
+                    w.other("patients incomplete: the answer held references that may name patients the gateway cannot resolve");
+                }
+            }
+            Shown::TooLarge => {
+                w.other("patients incomplete: the answer was larger than audit.max_body_bytes")
+            }
             Shown::Nothing => {}
         }
-        let mut ev = json!({
-            "resourceType": "AuditEvent",
-            "type": coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "RESTful Operation"),
-            "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": subtype}],
-            "action": action,
-            "recorded": format!("{:.3}", self.at),
-            "outcome": outcome,
-            "outcomeDesc": match &self.error {
-                Some(e) => format!("{} {e}", self.status),
-                None => self.status.to_string(),
-            },
-            "agent": agents,
-            "source": {"site": instance, "observer": {"display": "fhir-gateway"},
-                       "type": [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")]},
-            "entity": entities,
-        });
+        w.raw("]");
         if self.reason.is_some() {
-            ev["purposeOfEvent"] = json!([{"coding": [coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", "BTG", "break the glass")]}]);
+            w.raw(",\"purposeOfEvent\":[{\"coding\":[");
+            w.coding(
+                "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                "BTG",
+                "break the glass",
+            );
+            w.raw("]}]");
         }
-        ev
+        w.raw("}");
     }
 }
 

@@ -86,6 +86,7 @@ impl Audit {
                 }
                 let w = Writer {
                     file: self.file.clone(),
+                    instance: self.instance.clone(),
                     chain,
                     every: self.every,
                     secs: Duration::from_secs(self.secs),
@@ -125,6 +126,7 @@ impl Audit {
 
 struct Writer {
     file: PathBuf,
+    instance: String,
     chain: Chain,
     every: u64,
     secs: Duration,
@@ -155,8 +157,9 @@ impl Writer {
                 while let Some(m) = next {
                     match m {
                         Msg::Record(r) => {
-                            let ev = r.to_event(&self.chain.instance);
-                            self.chain.record(ev, &mut out);
+                            let instance = &self.instance;
+                            self.chain
+                                .record_raw(|o| r.write_event(instance, o), &mut out);
                             written += 1;
                             if self.chain.unsigned >= self.every {
                                 self.chain.checkpoint("count", &now(), &mut out);

@@ -32,18 +32,27 @@ impl FhirProxy {
             _ => {}
         }
         crate::metrics::body_bytes(ctx.body.seen(), session.body_bytes_sent() as u64);
-        self.audit_request(session, ctx, status).await;
-        if !self.gw.access_log || !log::log_enabled!(target: "access", log::Level::Info) {
-            return;
+        if self.gw.access_log && log::log_enabled!(target: "access", log::Level::Info) {
+            self.access_line(session, e, ctx, status);
         }
+        // Last: the record takes the identity and the ids the line copied.
+        self.audit_request(session, ctx, status).await;
+    }
+
+    fn access_line(&self, session: &Session, e: Option<&Error>, ctx: &mut Ctx, status: u16) {
         let req = session.req_header();
-        let identity = ctx.identity.take();
-        let (user, tenant) = match identity {
-            Some(i) => (Some(i.user_id), i.tenant),
+        let (user, tenant) = match &ctx.identity {
+            Some(i) => (Some(i.user_id.clone()), i.tenant.clone()),
             None => (None, None),
         };
+        // The audit record, when there is a trail, takes these after the line.
+        let audited = self.gw.trail.is_some();
         Line {
-            source: ctx.source.take(),
+            source: if audited {
+                ctx.source.clone()
+            } else {
+                ctx.source.take()
+            },
             method: req.method.clone(),
             // Path only: queries can hold patient data (names, birth dates).
             path: req.uri.path().to_string(),
@@ -53,7 +62,11 @@ impl FhirProxy {
             road: ctx.road,
             ms: ctx.start.elapsed().as_millis(),
             upstream_ms: ctx.upstream_ms,
-            id: std::mem::take(&mut ctx.correlation_id),
+            id: if audited {
+                ctx.correlation_id.clone()
+            } else {
+                std::mem::take(&mut ctx.correlation_id)
+            },
             user,
             tenant,
             error: match (&ctx.error, e) {

@@ -91,8 +91,22 @@ impl FhirProxy {
             .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
             .map(|(_, v)| v.as_bytes());
         if let Some(ndjson) = kind(ct) {
-            let _ = ctx.answered.set((body.clone(), ndjson));
+            let _ = ctx.answered.set(Shown::Body {
+                chunks: vec![body.clone()],
+                ndjson,
+            });
         }
+    }
+
+    /// A buffered answer's tree, as serialised for the client.
+    pub(super) fn audit_tree(&self, ctx: &Ctx, status: u16, tree: serde_json::Value) {
+        if self.gw.trail.is_none() || !(200..300).contains(&status) {
+            return;
+        }
+        let _ = ctx.answered.set(Shown::Tree {
+            tree,
+            upstream_base: self.gw.upstream.base.as_string(),
+        });
     }
 
     /// Queues the request's audit record (after it was answered).
@@ -104,10 +118,7 @@ impl FhirProxy {
             return; // health probes and unknown paths: no patient data, no caller
         }
         let shown = match (ctx.answered.take(), ctx.tee.take()) {
-            (Some((body, ndjson)), _) => Shown::Body {
-                chunks: vec![body],
-                ndjson,
-            },
+            (Some(shown), _) => shown,
             (None, Some(t)) if t.too_large => Shown::TooLarge,
             (None, Some(t)) if !t.chunks.is_empty() => Shown::Body {
                 chunks: t.chunks,
@@ -115,19 +126,20 @@ impl FhirProxy {
             },
             _ => Shown::Nothing,
         };
-        let reason = ctx.glass.clone();
+        let reason = ctx.glass.take();
+        let public_base = ctx.routed.then(|| self.public_base_of(ctx));
         trail
             .record(Record {
                 at: jiff::Timestamp::now(),
                 method: req.method.as_str().to_string(),
                 path: path.to_string(),
-                rest: ctx.routed.then(|| ctx.rest.clone()),
+                rest: ctx.routed.then(|| std::mem::take(&mut ctx.rest)),
                 query: req.uri.query().map(str::to_string),
                 status,
-                identity: ctx.identity.clone(),
-                source: ctx.source.clone(),
-                correlation_id: ctx.correlation_id.clone(),
-                public_base: ctx.routed.then(|| self.public_base_of(ctx).to_string()),
+                identity: ctx.identity.take(),
+                source: ctx.source.take(),
+                correlation_id: std::mem::take(&mut ctx.correlation_id),
+                public_base,
                 shown,
                 error: ctx.error.as_ref().map(|e| e.to_string()),
                 reason,

@@ -542,6 +542,8 @@ impl FhirProxy {
                         out = secured;
                     }
                 }
+                // The tree just serialised is what the trail reads: no second parse.
+                self.audit_tree(ctx, resp.status, v);
                 out
             }
             ModBody::Raw(b) => b,

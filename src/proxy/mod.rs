@@ -139,7 +139,7 @@ pub struct Ctx {
     bulk: BulkStep,
     /// The audit trail: a streamed answer's body as sent, and a buffered one's.
     tee: Option<audit::Tee>,
-    answered: std::sync::OnceLock<(Bytes, bool)>,
+    answered: std::sync::OnceLock<crate::audit::Shown>,
     /// The break-the-glass reason this request was served under.
     glass: Option<String>,
     /// The scope filter of a caller whose scopes narrow (`patient/`, granular): added to the
