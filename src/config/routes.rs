@@ -53,6 +53,9 @@ pub struct RouteConfig {
     pub pre: Vec<ModuleConfig>,
     #[serde(default)]
     pub post: Vec<ModuleConfig>,
+    /// Candidate post modules, evaluated next to `post` and never enforced.
+    #[serde(default)]
+    pub shadow: Vec<ModuleConfig>,
     #[serde(default)]
     pub policy: RolePolicyConfig,
 }
@@ -65,6 +68,7 @@ pub struct BuiltRoute {
     pub public_base: Option<BaseUrl>,
     pub pre: Vec<Arc<dyn PreProcess>>,
     pub post: Vec<Arc<dyn PostProcess>>,
+    pub shadow: Vec<Arc<dyn PostProcess>>,
     pub policy: RolePolicy,
 }
 
@@ -88,6 +92,7 @@ struct RouteKeys<'a> {
     public_base_url: Option<&'a str>,
     pre: &'a [ModuleConfig],
     post: &'a [ModuleConfig],
+    shadow: &'a [ModuleConfig],
     policy: &'a RolePolicyConfig,
 }
 
@@ -98,6 +103,7 @@ impl<'a> From<&'a RouteConfig> for RouteKeys<'a> {
             public_base_url: r.public_base_url.as_deref(),
             pre: &r.pre,
             post: &r.post,
+            shadow: &r.shadow,
             policy: &r.policy,
         }
     }
@@ -126,6 +132,7 @@ pub(super) fn validate(
         public_base_url: cfg.public_base_url.as_deref(),
         pre: &cfg.pre,
         post: &cfg.post,
+        shadow: &cfg.shadow,
         policy: &cfg.policy,
     };
     built.extend(build_route(&[], main, registry, errs));
@@ -198,6 +205,15 @@ fn build_route(
         |n, s| registry.build_post(n, s),
         errs,
     );
+    // Same names and settings as `post`; built (and checked) the same way.
+    let shadow = build_chain(
+        at,
+        &label,
+        "shadow",
+        r.shadow,
+        |n, s| registry.build_post(n, s),
+        errs,
+    );
     let mut roles = |k: &str, names: &[String]| -> Option<Vec<_>> {
         let mut resolved = Vec::new();
         let mut failed = false;
@@ -240,6 +256,7 @@ fn build_route(
         public_base: public_base?,
         pre: pre?,
         post: post?,
+        shadow: shadow?,
         policy: RolePolicy {
             read: read?,
             write: write?,
