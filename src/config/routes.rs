@@ -76,11 +76,13 @@ impl fmt::Debug for BuiltRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pre: Vec<&str> = self.pre.iter().map(|m| m.name()).collect();
         let post: Vec<&str> = self.post.iter().map(|m| m.name()).collect();
+        let shadow: Vec<&str> = self.shadow.iter().map(|m| m.name()).collect();
         f.debug_struct("BuiltRoute")
             .field("prefix", &self.prefix)
             .field("public_base", &self.public_base)
             .field("pre", &pre)
             .field("post", &post)
+            .field("shadow", &shadow)
             .field("policy", &self.policy)
             .finish()
     }
@@ -414,6 +416,31 @@ trusted_proxies: [10.0.0.0/8, 127.0.0.1]
             "{e}"
         );
         assert_eq!(e.0[0].line, Some(11));
+    }
+
+    #[test]
+    fn shadow_modules_are_built_and_checked_like_post() {
+        let text = format!(
+            "{BASE}post:\n  - name: DateSort\nshadow:\n  - name: ParticipantFilter\n    settings: {{relations: [care_team_member]}}\n"
+        );
+        let cfg = parse_with(&text, &env, &registry()).unwrap();
+        assert_eq!(cfg.built.routes[0].shadow[0].name(), "ParticipantFilter");
+        let gw = crate::Gateway::new(&cfg).unwrap();
+        assert_eq!(gw.routes[0].shadow.len(), 1);
+        assert!(gw.links_in_use, "a candidate resolves links too");
+        // A candidate never scopes what participants see: it cannot stand in for the live one.
+        let text =
+            format!("{BASE}policy:\n  read: [Patient]\nshadow:\n  - name: ParticipantFilter\n");
+        let e = parse_with(&text, &env, &registry()).unwrap_err();
+        assert!(e.0[0].message.contains("no ParticipantFilter"), "{e}");
+        let text = format!(
+            "{BASE}shadow:\n  - name: ParticipantFilter\n    settings: {{max_related: 0}}\n"
+        );
+        let e = parse_with(&text, &env, &registry()).unwrap_err();
+        assert!(
+            e.0[0].message.starts_with("shadow[0]: ParticipantFilter: "),
+            "{e}"
+        );
     }
 
     #[test]
