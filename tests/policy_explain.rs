@@ -316,16 +316,17 @@ async fn raw(gw: &Gateway, prefix: &str, path: &str, token: &str, rid: &str) -> 
 async fn shadow_candidates_are_counted_never_answered() {
     let w = World::seed().await;
     let routes = |shadow: bool| {
-        let (main, err) = if shadow {
+        let (main, err, open) = if shadow {
             (
                 "shadow:\n  - name: ParticipantFilter\n    settings: {relations: [encounter_participant]}\n  - name: ConsentOptOut\n    settings: {category: \"http://loinc.org|59284-0\"}\n",
                 "    shadow:\n      - name: ParticipantFilter\n        settings: {max_related: 1}\n",
+                "    shadow:\n      - name: ParticipantFilter\n",
             )
         } else {
-            ("", "")
+            ("", "", "")
         };
         format!(
-            "public_base_url: https://gw.example/fhir\npolicy:\n  read: [Administrator, Practitioner]\npost:\n  - name: ParticipantFilter\n    settings: {{cache_ttl_secs: 30}}\n{main}routes:\n  - prefix: /err/fhir\n    public_base_url: https://gw.example/err/fhir\n    policy:\n      read: [Administrator, Practitioner]\n    post:\n      - name: ParticipantFilter\n{err}"
+            "public_base_url: https://gw.example/fhir\npolicy:\n  read: [Administrator, Practitioner]\npost:\n  - name: ParticipantFilter\n    settings: {{cache_ttl_secs: 30}}\n{main}routes:\n  - prefix: /err/fhir\n    public_base_url: https://gw.example/err/fhir\n    policy:\n      read: [Administrator, Practitioner]\n    post:\n      - name: ParticipantFilter\n{err}  - prefix: /open/fhir\n    public_base_url: https://gw.example/open/fhir\n    policy:\n      read: [Administrator, Practitioner]\n    post:\n      - name: ParticipantFilter\n        settings: {{relations: [encounter_participant]}}\n{open}"
         )
     };
     let mport = free_port();
@@ -344,6 +345,7 @@ async fn shadow_candidates_are_counted_never_answered() {
         ("/fhir", w.obs("a")),
         ("/fhir", w.obs("b")),
         ("/err/fhir", w.search()),
+        ("/open/fhir", w.search()),
     ] {
         let (s1, b1) = raw(&live, prefix, &path, &dr, &format!("{rid}-l")).await;
         let (s2, b2) = raw(&shadowed, prefix, &path, &dr, &rid).await;
@@ -390,6 +392,15 @@ async fn shadow_candidates_are_counted_never_answered() {
             ],
             1.0,
         ),
+        // Live: encounters only (C's); the candidate, every relation: A's too.
+        (
+            [
+                "module=\"*\"",
+                "direction=\"reveal\"",
+                "route=\"/open/fhir\"",
+            ],
+            1.0,
+        ),
     ];
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -406,10 +417,19 @@ async fn shadow_candidates_are_counted_never_answered() {
         assert_eq!(series(&text, name, &l), v, "{l:?}\n{text}");
     }
     assert_eq!(
-        series(&text, name, &["direction=\"reveal\""]),
+        series(&text, name, &["direction=\"reveal\"", "route=\"/fhir\""]),
         0.0,
         "{text}"
     );
+    shadowed
+        .log_line(
+            &format!(
+                "shadow /open/fhir: the candidate chain would keep 1 entries the live chain withheld: {} (correlation id {rid})",
+                w.obs("a")
+            ),
+            Duration::from_secs(5),
+        )
+        .await;
 
     // Logged at info with the correlation id and the ids, never the body.
     let line = shadowed
