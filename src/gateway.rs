@@ -36,6 +36,8 @@ pub struct Route {
     pub public_base: Option<(std::sync::Arc<str>, Replacements)>,
     pub pre: Vec<Arc<dyn PreProcess>>,
     pub post: Vec<Arc<dyn PostProcess>>,
+    /// Candidate post modules (shadow mode): judged on a copy, never enforced.
+    pub shadow: Vec<Arc<dyn PostProcess>>,
     pub policy: RolePolicy,
 }
 
@@ -131,7 +133,7 @@ impl Gateway {
             .collect();
         let links_in_use = routes
             .iter()
-            .flat_map(|r| &r.post)
+            .flat_map(|r| r.post.iter().chain(&r.shadow))
             .any(|m| m.uses_identity_links());
         let mut forward: Vec<HeaderName> = FORWARDED_REQUEST_HEADERS
             .iter()
@@ -199,7 +201,7 @@ impl Gateway {
     pub fn invalidate(&self, resource_type: &str) {
         self.links.invalidate(resource_type);
         for r in &self.routes {
-            for m in &r.post {
+            for m in r.post.iter().chain(&r.shadow) {
                 m.invalidate(resource_type);
             }
         }
@@ -224,6 +226,7 @@ impl Route {
             public_base,
             pre: built.pre.clone(),
             post: built.post.clone(),
+            shadow: built.shadow.clone(),
             policy: built.policy.clone(),
         }
     }

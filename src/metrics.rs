@@ -206,3 +206,19 @@ pub fn audit_write_failed() {
 pub fn break_the_glass() {
     AUDIT.with_label_values(&["break_the_glass"]).inc();
 }
+
+static SHADOW: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fhirgw_shadow_differences_total",
+        "Shadow mode: entries a candidate post module would withhold that the live chain kept (withhold), entries the candidate chain would keep that the live chain withheld (reveal, module \"*\"), candidate failures (error)",
+        &["route", "module", "direction"]
+    )
+    .expect("metric registers once")
+});
+
+/// `direction`: `withhold`, `reveal` or `error`.
+pub fn shadow(route: &str, module: &str, direction: &str, n: u64) {
+    SHADOW
+        .with_label_values(&[route, module, direction])
+        .inc_by(n);
+}

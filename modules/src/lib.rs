@@ -8,6 +8,7 @@
 pub mod builtin;
 pub mod compartment;
 pub mod conditional;
+pub mod explain;
 pub mod filter;
 pub mod identity;
 pub mod links;

@@ -314,6 +314,19 @@ pub trait PostProcess: Send + Sync {
         Ok(None)
     }
 
+    /// Explaining mode (`/manage/explain` only, never the normal path): why each resource of
+    /// `resp` — the answer as this module receives it — is kept or withheld, judged as
+    /// `process` judges it. `None`: the module does not explain (it withholds nothing by
+    /// itself, or does not say why).
+    async fn explain(
+        &self,
+        _req: &Request,
+        _resp: &Response,
+        _cx: &Context,
+    ) -> Result<Option<Vec<crate::explain::Verdict>>, ModuleError> {
+        Ok(None)
+    }
+
     /// What it reads of the body; `Compartment` lets the gateway skip parsing the rest.
     fn reads(&self) -> BodyAccess {
         BodyAccess::Whole

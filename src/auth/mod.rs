@@ -341,6 +341,25 @@ impl Authenticator {
         Ok((idx, issuer, iss.to_string()))
     }
 
+    /// The identity these claims would give, for `/manage/explain`: mapped (roles, scopes,
+    /// `fhirUser`, tenant) by the issuer their `iss` names, else the first issuer. Nothing is
+    /// verified: an Administrator names whom to explain for, no token is involved.
+    pub fn identity_from_claims(&self, claims: &Value) -> Result<Identity, AuthError> {
+        let iss = claims.get("iss").and_then(Value::as_str);
+        let issuer = match iss {
+            Some(iss) => self
+                .issuers
+                .iter()
+                .find(|i| i.iss.iter().any(|x| x == iss))
+                .ok_or_else(|| AuthError::Invalid(format!("untrusted issuer {iss:?}")))?,
+            None => self
+                .issuers
+                .first()
+                .ok_or_else(|| AuthError::Invalid("no issuer configured".into()))?,
+        };
+        issuer.identity(claims)
+    }
+
     /// Verification without the token cache (what a first call costs).
     pub async fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
         self.verify(token).await.map(|v| v.0)

@@ -2,6 +2,7 @@
 //! counting every module; a module that fails or stops without a response becomes an error
 //! naming it (fail closed).
 
+pub mod shadow;
 #[cfg(test)]
 mod tests;
 

@@ -21,7 +21,7 @@ impl EventSink for NoSink {
     async fn publish(&self, _key: &str, _event: serde_json::Value) {}
 }
 
-fn cx() -> Context {
+pub(super) fn cx() -> Context {
     Context {
         identity: None,
         correlation_id: "c1".into(),

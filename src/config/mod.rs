@@ -86,6 +86,10 @@ pub struct GatewayConfig {
     /// Post-processors of the main route, in order.
     #[serde(default)]
     pub post: Vec<ModuleConfig>,
+    /// Candidate post-processors of the main route, evaluated on a copy of the answer and
+    /// never enforced (shadow mode, `chain/shadow.rs`).
+    #[serde(default)]
+    pub shadow: Vec<ModuleConfig>,
     /// Role policy of the main route.
     #[serde(default)]
     pub policy: RolePolicyConfig,

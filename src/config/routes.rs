@@ -53,6 +53,9 @@ pub struct RouteConfig {
     pub pre: Vec<ModuleConfig>,
     #[serde(default)]
     pub post: Vec<ModuleConfig>,
+    /// Candidate post modules, evaluated next to `post` and never enforced.
+    #[serde(default)]
+    pub shadow: Vec<ModuleConfig>,
     #[serde(default)]
     pub policy: RolePolicyConfig,
 }
@@ -65,6 +68,7 @@ pub struct BuiltRoute {
     pub public_base: Option<BaseUrl>,
     pub pre: Vec<Arc<dyn PreProcess>>,
     pub post: Vec<Arc<dyn PostProcess>>,
+    pub shadow: Vec<Arc<dyn PostProcess>>,
     pub policy: RolePolicy,
 }
 
@@ -72,11 +76,13 @@ impl fmt::Debug for BuiltRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pre: Vec<&str> = self.pre.iter().map(|m| m.name()).collect();
         let post: Vec<&str> = self.post.iter().map(|m| m.name()).collect();
+        let shadow: Vec<&str> = self.shadow.iter().map(|m| m.name()).collect();
         f.debug_struct("BuiltRoute")
             .field("prefix", &self.prefix)
             .field("public_base", &self.public_base)
             .field("pre", &pre)
             .field("post", &post)
+            .field("shadow", &shadow)
             .field("policy", &self.policy)
             .finish()
     }
@@ -88,6 +94,7 @@ struct RouteKeys<'a> {
     public_base_url: Option<&'a str>,
     pre: &'a [ModuleConfig],
     post: &'a [ModuleConfig],
+    shadow: &'a [ModuleConfig],
     policy: &'a RolePolicyConfig,
 }
 
@@ -98,6 +105,7 @@ impl<'a> From<&'a RouteConfig> for RouteKeys<'a> {
             public_base_url: r.public_base_url.as_deref(),
             pre: &r.pre,
             post: &r.post,
+            shadow: &r.shadow,
             policy: &r.policy,
         }
     }
@@ -126,6 +134,7 @@ pub(super) fn validate(
         public_base_url: cfg.public_base_url.as_deref(),
         pre: &cfg.pre,
         post: &cfg.post,
+        shadow: &cfg.shadow,
         policy: &cfg.policy,
     };
     built.extend(build_route(&[], main, registry, errs));
@@ -198,6 +207,15 @@ fn build_route(
         |n, s| registry.build_post(n, s),
         errs,
     );
+    // Same names and settings as `post`; built (and checked) the same way.
+    let shadow = build_chain(
+        at,
+        &label,
+        "shadow",
+        r.shadow,
+        |n, s| registry.build_post(n, s),
+        errs,
+    );
     let mut roles = |k: &str, names: &[String]| -> Option<Vec<_>> {
         let mut resolved = Vec::new();
         let mut failed = false;
@@ -240,6 +258,7 @@ fn build_route(
         public_base: public_base?,
         pre: pre?,
         post: post?,
+        shadow: shadow?,
         policy: RolePolicy {
             read: read?,
             write: write?,
@@ -397,6 +416,31 @@ trusted_proxies: [10.0.0.0/8, 127.0.0.1]
             "{e}"
         );
         assert_eq!(e.0[0].line, Some(11));
+    }
+
+    #[test]
+    fn shadow_modules_are_built_and_checked_like_post() {
+        let text = format!(
+            "{BASE}post:\n  - name: DateSort\nshadow:\n  - name: ParticipantFilter\n    settings: {{relations: [care_team_member]}}\n"
+        );
+        let cfg = parse_with(&text, &env, &registry()).unwrap();
+        assert_eq!(cfg.built.routes[0].shadow[0].name(), "ParticipantFilter");
+        let gw = crate::Gateway::new(&cfg).unwrap();
+        assert_eq!(gw.routes[0].shadow.len(), 1);
+        assert!(gw.links_in_use, "a candidate resolves links too");
+        // A candidate never scopes what participants see: it cannot stand in for the live one.
+        let text =
+            format!("{BASE}policy:\n  read: [Patient]\nshadow:\n  - name: ParticipantFilter\n");
+        let e = parse_with(&text, &env, &registry()).unwrap_err();
+        assert!(e.0[0].message.contains("no ParticipantFilter"), "{e}");
+        let text = format!(
+            "{BASE}shadow:\n  - name: ParticipantFilter\n    settings: {{max_related: 0}}\n"
+        );
+        let e = parse_with(&text, &env, &registry()).unwrap_err();
+        assert!(
+            e.0[0].message.starts_with("shadow[0]: ParticipantFilter: "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -297,8 +297,22 @@ impl FhirProxy {
             .collect();
         let post_applies = !post_reads.is_empty();
         let post_needs_body = post_reads.iter().any(|r| *r != BodyAccess::Headers);
+        // Shadow candidates judge a copy of the same tree (so it must hold what they read);
+        // not under break-the-glass, whose reads skip the filters on purpose.
+        let shadow: Vec<Arc<dyn PostProcess>> =
+            match post_applies && ctx.glass.is_none() && !route.shadow.is_empty() {
+                true => route.shadow.iter().chain(&scope).cloned().collect(),
+                false => Vec::new(),
+            };
         let filters_only = post_reads
             .iter()
+            .copied()
+            .chain(
+                shadow
+                    .iter()
+                    .filter(|m| m.applies(&req, caller))
+                    .map(|m| m.reads()),
+            )
             .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
@@ -438,9 +452,13 @@ impl FhirProxy {
                     (r, origin)
                 }
             };
+            let copy = (!shadow.is_empty()).then(|| resp.clone());
             chain::run_post(&route.prefix, post_modules, &req, &mut resp, &cx).await?;
             // Also when a route module stopped the chain: what it answered is judged too.
             chain::run_post(&route.prefix, &scope, &req, &mut resp, &cx).await?;
+            if let Some(copy) = copy {
+                chain::shadow::spawn(&route.prefix, shadow.clone(), &req, copy, &resp, &cx);
+            }
             if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
                 return Ok(Some(Answer::Module(not_modified, None)));
             }

@@ -1,4 +1,5 @@
-//! `/manage`: identity links for Administrators (find, link, unlink, list), as JSON.
+//! `/manage`: identity links for Administrators (find, link, unlink, list), as JSON, and
+//! `explain` (`explain.rs`).
 //!
 //! The links live in the FHIR server (an identifier on the linked resource), so every gateway
 //! instance sees them; the calls go upstream with the gateway's service identity and the
@@ -105,6 +106,7 @@ impl FhirProxy {
             }
             (Method::GET, "/manage/links") => links.list(&client).await,
             (Method::GET, "/manage/glass") => self.glass_sessions()?,
+            (Method::POST, "/manage/explain") => self.explain(session, ctx).await?,
             (Method::POST, "/manage/link") | (Method::POST, "/manage/unlink") => {
                 let body = self.read_body(session, &mut ctx.body).await?;
                 if body.len() > 16 * 1024 {
@@ -140,14 +142,18 @@ impl FhirProxy {
                 }
                 r
             }
-            (_, "/manage/find" | "/manage/links" | "/manage/link" | "/manage/unlink") => {
+            (
+                _,
+                "/manage/find" | "/manage/links" | "/manage/link" | "/manage/unlink"
+                | "/manage/explain",
+            ) => {
                 return Err(GatewayError::MethodNotAllowed(format!(
-                    "{path}: find and links answer GET, link and unlink answer POST"
+                    "{path}: find and links answer GET, link, unlink and explain answer POST"
                 )))
             }
             _ => {
                 return Err(GatewayError::NotFound(format!(
-                    "{path}: /manage has find, links, link, unlink, glass and audit"
+                    "{path}: /manage has find, links, link, unlink, glass, explain and audit"
                 )))
             }
         })

@@ -20,6 +20,7 @@ mod audit;
 mod body_guard;
 mod buffered;
 mod bulk;
+mod explain;
 #[doc(hidden)]
 pub mod fixed;
 mod head_chain;

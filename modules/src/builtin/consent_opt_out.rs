@@ -8,11 +8,12 @@
 //! Administrators bypass; the patient is never blocked from their own data; writes are not
 //! blocked.
 
+mod judging;
 mod provision;
 
 pub use provision::{Provision, Subject, Tri};
 
-use crate::filter::{self, Judge, Ownership, Style};
+use crate::filter::{self, Judge, Style};
 use crate::identity::{Identity, Role};
 use crate::links::{pct, Participant};
 use crate::processor::{Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response};
@@ -21,7 +22,7 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -363,69 +364,15 @@ impl PostProcess for ConsentOptOut {
                 });
             }
         };
-        let ownership = match (&judged, &resp.body) {
-            (filter::Judged::Fetched(v), _) => Ownership::prepare(v, &req.query, cx).await?,
-            (_, Body::Json(v)) => Ownership::prepare(v, &req.query, cx).await?,
+        let body = match (&judged, &resp.body) {
+            (filter::Judged::Fetched(v), _) => v,
+            (_, Body::Json(v)) => v,
             _ => return Ok(PostOutcome::Continue),
         };
-        // Every patient whose data is in the answer.
-        let mut patients = BTreeSet::new();
-        {
-            let body = match (&judged, &resp.body) {
-                (filter::Judged::Fetched(v), _) => v,
-                (_, Body::Json(v)) => v,
-                _ => unreachable!("matched above"),
-            };
-            let mut all = Vec::new();
-            filter::resources(body, &mut all);
-            for r in all {
-                patients.extend(ownership.owners(r).patients);
-            }
-        }
-        let who = match &cx.identity {
-            Some(id) => cx.links.resolve(id, cx.fhir.as_ref()).await?,
-            None => None,
-        };
-        // The patient is never kept from their own data.
-        if let Some(Participant::Patient(me)) = &who {
-            patients.remove(me);
-        }
-        if patients.is_empty() {
+        let Some(judging) = self.judging(req, body, cx).await? else {
             return Ok(PostOutcome::Continue);
-        }
-        let caller = self.associations(&who, cx).await?;
-        let mut rules: BTreeMap<String, Arc<Vec<Rule>>> = BTreeMap::new();
-        let list: Vec<String> = patients.into_iter().collect();
-        for chunk in list.chunks(8) {
-            let got = futures::future::join_all(chunk.iter().map(|p| self.rules(p, cx))).await;
-            for (p, g) in chunk.iter().zip(got) {
-                rules.insert(p.clone(), g?);
-            }
-        }
-        let now = now();
-        let me = match &who {
-            Some(Participant::Patient(p)) => Some(p.clone()),
-            _ => None,
         };
-        let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
-        // Judged per resource: a Consent may withhold only some of a patient's data.
-        let mut deny = |r: &Value| {
-            let subject = Subject {
-                resource: r,
-                subsetted: filter::is_subsetted(r, &req.query),
-                caller: &caller,
-                now,
-                resolver: &resolver,
-            };
-            ownership.owners(r).patients.iter().any(|p| {
-                me.as_deref() != Some(p.as_str())
-                    && match rules.get(p) {
-                        Some(list) => list.iter().any(|c| c.root.may_deny(&subject)),
-                        // Not looked up (cannot happen): fail closed.
-                        None => true,
-                    }
-            })
-        };
+        let mut deny = |r: &Value| judging.deny(r);
         let mut deny_gone = |_: Option<&str>| false;
         let applied = filter::apply_judged(
             resp,
@@ -441,6 +388,15 @@ impl PostProcess for ConsentOptOut {
             filter::Applied::Denied => PostOutcome::Stop,
             filter::Applied::Filtered(_) => PostOutcome::Continue,
         })
+    }
+
+    async fn explain(
+        &self,
+        req: &Request,
+        resp: &Response,
+        cx: &Context,
+    ) -> Result<Option<Vec<crate::explain::Verdict>>, ModuleError> {
+        self.explain_answer(req, resp, cx).await.map(Some)
     }
 
     /// It judges resources by their owners alone and removes what it denies.

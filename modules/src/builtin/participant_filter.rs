@@ -7,6 +7,7 @@
 //! Administrator and the global roles bypass. A caller who is nobody in the FHIR server (no
 //! `fhirUser`, no link) sees no patient data. Lookups fail closed (503).
 
+mod explain;
 pub(crate) mod writes;
 
 use crate::compartment::{values_at, Owners};
@@ -158,6 +159,24 @@ impl ParticipantFilter {
                 return Ok(hit);
             }
         }
+        let mut patients = BTreeSet::new();
+        for (_, ids) in self.relations_of(pid, cx).await? {
+            patients.extend(ids);
+        }
+        let patients = Arc::new(patients);
+        if self.ttl > 0 {
+            self.practitioners.insert(pid.to_string(), patients.clone());
+        }
+        Ok(patients)
+    }
+
+    /// The patients a practitioner is of record for, by configured relation (not cached:
+    /// `of_record` caches their union, explaining needs them apart).
+    async fn relations_of(
+        &self,
+        pid: &str,
+        cx: &Context,
+    ) -> Result<Vec<(Relation, Vec<String>)>, ModuleError> {
         // References may name the practitioner or one of their PractitionerRoles. Every
         // answer is checked here: a server that ignores a search parameter it does not
         // support (SEKMET has none on CareTeam) returns everything, and trusting that would
@@ -213,7 +232,7 @@ impl ParticipantFilter {
                     "subject",
                 ),
             };
-            let (me, resolver, names) = (&me, &resolver, &names);
+            let (me, resolver, names, rel) = (&me, &resolver, &names, *rel);
             async move {
                 let found = self.search_all(cx, query).await?;
                 let mut ids = Vec::new();
@@ -238,18 +257,13 @@ impl ParticipantFilter {
                         }
                     }
                 }
-                Ok::<_, ModuleError>(ids)
+                Ok::<_, ModuleError>((rel, ids))
             }
         });
-        let mut patients = BTreeSet::new();
-        for ids in futures::future::join_all(lookups).await {
-            patients.extend(ids?);
-        }
-        let patients = Arc::new(patients);
-        if self.ttl > 0 {
-            self.practitioners.insert(pid.to_string(), patients.clone());
-        }
-        Ok(patients)
+        futures::future::join_all(lookups)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// The patients a RelatedPerson is linked to (cached).
@@ -403,6 +417,15 @@ impl PostProcess for ParticipantFilter {
             return Ok(None);
         }
         self.judge_write(req, cx).await
+    }
+
+    async fn explain(
+        &self,
+        req: &Request,
+        resp: &Response,
+        cx: &Context,
+    ) -> Result<Option<Vec<crate::explain::Verdict>>, ModuleError> {
+        self.explain_answer(req, resp, cx).await.map(Some)
     }
 
     /// It judges resources by their owners alone and removes what it denies.

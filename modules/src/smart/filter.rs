@@ -82,19 +82,25 @@ impl ScopeFilter {
 
     /// Whether some scope granting one of `perms` on its type selects `r`.
     fn visible(&self, r: &Value, perms: &[Perm], ownership: &Ownership) -> bool {
-        let Some(t) = r.get("resourceType").and_then(Value::as_str) else {
-            return false;
-        };
         // The server's notices in a searchset carry no resource of anyone's.
-        if t == "OperationOutcome" {
-            return true;
-        }
+        r.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
+            || self.selecting(r, perms, ownership).is_some()
+    }
+
+    /// The first scope granting one of `perms` on `r`'s type that selects `r`.
+    fn selecting(
+        &self,
+        r: &Value,
+        perms: &[Perm],
+        ownership: &Ownership,
+    ) -> Option<&ClinicalScope> {
+        let t = r.get("resourceType").and_then(Value::as_str)?;
         let mut owners = None;
         self.scopes
             .scopes
             .iter()
             .filter(|s| perms.iter().any(|p| s.grants(t, *p)))
-            .any(|s| {
+            .find(|s| {
                 s.query.as_ref().is_none_or(|q| q.matches(r))
                     && (s.context != ScopeContext::Patient || {
                         let o = owners.get_or_insert_with(|| ownership.owners(r));
@@ -272,6 +278,32 @@ impl ScopeFilter {
     }
 }
 
+/// A scope as an explanation names it (`patient/Observation.rs`, its query in brief).
+fn describe(s: &ClinicalScope) -> String {
+    let ctx = match s.context {
+        ScopeContext::Patient => "patient",
+        ScopeContext::User => "user",
+        ScopeContext::System => "system",
+    };
+    let p = s.perms;
+    let letters: String = [
+        (p.create, 'c'),
+        (p.read, 'r'),
+        (p.update, 'u'),
+        (p.delete, 'd'),
+        (p.search, 's'),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, l)| *l)
+    .collect();
+    let t = s.resource_type.as_deref().unwrap_or("*");
+    match &s.query {
+        Some(q) => format!("{ctx}/{t}.{letters} (query {q:?})"),
+        None => format!("{ctx}/{t}.{letters}"),
+    }
+}
+
 fn union(a: Perms, b: Perms) -> Perms {
     Perms {
         create: a.create || b.create,
@@ -386,6 +418,41 @@ impl PostProcess for ScopeFilter {
             // Searches and read-only operations write nothing (the policy refuses the others).
             _ => Ok(None),
         }
+    }
+
+    async fn explain(
+        &self,
+        req: &Request,
+        resp: &Response,
+        cx: &Context,
+    ) -> Result<Option<Vec<crate::explain::Verdict>>, ModuleError> {
+        use crate::explain::{each, reference, Verdict};
+        let crate::processor::Body::Json(body) = &resp.body else {
+            return Ok(Some(vec![]));
+        };
+        if !judged_status(req, resp.status) {
+            return Ok(Some(vec![]));
+        }
+        let c = classify(&req.method, &req.path, &req.query).ok();
+        let perms = judged_perms(c.as_ref());
+        let ownership = Ownership::prepare(body, &req.query, cx).await?;
+        Ok(Some(each(body, |r| {
+            match self.selecting(r, &perms, &ownership) {
+                Some(s) => Verdict::new(
+                    reference(r),
+                    true,
+                    "scope",
+                    serde_json::json!({"scope": describe(s)}),
+                ),
+                None => Verdict::new(
+                    reference(r),
+                    false,
+                    "scope",
+                    serde_json::json!({"scope": null,
+                        "why": "no scope of the token selects it"}),
+                ),
+            }
+        })))
     }
 
     /// Queries read elements beyond those deciding the owner.

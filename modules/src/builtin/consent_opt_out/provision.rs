@@ -358,7 +358,7 @@ impl Provision {
     }
 
     /// Whether this provision applies and permits whatever the unknowns are.
-    fn surely_permits(&self, s: &Subject) -> bool {
+    pub(super) fn surely_permits(&self, s: &Subject) -> bool {
         self.matches(s) == Tri::Yes
             && !self.provisions.iter().any(|c| c.may_deny(s))
             && (self.permit || self.provisions.iter().any(|c| c.surely_permits(s)))
