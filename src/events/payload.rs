@@ -24,8 +24,8 @@ pub(super) fn encode(q: &Queued) -> Vec<u8> {
     out
 }
 
-/// A payload without an event: the enqueue time, no correlation id, then `value` (a JSON
-/// object: `decode` finds it where an event would be).
+/// A payload that is not an event (an audit line): the enqueue time, an empty correlation id,
+/// then `value` as is.
 pub(crate) fn encode_raw(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + value.len());
     out.extend(now_ms().to_be_bytes());
