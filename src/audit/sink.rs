@@ -12,7 +12,7 @@
 
 use crate::config::AuditSink;
 use crate::events::payload::encode_raw;
-use crate::events::producer::{produce_loop, Lane};
+use crate::events::producer::{produce_loop, Lane, Message};
 use crate::events::spool::{Fsync, Record, Spool, SpoolConfig, SpoolError};
 use log::{error, info, warn};
 use once_cell::sync::Lazy;
@@ -66,7 +66,7 @@ const FED_TMP: &str = "audit.fed.tmp";
 const CHUNK: usize = 4 << 20;
 
 /// An audit line as a message: the line itself, no headers (the key is the instance).
-fn line_message(payload: &[u8]) -> (u64, &[u8], OwnedHeaders) {
+fn line_message(payload: &[u8]) -> Message<'_> {
     // As `encode_raw` wrote it: the time, an empty correlation id, the line.
     let t = payload
         .get(..8)

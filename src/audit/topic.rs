@@ -62,7 +62,7 @@ impl TopicReader {
                 continue;
             };
             let (id, high) = (p.id, p.high);
-            let mut last = Instant::now();
+            let last = Instant::now();
             loop {
                 match self.consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) if m.partition() == id => {

@@ -25,8 +25,11 @@ pub(crate) struct Lane {
     /// Records in the spool not yet confirmed.
     pub depth: &'static IntGauge,
     pub delivery: &'static Histogram,
-    pub message: fn(&[u8]) -> (u64, &[u8], OwnedHeaders),
+    pub message: fn(&[u8]) -> Message<'_>,
 }
+
+/// A spool payload as a message: when it was spooled (ms since the epoch), value, headers.
+pub(crate) type Message<'a> = (u64, &'a [u8], OwnedHeaders);
 
 impl Lane {
     fn count(&self, stage: &str) {
@@ -35,7 +38,7 @@ impl Lane {
 }
 
 /// An event: the correlation id as a header, and the CloudEvents content type when it is one.
-pub(crate) fn event_message(payload: &[u8]) -> (u64, &[u8], OwnedHeaders) {
+pub(crate) fn event_message(payload: &[u8]) -> Message<'_> {
     let (t, cid, json) = decode(payload);
     let cid = std::str::from_utf8(cid).unwrap_or("");
     let mut headers = OwnedHeaders::new().insert(Header {
