@@ -178,6 +178,26 @@ async fn the_topic_holds_the_files_lines_verify_passes_and_a_tampered_copy_fails
         &write_many(&gw, &w, 120, 8, "audit-sink").await,
         "writes",
     );
+    // A patient read twice, for the "who saw patient X" recipe.
+    let patient = format!("ak-{}", uniq());
+    let r = client()
+        .put(format!("{}/Patient/{patient}", sekmet_url()))
+        .header("Content-Type", "application/fhir+json")
+        .body(serde_json::json!({"resourceType": "Patient", "id": patient}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let reader = token("reader-app").await;
+    for _ in 0..2 {
+        let r = client()
+            .get(format!("{}/Patient/{patient}", gw.base()))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
     let n = settle(&gw, port, &trail).await;
     let file = trail.lines();
     assert!(n >= 120 + 120 / 7, "records and checkpoints: {n}");
@@ -204,6 +224,41 @@ async fn the_topic_holds_the_files_lines_verify_passes_and_a_tampered_copy_fails
         out.contains(&format!("instance gw-test: {} line(s)", file.len())),
         "{} lines in the file: {out}",
         file.len()
+    );
+
+    // The documented recipe: the topic loaded into SQLite, then who saw the patient.
+    let db = trail.dir.join("audit.db");
+    let out = std::process::Command::new(peers_dir().join("kafka-venv/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/audit-topic-to-sqlite.py"
+        ))
+        .args(["--bootstrap", SHARED_BROKER, "--topic", &topic, "--db"])
+        .arg(&db)
+        .args(["--who-saw", &format!("Patient/{patient}")])
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("who saw Patient/{patient}: {rows:?}");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["interaction"] == "read" && r["instance"] == "gw-test"),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r["user_id"]
+            .as_str()
+            .is_some_and(|u| u.contains("reader-app"))),
+        "{rows:?}"
     );
 
     // A tampered copy on a second topic: line 10 edited, line 20 deleted, line 30 put again

@@ -64,6 +64,9 @@ const FED: &str = "audit.fed";
 const FED_TMP: &str = "audit.fed.tmp";
 /// Read from the file at most this much per spool round (more when one line is longer).
 const CHUNK: usize = 4 << 20;
+/// At most this much per `feed`: catching up a long file must not hold the writer (and, through
+/// its queue, the requests) for long; the 1 s tick takes the rest.
+const BUDGET: u64 = 16 << 20;
 
 /// An audit line as a message: the line itself, no headers (the key is the instance).
 fn line_message(payload: &[u8]) -> Message<'_> {
@@ -226,7 +229,7 @@ impl Feeder {
         let mut appended = 0u64;
         let mut stop = false;
         let start = o.fed;
-        while !stop && o.fed < len {
+        while !stop && o.fed < len && o.fed - start < BUDGET {
             let want = ((len - o.fed) as usize).min(CHUNK.max(buf.capacity()));
             buf.resize(want, 0);
             if let Err(e) = f
