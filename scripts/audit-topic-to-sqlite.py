@@ -56,13 +56,16 @@ def load(args):
         if high <= low:
             continue
         c.assign([TopicPartition(args.topic, p, OFFSET_BEGINNING)])
-        quiet = 0
-        while quiet < 10:  # 2 s without a message past the watermark: the end
+        # The end: past the watermark read at the start, then 3 s without a message (some
+        # brokers report the watermark late); 60 s without a message before it is an error.
+        reached, quiet = False, 0
+        while quiet < (15 if reached else 300):
             m = c.poll(0.2)
             if m is None or m.error():
                 quiet += 1 if m is None else 0
                 continue
             quiet = 0
+            reached = reached or m.offset() + 1 >= high
             line = m.value().decode()
             rec = json.loads(line)
             old = db.execute(
@@ -76,6 +79,8 @@ def load(args):
                 # Not a re-send: two lines claim one place in the chain (run audit verify).
                 conflicts += 1
                 print(f"CONFLICT {rec['instance']} seq {rec['seq']} at {args.topic}[{p}]@{m.offset()}", file=sys.stderr)
+        if not reached:
+            sys.exit(f"{args.topic}[{p}]: nothing read for 60 s before offset {high}")
     c.close()
     db.commit()
     print(f"{loaded} line(s) loaded, {conflicts} conflict(s)", file=sys.stderr)

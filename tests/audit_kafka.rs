@@ -197,6 +197,8 @@ async fn the_topic_holds_the_files_lines_verify_passes_and_a_tampered_copy_fails
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        // Read whole: a client that hangs up early was not shown the patient.
+        assert!(r.text().await.unwrap().contains(&patient));
     }
     let n = settle(&gw, port, &trail).await;
     let file = trail.lines();
@@ -248,7 +250,17 @@ async fn the_topic_holds_the_files_lines_verify_passes_and_a_tampered_copy_fails
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("who saw Patient/{patient}: {rows:?}");
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    let in_file: Vec<String> = file
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .filter(|l| l.contains(&patient))
+        .collect();
+    assert_eq!(
+        rows.len(),
+        2,
+        "{rows:?}\n{}\n{in_file:#?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         rows.iter()
             .all(|r| r["interaction"] == "read" && r["instance"] == "gw-test"),
