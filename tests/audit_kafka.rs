@@ -295,6 +295,7 @@ async fn the_topic_holds_the_files_lines_verify_passes_and_a_tampered_copy_fails
     bad.insert(40, bad[39].clone());
     produce(SHARED_BROKER, &copy, &bad);
     let (code, out) = verify_topic(SHARED_BROKER, &copy, &trail.key);
+    eprintln!("verify of the tampered copy:\n{out}");
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("does not hash to the prev of seq 11: edited"),
