@@ -399,6 +399,68 @@ async fn a_broker_stopped_mid_workload_and_a_killed_gateway_lose_and_duplicate_n
     assert!(gw.log().contains("audit: sink spool"), "{}", gw.log());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_leaves_the_lines_in_the_file_and_they_all_arrive_later() {
+    let topic = "audit";
+    let mut broker = Broker::start(free_port(), topic, None);
+    broker.stop();
+    let trail = Trail::new();
+    let port = free_port();
+    // Room for a few lines only: most of the outage's lines must wait in the file.
+    let conf = trail.yaml(&broker.bootstrap(), topic, port).replace(
+        "    spool:\n",
+        "    spool:\n      max_bytes: 20000\n      segment_bytes: 5000\n",
+    );
+    let gw = jwt_gateway(&conf).await;
+    let w = token("writer-app").await;
+    created(
+        &gw,
+        &write_many(&gw, &w, 100, 8, "full").await,
+        "a full spool",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&gw, port, "fhirgw_audit_sink_unspooled_bytes").await == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "lines wait in the file\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metric(&gw, port, "fhirgw_audit_sink_total{stage=\"spool_full\"}").await > 0.0);
+    assert!(gw.log().contains("the sink spool is full"), "{}", gw.log());
+    broker.restart();
+    let n = settle(&gw, port, &trail).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&gw, port, "fhirgw_audit_sink_unspooled_bytes").await > 0.0 {
+        assert!(Instant::now() < deadline, "the file drains\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let n = settle(&gw, port, &trail).await.max(n);
+    let file = trail.lines();
+    assert_eq!(n, file.len());
+    let got: Vec<Vec<u8>> = topic_lines(
+        &broker.bootstrap(),
+        topic,
+        file.len(),
+        Duration::from_secs(60),
+    )
+    .into_iter()
+    .map(|(_, v)| v)
+    .collect();
+    let (unique, dups) = dedup(&got);
+    assert!(
+        unique == file,
+        "every line of the file, in order: {} unique of {}, {dups} re-sends\n{}",
+        unique.len(),
+        file.len(),
+        gw.log()
+    );
+    // Nothing was delivered before the outage: the broker's own topic holds the whole chain.
+    let (code, out) = verify_topic(&broker.bootstrap(), topic, &trail.key);
+    assert_eq!(code, 0, "{out}");
+}
+
 #[test]
 fn config_check_refuses_an_audit_topic_without_a_broker() {
     let trail = Trail::new();

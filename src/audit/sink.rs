@@ -105,8 +105,9 @@ pub(super) struct Feeder {
     cfg: AuditSink,
     instance: String,
     open: Option<Open>,
-    /// Said once per state, not per batch.
+    /// Said once per state, not per round (a stuck spool is retried every second).
     said_locked: bool,
+    /// The spool refused (full, or a disk error) since the last line it took.
     said_full: bool,
 }
 
@@ -271,7 +272,10 @@ impl Feeder {
                         break;
                     }
                     Err(e) => {
-                        error!("audit: sink spool: {e}; lines wait in the file");
+                        if !self.said_full {
+                            error!("audit: sink spool: {e}; lines wait in the file");
+                            self.said_full = true;
+                        }
                         stop = true;
                         break;
                     }
