@@ -167,7 +167,7 @@ impl Gateway {
             trail: cfg
                 .audit
                 .as_ref()
-                .map(|a| crate::audit::Audit::new(a, &cfg.built.audit.key)),
+                .map(|a| crate::audit::Audit::new(a, &cfg.built.audit)),
             glass: cfg
                 .break_the_glass
                 .as_ref()

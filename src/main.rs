@@ -50,24 +50,66 @@ enum Command {
 
 #[derive(clap::Subcommand, Debug)]
 enum AuditCommand {
-    /// Checks a trail file: deleted, edited and reordered records, forged checkpoints.
-    /// Exit 0: intact; 1: findings (listed); 2: cannot read.
+    /// Checks a trail file, or the topic of `audit.kafka`: deleted, edited and reordered
+    /// records, forged checkpoints. Exit 0: intact; 1: findings (listed); 2: cannot read.
     Verify {
-        /// The JSON-lines trail (`audit.file`).
-        file: PathBuf,
+        /// The JSON-lines trail (`audit.file`); or give --topic and --bootstrap.
+        #[arg(required_unless_present = "topic", conflicts_with = "topic")]
+        file: Option<PathBuf>,
         /// The checkpoint key (`audit.key_file`).
         #[arg(long)]
         key_file: PathBuf,
+        /// Read this topic (every partition, from its beginning to its end now).
+        #[arg(long, requires = "bootstrap")]
+        topic: Option<String>,
+        /// The broker (`host:port[,...]`).
+        #[arg(long)]
+        bootstrap: Option<String>,
+        /// Accepted for familiarity: a topic is always read from its beginning.
+        #[arg(long)]
+        from_beginning: bool,
+        /// The environment variable holding an Event Hubs connection string (SASL_SSL).
+        #[arg(long)]
+        connection_string_env: Option<String>,
+        /// A librdkafka property, `name=value` (repeatable).
+        #[arg(long = "property", value_name = "NAME=VALUE")]
+        properties: Vec<String>,
     },
 }
 
-fn audit_verify(file: &std::path::Path, key_file: &std::path::Path) -> ExitCode {
-    let key = match std::fs::read(key_file) {
-        Ok(k) => k.trim_ascii().to_vec(),
+fn read_key(key_file: &std::path::Path) -> Option<Vec<u8>> {
+    match std::fs::read(key_file) {
+        Ok(k) => Some(k.trim_ascii().to_vec()),
         Err(e) => {
             eprintln!("{}: {e}", key_file.display());
-            return ExitCode::from(2);
+            None
         }
+    }
+}
+
+fn verify_topic(src: fhir_gateway::audit::topic::Source, key_file: &std::path::Path) -> ExitCode {
+    let Some(key) = read_key(key_file) else {
+        return ExitCode::from(2);
+    };
+    match fhir_gateway::audit::topic::verify_topic(&src, &key) {
+        Ok((report, at)) => {
+            fhir_gateway::audit::topic::print(&src.topic, &report, &at);
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn audit_verify(file: &std::path::Path, key_file: &std::path::Path) -> ExitCode {
+    let Some(key) = read_key(key_file) else {
+        return ExitCode::from(2);
     };
     let report = match std::fs::File::open(file)
         .and_then(|f| fhir_gateway::audit::verify::verify(std::io::BufReader::new(f), &key))
@@ -99,9 +141,49 @@ fn audit_verify(file: &std::path::Path, key_file: &std::path::Path) -> ExitCode 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Audit {
-        what: AuditCommand::Verify { file, key_file },
+        what:
+            AuditCommand::Verify {
+                file,
+                key_file,
+                topic,
+                bootstrap,
+                connection_string_env,
+                properties,
+                ..
+            },
     }) = &cli.command
     {
+        if let (Some(topic), Some(bootstrap)) = (topic, bootstrap) {
+            let mut props = std::collections::BTreeMap::new();
+            for p in properties {
+                let Some((k, v)) = p.split_once('=') else {
+                    eprintln!("--property {p}: NAME=VALUE");
+                    return ExitCode::from(2);
+                };
+                props.insert(k.to_string(), v.to_string());
+            }
+            let connection_string = match connection_string_env {
+                Some(var) => match std::env::var(var) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        eprintln!("{var}: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => None,
+            };
+            let src = fhir_gateway::audit::topic::Source {
+                bootstrap: bootstrap.clone(),
+                topic: topic.clone(),
+                connection_string,
+                properties: props,
+            };
+            return verify_topic(src, key_file);
+        }
+        let Some(file) = file else {
+            eprintln!("audit verify: a FILE, or --topic and --bootstrap");
+            return ExitCode::from(2);
+        };
         return audit_verify(file, key_file);
     }
     let conf_name = cli.conf.display().to_string();
@@ -127,6 +209,16 @@ fn main() -> ExitCode {
         cfg.events.absolutize(&cwd);
     }
     if let Err(e) = fhir_gateway::events::check(&cfg.events) {
+        eprintln!("{conf_name}: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(Err(e)) = cfg
+        .built
+        .audit
+        .sink
+        .as_ref()
+        .map(fhir_gateway::audit::sink::check)
+    {
         eprintln!("{conf_name}: {e}");
         return ExitCode::from(2);
     }

@@ -10,12 +10,14 @@
 pub mod chain;
 pub mod event;
 pub mod glass;
+pub mod sink;
+pub mod topic;
 pub mod verify;
 
 #[cfg(test)]
 mod tests;
 
-use crate::config::AuditConfig;
+use crate::config::{AuditConfig, AuditSink, BuiltAudit};
 use chain::Chain;
 pub use event::{Record, Shown};
 use serde_json::Value;
@@ -43,6 +45,7 @@ pub struct Audit {
     every: u64,
     secs: u64,
     queue: usize,
+    sink: Option<AuditSink>,
     /// Started at the first record, after Pingora's daemon fork (threads do not survive it).
     tx: OnceLock<Option<mpsc::Sender<Msg>>>,
 }
@@ -56,7 +59,8 @@ fn host_name() -> String {
 }
 
 impl Audit {
-    pub fn new(cfg: &AuditConfig, key: &[u8]) -> Audit {
+    pub fn new(cfg: &AuditConfig, built: &BuiltAudit) -> Audit {
+        let key = &built.key;
         Audit {
             file: PathBuf::from(&cfg.file),
             max_body_bytes: cfg.max_body_bytes,
@@ -66,6 +70,7 @@ impl Audit {
             every: cfg.checkpoint_every,
             secs: cfg.checkpoint_secs,
             queue: cfg.queue,
+            sink: built.sink.clone(),
             tx: OnceLock::new(),
         }
     }
@@ -84,9 +89,14 @@ impl Audit {
                 if let Err(e) = chain.resume(&self.file) {
                     log::error!("audit: reading {}: {e}", self.file.display());
                 }
+                let sink = self
+                    .sink
+                    .clone()
+                    .map(|s| sink::Feeder::new(s, self.instance.clone()));
                 let w = Writer {
                     file: self.file.clone(),
                     instance: self.instance.clone(),
+                    sink,
                     chain,
                     every: self.every,
                     secs: Duration::from_secs(self.secs),
@@ -127,6 +137,8 @@ impl Audit {
 struct Writer {
     file: PathBuf,
     instance: String,
+    /// `audit.kafka`: fed from the file after each batch.
+    sink: Option<sink::Feeder>,
     chain: Chain,
     every: u64,
     secs: Duration,
@@ -145,11 +157,16 @@ impl Writer {
         let mut last_checkpoint = Instant::now();
         self.chain.checkpoint("start", &now(), &mut out);
         self.write(&mut out);
+        // A sink that is behind (a full or locked spool) is retried at least this often.
+        let tick = match self.sink {
+            Some(_) => self.secs.min(Duration::from_secs(1)),
+            None => self.secs,
+        };
         rt.block_on(async {
             loop {
                 let first = tokio::select! {
                     m = rx.recv() => match m { Some(m) => Some(m), None => break },
-                    _ = tokio::time::sleep(self.secs) => None,
+                    _ = tokio::time::sleep(tick) => None,
                 };
                 let mut flushes = Vec::new();
                 let mut written = 0;
@@ -185,10 +202,17 @@ impl Writer {
     }
 
     /// Appends and syncs: a record the gateway answered for is on disk within a batch.
-    fn write(&self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            return;
+    fn write(&mut self, out: &mut Vec<u8>) {
+        if !out.is_empty() {
+            self.append(out);
         }
+        // Also after a failed append or an empty batch: the sink may be behind.
+        if let Some(s) = self.sink.as_mut() {
+            s.feed(&self.file);
+        }
+    }
+
+    fn append(&self, out: &mut Vec<u8>) {
         let r = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

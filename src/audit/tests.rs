@@ -237,3 +237,45 @@ fn an_audit_event_names_who_what_the_patients_and_never_a_token() {
     assert_eq!(String::from_utf8(q).unwrap(), "code=1234&patient=p2");
     assert!(text.contains("req-1"));
 }
+
+#[test]
+fn a_topic_read_accepts_byte_identical_re_sends_and_nothing_else() {
+    use super::verify::{verify_with, Options};
+    let lines = trail(10);
+    let topic = |ls: &[String]| {
+        let text = ls.join("\n") + "\n";
+        verify_with(
+            std::io::Cursor::new(text.into_bytes()),
+            KEY,
+            Options { resends: true },
+        )
+        .unwrap()
+    };
+    // A re-sent suffix after a failed delivery: 0..=7, then 5..=7 again, then the rest.
+    let mut resent = lines[..8].to_vec();
+    resent.extend_from_slice(&lines[5..]);
+    let r = topic(&resent);
+    assert!(r.is_clean(), "{:?}", r.findings);
+    assert_eq!(r.resends, 3);
+    assert_eq!(r.records, 10);
+    assert_eq!(
+        r.instances["gw-a"],
+        (lines.len() as u64, lines.len() as u64 - 1)
+    );
+    // The same in a file is an insertion: the file writer never re-sends.
+    assert!(findings(&resent)
+        .iter()
+        .any(|f| f.contains("appears twice")));
+    // A repeated seq with other bytes is not a re-send.
+    let mut forged = lines.clone();
+    forged.insert(4, forged[3].replace("\"n\":", "\"x\":0,\"n\":"));
+    let r = topic(&forged);
+    assert!(
+        r.findings
+            .iter()
+            .any(|(_, f)| f.contains("appears twice: inserted")),
+        "{:?}",
+        r.findings
+    );
+    assert_eq!(r.resends, 0);
+}

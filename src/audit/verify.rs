@@ -2,6 +2,11 @@
 //! deleted records (a gap in `seq`), edited ones (a `prev` that does not match the line
 //! before), reordered ones (`seq` going back), lines that are not records, and checkpoints
 //! whose signature does not match (the chain was rebuilt after an edit, or another key).
+//!
+//! Read from a topic (`audit verify --topic`), a line may come twice: the sink delivers at
+//! least once. With [`Options::resends`] a line byte-identical to one already seen (same
+//! instance and seq, same hash) is counted as a re-send and otherwise ignored; a different
+//! line with a seen seq is still an insertion. A file never holds re-sends: there it is off.
 
 use super::chain::{checkpoint_mac, line_hash, GENESIS};
 use serde_json::Value;
@@ -16,6 +21,16 @@ pub struct Report {
     pub findings: Vec<(usize, String)>,
     /// Records after each instance's last valid checkpoint: protected by the chain alone.
     pub unsigned_tail: u64,
+    /// Byte-identical re-sends skipped (only with [`Options::resends`]).
+    pub resends: u64,
+    /// Per instance: (lines, the highest seq).
+    pub instances: BTreeMap<String, (u64, u64)>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Options {
+    /// Accept byte-identical re-sends of a line (a topic: at-least-once delivery).
+    pub resends: bool,
 }
 
 impl Report {
@@ -34,6 +49,10 @@ struct Line {
 }
 
 pub fn verify(input: impl BufRead, key: &[u8]) -> std::io::Result<Report> {
+    verify_with(input, key, Options::default())
+}
+
+pub fn verify_with(input: impl BufRead, key: &[u8], opts: Options) -> std::io::Result<Report> {
     let mut report = Report::default();
     let mut chains: BTreeMap<String, Vec<Line>> = BTreeMap::new();
     for (i, line) in input.split(b'\n').enumerate() {
@@ -71,17 +90,21 @@ pub fn verify(input: impl BufRead, key: &[u8]) -> std::io::Result<Report> {
         });
     }
     for (instance, lines) in &chains {
-        check_chain(instance, lines, &mut report);
+        check_chain(instance, lines, opts, &mut report);
     }
     report.findings.sort();
     Ok(report)
 }
 
 /// Judges one instance's lines: by `seq`, so that one moved line is one finding.
-fn check_chain(instance: &str, lines: &[Line], report: &mut Report) {
+fn check_chain(instance: &str, lines: &[Line], opts: Options, report: &mut Report) {
     let mut by_seq: BTreeMap<u64, &Line> = BTreeMap::new();
     let mut highest: Option<u64> = None;
     for l in lines {
+        if opts.resends && by_seq.get(&l.seq).is_some_and(|seen| seen.hash == l.hash) {
+            report.resends += 1;
+            continue;
+        }
         if let Some(h) = highest.filter(|h| l.seq < *h) {
             report.findings.push((
                 l.n,
@@ -149,4 +172,8 @@ fn check_chain(instance: &str, lines: &[Line], report: &mut Report) {
         }
     }
     report.unsigned_tail += unsigned;
+    let last = by_seq.keys().next_back().copied().unwrap_or(0);
+    report
+        .instances
+        .insert(instance.to_string(), (by_seq.len() as u64, last));
 }

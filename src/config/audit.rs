@@ -1,8 +1,9 @@
 //! `audit`: the gateway's own audit trail (`src/audit/`): where it is written, the key that
 //! signs its checkpoints, and how often they come.
 
-use super::Errors;
+use super::{Errors, EventsConfig, KafkaConfig};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +34,41 @@ pub struct AuditConfig {
     /// lets a patient read who saw their own record ("patient access log").
     #[serde(default)]
     pub patient_access_log: bool,
+    /// Also send every line of the file, in order, to a Kafka topic (the production sink).
+    #[serde(default)]
+    pub kafka: Option<AuditKafka>,
+}
+
+/// `audit.kafka`: the topic, and the broker when it is not the events' one.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuditKafka {
+    pub topic: String,
+    /// Default: `events.kafka.bootstrap_servers` (with its connection string and properties).
+    #[serde(default)]
+    pub bootstrap_servers: Option<String>,
+    /// An Event Hubs connection string (only with `bootstrap_servers`).
+    #[serde(default)]
+    pub connection_string: Option<String>,
+    /// librdkafka properties, over the events' ones when their broker is used.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub spool: AuditSpool,
+}
+
+/// The audit sink's own spool (never the events' one: two writers, one lock).
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSpool {
+    /// Default: `audit-spool` next to `audit.file`.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// When the spool holds this much, lines wait in the file (never dropped).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub segment_bytes: Option<u64>,
 }
 
 fn default_every() -> u64 {
@@ -48,13 +84,27 @@ fn default_max_body() -> usize {
     64 << 20
 }
 
-/// What validation read: the checkpoint key.
+/// What validation read: the checkpoint key, and the resolved Kafka sink.
 #[derive(Debug, Default)]
 pub struct BuiltAudit {
     pub key: Vec<u8>,
+    pub sink: Option<AuditSink>,
 }
 
-pub(super) fn validate(cfg: Option<&AuditConfig>, errs: &mut Errors) -> BuiltAudit {
+/// `audit.kafka` resolved: the broker settings in full, and the spool.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    pub kafka: KafkaConfig,
+    pub spool_dir: String,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+pub(super) fn validate(
+    cfg: Option<&AuditConfig>,
+    events: &EventsConfig,
+    errs: &mut Errors,
+) -> BuiltAudit {
     let mut built = BuiltAudit::default();
     let Some(cfg) = cfg else {
         return built;
@@ -96,5 +146,88 @@ pub(super) fn validate(cfg: Option<&AuditConfig>, errs: &mut Errors) -> BuiltAud
             );
         }
     }
+    if let Some(k) = &cfg.kafka {
+        built.sink = sink(cfg, k, events, errs);
+    }
     built
+}
+
+fn sink(
+    cfg: &AuditConfig,
+    k: &AuditKafka,
+    events: &EventsConfig,
+    errs: &mut Errors,
+) -> Option<AuditSink> {
+    let at = &["audit", "kafka"];
+    if k.topic.trim().is_empty() {
+        errs.at(at, "audit.kafka.topic: required".into());
+    }
+    let mut kafka = match (&k.bootstrap_servers, &events.kafka) {
+        (Some(b), _) if !b.trim().is_empty() => KafkaConfig {
+            bootstrap_servers: b.clone(),
+            topic: String::new(),
+            connection_string: k.connection_string.clone(),
+            properties: BTreeMap::new(),
+            invalidate_caches: false,
+        },
+        (None, Some(e)) if k.connection_string.is_none() => e.clone(),
+        (None, Some(_)) => {
+            errs.at(
+                at,
+                "audit.kafka.connection_string: only with audit.kafka.bootstrap_servers".into(),
+            );
+            return None;
+        }
+        _ => {
+            errs.at(
+                at,
+                "audit.kafka: needs bootstrap_servers (or an events.kafka broker to share)".into(),
+            );
+            return None;
+        }
+    };
+    kafka.topic = k.topic.clone();
+    kafka.invalidate_caches = false;
+    kafka.properties.extend(k.properties.clone());
+    // A failed send must not let later lines through before it (a gap the re-send would turn
+    // into a reordering): the producer then fails as a whole and the loop makes a new one.
+    kafka
+        .properties
+        .entry("enable.gapless.guarantee".into())
+        .or_insert_with(|| "true".into());
+    let spool_dir = match &k.spool.dir {
+        Some(d) => d.clone(),
+        None => std::path::Path::new(&cfg.file)
+            .with_file_name("audit-spool")
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if !std::path::Path::new(&spool_dir).is_absolute() {
+        errs.at(
+            &["audit", "kafka", "spool", "dir"],
+            "audit.kafka.spool.dir: must be an absolute path".into(),
+        );
+    }
+    if events.kafka.is_some()
+        && std::path::Path::new(&spool_dir) == std::path::Path::new(&events.spool.dir)
+    {
+        errs.at(
+            &["audit", "kafka", "spool", "dir"],
+            "audit.kafka.spool.dir: must not be events.spool.dir (one spool per stream)".into(),
+        );
+    }
+    let max_bytes = k.spool.max_bytes.unwrap_or(1 << 30);
+    let segment_bytes = k.spool.segment_bytes.unwrap_or(16 << 20);
+    if segment_bytes == 0 || segment_bytes > max_bytes {
+        errs.at(
+            &["audit", "kafka", "spool", "segment_bytes"],
+            "audit.kafka.spool.segment_bytes: between 1 and max_bytes".into(),
+        );
+    }
+    Some(AuditSink {
+        kafka,
+        spool_dir,
+        max_bytes,
+        segment_bytes,
+    })
 }

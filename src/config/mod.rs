@@ -25,7 +25,7 @@ use crate::net::IpNet;
 use fhir_gateway_modules::builtin::Registry;
 use serde::Deserialize;
 
-pub use audit::{AuditConfig, BuiltAudit};
+pub use audit::{AuditConfig, AuditKafka, AuditSink, AuditSpool, BuiltAudit};
 pub use auth::{
     AuditHeaderNames, AuthConfig, AuthMode, ClaimNames, IssuerConfig, JwksConfig, OffloadConfig,
     OneOrMany, RoleValues, SmartConfig,
@@ -177,7 +177,7 @@ fn validate(
     }
     events::validate(&cfg.events, &mut errs);
     let bulk = bulk::validate(&cfg.bulk, &mut errs);
-    let audit = audit::validate(cfg.audit.as_ref(), &mut errs);
+    let audit = audit::validate(cfg.audit.as_ref(), &cfg.events, &mut errs);
     let glass = glass::validate(cfg.break_the_glass.as_ref(), cfg.audit.is_some(), &mut errs);
     let mut trusted_proxies = Vec::new();
     for (i, p) in cfg.trusted_proxies.iter().enumerate() {

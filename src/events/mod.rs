@@ -17,8 +17,8 @@
 //! `consumer.rs` (topic → cache invalidation), [`spool`] (the durable log), `tests.rs`.
 
 mod consumer;
-mod payload;
-mod producer;
+pub(crate) mod payload;
+pub(crate) mod producer;
 mod queue;
 pub mod spool;
 #[cfg(test)]
@@ -123,33 +123,24 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     }
     c
 }
+
 /// Takes the spool directory's lock (`flock` on `<dir>/lock`), waiting while another
 /// process holds it. `None` on shutdown or when the directory cannot be used.
 async fn lock_spool(dir: &str, shutdown: &mut ShutdownWatch) -> Option<std::fs::File> {
-    use std::os::unix::io::AsRawFd;
     if let Err(e) = std::fs::create_dir_all(dir) {
         error!("events: spool directory {dir}: {e}; events will be LOST");
         return None;
     }
     let path = std::path::Path::new(dir).join("lock");
-    let file = match std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) => {
-            error!("events: {}: {e}; events will be LOST", path.display());
-            return None;
-        }
-    };
     let mut said = false;
     loop {
-        // SAFETY: flock on a descriptor this function owns; no memory is shared.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Some(file);
+        match try_lock(&path) {
+            Ok(Some(f)) => return Some(f),
+            Ok(None) => {}
+            Err(e) => {
+                error!("events: {}: {e}; events will be LOST", path.display());
+                return None;
+            }
         }
         if !said {
             info!("events: spool {dir} is in use by another process (an upgrade?); waiting");
@@ -160,6 +151,19 @@ async fn lock_spool(dir: &str, shutdown: &mut ShutdownWatch) -> Option<std::fs::
             _ = shutdown.changed() => return None,
         }
     }
+}
+
+/// `flock` on `path` without waiting: `None` while another process holds it.
+pub(crate) fn try_lock(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    Ok((rc == 0).then_some(file))
 }
 
 #[async_trait]
@@ -229,6 +233,14 @@ impl BackgroundService for EventsTask {
                 stop.store(true, Ordering::Relaxed);
             });
         }
-        produce_loop(k, spool, wake).await;
+        let lane = producer::Lane {
+            name: "events",
+            what: "event(s)",
+            counter: &EVENTS,
+            depth: &SPOOL_DEPTH,
+            delivery: &DELIVERY_SECONDS,
+            message: producer::event_message,
+        };
+        produce_loop(lane, k, spool, wake).await;
     }
 }

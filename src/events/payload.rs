@@ -24,8 +24,25 @@ pub(super) fn encode(q: &Queued) -> Vec<u8> {
     out
 }
 
+/// A payload that is not an event (an audit line): the enqueue time, an empty correlation id,
+/// then `value` as is.
+pub(crate) fn encode_raw(value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + value.len());
+    out.extend(now_ms().to_be_bytes());
+    out.extend(0u16.to_be_bytes());
+    out.extend(value);
+    out
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// (enqueue time, correlation id, event JSON).
-pub(super) fn decode(payload: &[u8]) -> (u64, &[u8], &[u8]) {
+pub(crate) fn decode(payload: &[u8]) -> (u64, &[u8], &[u8]) {
     if payload.len() < 10 {
         return (0, b"", payload);
     }

@@ -1,22 +1,65 @@
 //! The producer loop: spool → broker, in order, acknowledging the spool only after the broker
-//! confirmed; a new producer when the broker lost its state.
+//! confirmed; a new producer when the broker lost its state. One policy for every spooled
+//! stream: the events and the audit trail's Kafka sink each run it as a [`Lane`].
 
+use super::client_config;
 use super::payload::{decode, since_ms};
 use super::spool::Spool;
-use super::{client_config, count, DELIVERY_SECONDS, SPOOL_DEPTH};
 use crate::config::KafkaConfig;
 use log::{error, warn};
+use prometheus::{Histogram, IntCounterVec, IntGauge};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn new_producer(k: &KafkaConfig) -> Option<FutureProducer> {
+/// What differs between the spooled streams: the name in logs, the metrics, and how a spool
+/// payload becomes a message (enqueue time in ms, value, headers).
+pub(crate) struct Lane {
+    pub name: &'static str,
+    /// What one record is, in logs ("event(s)", "line(s)").
+    pub what: &'static str,
+    /// Stages `delivered`, `failed`, `producer_reset`.
+    pub counter: &'static IntCounterVec,
+    /// Records in the spool not yet confirmed.
+    pub depth: &'static IntGauge,
+    pub delivery: &'static Histogram,
+    pub message: fn(&[u8]) -> Message<'_>,
+}
+
+/// A spool payload as a message: when it was spooled (ms since the epoch), value, headers.
+pub(crate) type Message<'a> = (u64, &'a [u8], OwnedHeaders);
+
+impl Lane {
+    fn count(&self, stage: &str) {
+        self.counter.with_label_values(&[stage]).inc();
+    }
+}
+
+/// An event: the correlation id as a header, and the CloudEvents content type when it is one.
+pub(crate) fn event_message(payload: &[u8]) -> Message<'_> {
+    let (t, cid, json) = decode(payload);
+    let cid = std::str::from_utf8(cid).unwrap_or("");
+    let mut headers = OwnedHeaders::new().insert(Header {
+        key: "correlationid",
+        value: Some(cid),
+    });
+    if json.starts_with(b"{\"data\"") && memchr::memmem::find(json, b"\"specversion\"").is_some() {
+        // Structured-mode CloudEvents (Kafka protocol binding).
+        headers = headers.insert(Header {
+            key: "content-type",
+            value: Some("application/cloudevents+json; charset=UTF-8"),
+        });
+    }
+    (t, json, headers)
+}
+
+fn new_producer(k: &KafkaConfig, lane: &Lane) -> Option<FutureProducer> {
     match client_config(k).create::<FutureProducer>() {
         Ok(p) => Some(p),
         Err(e) => {
-            error!("events: cannot create the Kafka producer: {e}");
+            error!("{}: cannot create the Kafka producer: {e}", lane.name);
             None
         }
     }
@@ -25,24 +68,25 @@ fn new_producer(k: &KafkaConfig) -> Option<FutureProducer> {
 /// Spool → broker, in order, acknowledging only what the broker confirmed.
 /// It runs until the process ends, graceful shutdown included: requests still in flight
 /// publish, and what is not confirmed stays in the spool for the next start.
-pub(super) async fn produce_loop(
+pub(crate) async fn produce_loop(
+    lane: Lane,
     k: KafkaConfig,
     spool: Arc<Spool>,
     wake: Arc<tokio::sync::Notify>,
 ) {
-    let mut producer = new_producer(&k);
+    let mut producer = new_producer(&k, &lane);
     let mut backoff = Duration::from_millis(200);
     let mut failed_rounds = 0u32;
     loop {
         let Some(p) = producer.as_ref() else {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            producer = new_producer(&k);
+            producer = new_producer(&k, &lane);
             continue;
         };
         let batch = match spool.read_from(spool.first_pending(), 500) {
             Ok(b) => b,
             Err(e) => {
-                error!("events: reading the spool: {e}");
+                error!("{}: reading the spool: {e}", lane.name);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -58,25 +102,11 @@ pub(super) async fn produce_loop(
             continue;
         }
         let sends = batch.iter().map(|(_, rec)| {
-            let (_, cid, json) = decode(&rec.payload);
-            let cid = std::str::from_utf8(cid).unwrap_or("");
-            let mut headers = OwnedHeaders::new().insert(Header {
-                key: "correlationid",
-                value: Some(cid),
-            });
-            if json.starts_with(b"{\"data\"")
-                && memchr::memmem::find(json, b"\"specversion\"").is_some()
-            {
-                // Structured-mode CloudEvents (Kafka protocol binding).
-                headers = headers.insert(Header {
-                    key: "content-type",
-                    value: Some("application/cloudevents+json; charset=UTF-8"),
-                });
-            }
+            let (_, value, headers) = (lane.message)(&rec.payload);
             p.send(
                 FutureRecord::to(&k.topic)
                     .key(&rec.key)
-                    .payload(json)
+                    .payload(value)
                     .headers(headers),
                 Timeout::After(Duration::from_secs(5)),
             )
@@ -90,12 +120,13 @@ pub(super) async fn produce_loop(
             match r {
                 Ok(_) if failed.is_none() => {
                     confirmed = Some(*seq);
-                    count("delivered");
-                    DELIVERY_SECONDS.observe(since_ms(decode(&rec.payload).0));
+                    lane.count("delivered");
+                    lane.delivery
+                        .observe(since_ms((lane.message)(&rec.payload).0));
                 }
                 Ok(_) => {}
                 Err((e, _)) => {
-                    count("failed");
+                    lane.count("failed");
                     failed.get_or_insert(e);
                 }
             }
@@ -104,10 +135,10 @@ pub(super) async fn produce_loop(
             if let Err(e) = spool.ack(seq) {
                 // Delivered events are not sent again (the spool moved on in memory); only
                 // a restart before the cursor is written would replay them. Do not spin.
-                error!("events: acknowledging the spool: {e}");
+                error!("{}: acknowledging the spool: {e}", lane.name);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            SPOOL_DEPTH.set(spool.depth() as i64);
+            lane.depth.set(spool.depth() as i64);
         }
         match failed {
             None => {
@@ -117,8 +148,10 @@ pub(super) async fn produce_loop(
             Some(e) => {
                 failed_rounds += 1;
                 warn!(
-                    "events: the broker did not take {} event(s) ({e}); {} wait in the spool, retrying in {:?}",
+                    "{}: the broker did not take {} {} ({e}); {} wait in the spool, retrying in {:?}",
+                    lane.name,
                     batch.len(),
+                    lane.what,
                     spool.depth(),
                     backoff
                 );
@@ -129,15 +162,16 @@ pub(super) async fn produce_loop(
                 let fenced = p.client().fatal_error().is_some() || producer_state_lost(&e);
                 if fenced || failed_rounds >= 2 {
                     warn!(
-                        "events: creating a new producer ({})",
+                        "{}: creating a new producer ({})",
+                        lane.name,
                         if fenced {
                             "the broker refused its producer state"
                         } else {
                             "two rounds failed in a row"
                         }
                     );
-                    count("producer_reset");
-                    producer = new_producer(&k);
+                    lane.count("producer_reset");
+                    producer = new_producer(&k, &lane);
                     failed_rounds = 0;
                 }
                 tokio::time::sleep(backoff).await;
