@@ -37,10 +37,12 @@ fn scoped(scope: &str, pid: &str) -> String {
     sign_as_idp(&c)
 }
 
-fn observation(pid: &str, category: &str) -> Value {
+/// `mark` (in `code.text`) lets a search that names no patient stay on this test's data: the
+/// shared server holds every other test's Observations too.
+fn observation(pid: &str, category: &str, mark: &str) -> Value {
     json!({"resourceType": "Observation", "status": "final",
         "category": [{"coding": [{"system": CATEGORY, "code": category}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}], "text": mark},
         "subject": {"reference": format!("Patient/{pid}")},
         "valueQuantity": {"value": 37.20, "unit": "Cel"}})
 }
@@ -64,6 +66,8 @@ async fn create(gw: &Gateway, token: &str, body: &Value) -> String {
 
 /// Two patients with a laboratory and a vital-signs Observation each.
 struct Seed {
+    /// The `code.text` of the seeded Observations.
+    mark: String,
     a: String,
     b: String,
     a_lab: String,
@@ -77,11 +81,13 @@ async fn seed(gw: &Gateway) -> Seed {
     let patient = |n: &str| json!({"resourceType": "Patient", "name": [{"family": format!("Scopes{n}{}", uniq())}]});
     let a = create(gw, &t, &patient("A")).await;
     let b = create(gw, &t, &patient("B")).await;
+    let mark = format!("scopes-{}", uniq());
     Seed {
-        a_lab: create(gw, &t, &observation(&a, "laboratory")).await,
-        a_vital: create(gw, &t, &observation(&a, "vital-signs")).await,
-        b_lab: create(gw, &t, &observation(&b, "laboratory")).await,
-        b_vital: create(gw, &t, &observation(&b, "vital-signs")).await,
+        a_lab: create(gw, &t, &observation(&a, "laboratory", &mark)).await,
+        a_vital: create(gw, &t, &observation(&a, "vital-signs", &mark)).await,
+        b_lab: create(gw, &t, &observation(&b, "laboratory", &mark)).await,
+        b_vital: create(gw, &t, &observation(&b, "vital-signs", &mark)).await,
+        mark,
         a,
         b,
     }
@@ -187,8 +193,24 @@ async fn patient_scopes_hold_every_request_to_the_patients_compartment() {
 
     // Searches that name no patient: only A's entries, on every page (small pages: paging).
     let mine = obs(&[&s.a_lab, &s.a_vital]);
-    assert_eq!(all_pages(&gw, &t, "Observation?_count=50").await, mine);
-    assert_eq!(all_pages(&gw, &t, "Observation?_count=2").await, mine);
+    assert_eq!(
+        all_pages(
+            &gw,
+            &t,
+            &format!("Observation?code:text={}&_count=50", s.mark)
+        )
+        .await,
+        mine
+    );
+    assert_eq!(
+        all_pages(
+            &gw,
+            &t,
+            &format!("Observation?code:text={}&_count=2", s.mark)
+        )
+        .await,
+        mine
+    );
     let named = format!(
         "Observation?_id={},{},{},{}",
         s.a_lab, s.a_vital, s.b_lab, s.b_vital
@@ -263,14 +285,14 @@ async fn patient_scopes_write_only_into_the_patients_compartment() {
     let (r, rid) = send(
         reqwest::Method::POST,
         "Observation".into(),
-        Some(observation(&s.b, "laboratory")),
+        Some(observation(&s.b, "laboratory", &s.mark)),
     )
     .await;
     let v = assert_outcome(r, 403, "forbidden").await;
     assert!(v.to_string().contains("SMART scopes"), "{v}");
     assert_sekmet_never_received(&rid).await;
     // Moving B's Observation into A's compartment, deleting B's: answered as a read of it.
-    let mut moved = observation(&s.a, "laboratory");
+    let mut moved = observation(&s.a, "laboratory", &s.mark);
     moved["id"] = json!(s.b_lab);
     let (r, rid) = send(
         reqwest::Method::PUT,
@@ -310,7 +332,7 @@ async fn patient_scopes_write_only_into_the_patients_compartment() {
     let (r, _) = send(
         reqwest::Method::POST,
         "Observation".into(),
-        Some(observation(&s.a, "laboratory")),
+        Some(observation(&s.a, "laboratory", &s.mark)),
     )
     .await;
     assert_eq!(r.status(), 201);
@@ -336,7 +358,12 @@ async fn granular_scopes_narrow_to_what_their_query_selects() {
     let t = scoped("patient/Observation.rs?category=laboratory", &s.a);
     // Only A's laboratory Observations, searched with or without a patient.
     assert_eq!(
-        all_pages(&gw, &t, "Observation?_count=2").await,
+        all_pages(
+            &gw,
+            &t,
+            &format!("Observation?code:text={}&_count=2", s.mark)
+        )
+        .await,
         obs(&[&s.a_lab])
     );
     let named = format!(
@@ -389,7 +416,7 @@ async fn granular_scopes_narrow_to_what_their_query_selects() {
         .bearer_auth(&w)
         .header("X-Request-Id", &rid)
         .header("Content-Type", "application/fhir+json")
-        .body(observation(&s.b, "vital-signs").to_string())
+        .body(observation(&s.b, "vital-signs", &s.mark).to_string())
         .send()
         .await
         .unwrap();
@@ -399,7 +426,7 @@ async fn granular_scopes_narrow_to_what_their_query_selects() {
         .post(gw.url("/fhir/Observation"))
         .bearer_auth(&w)
         .header("Content-Type", "application/fhir+json")
-        .body(observation(&s.b, "laboratory").to_string())
+        .body(observation(&s.b, "laboratory", &s.mark).to_string())
         .send()
         .await
         .unwrap();
@@ -452,7 +479,12 @@ async fn the_narrowing_holds_on_a_route_with_participant_filter_too() {
     .await;
     assert_eq!(vital, absent);
     assert_eq!(
-        all_pages(&gw, &t, "Observation?_count=3").await,
+        all_pages(
+            &gw,
+            &t,
+            &format!("Observation?code:text={}&_count=3", s.mark)
+        )
+        .await,
         obs(&[&s.a_lab])
     );
 }
