@@ -64,8 +64,8 @@ async fn pin_reads_each_target_once_and_pins_its_version() {
         .unwrap();
     assert!(refused.is_none(), "{refused:?}");
     assert_eq!(entries[0]["request"]["ifMatch"], "W/\"4\"");
-    for i in 1..entries.len() {
-        assert!(entries[i]["request"].get("ifMatch").is_none(), "entry {i}");
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        assert!(e["request"].get("ifMatch").is_none(), "entry {i}");
     }
     assert_eq!(
         client.calls(),
