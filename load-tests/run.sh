@@ -22,7 +22,9 @@
 # PROXY_CPU (1) / LOADGEN_CPU (0), SKIP_BUILD=1 (use the existing release binary), OIDC_PORT
 # (19400) and PEERS (.cache/load-tests-peers) for the IdP run by scripts/peers.sh, KAFKA_PORT
 # (18098, the private tansu broker of p3), DRAIN_TIMEOUT (60 s), PERF (auto: profile each
-# scenario's gateway in a separate pass with perf when it works; 0: never).
+# scenario's gateway in a separate pass with perf when it works; 0: never), KEEP_PERF (a
+# directory: the perf data files are copied there before the temp folder goes, for
+# `perf report --comm audit` and the like).
 #
 # Writes load-tests/results/latest.md, load-tests/results/latency.png (p1) and
 # load-tests/results/latency-scenarios.png (p2-p4). Everything it starts is stopped by PID on
@@ -191,6 +193,7 @@ cleanup() {
   if ((IDP_STARTED)); then # peers.sh stops it by the PID it recorded in $PEERS/oidc.pid
     PEERS=$PEERS OIDC_PORT=$OIDC_PORT "$PEERS_SH" stop oidc >&2 || log "warning: 'peers.sh stop oidc' failed"
   fi
+  if [[ -n ${KEEP_PERF:-} ]]; then cp "$TMP"/perf.*.data "$KEEP_PERF"/ 2>/dev/null || true; fi
   rm -rf "$TMP"
   exit "$rc"
 }
