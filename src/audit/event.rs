@@ -27,7 +27,12 @@ pub enum Shown {
     Body { chunks: Vec<Bytes>, ndjson: bool },
     /// A buffered answer's tree as the modules left it (what was serialised for the client),
     /// with the FHIR server's base its absolute references may still use: no second parse.
-    Tree { tree: Value, upstream_base: String },
+    Tree {
+        tree: Value,
+        upstream_base: String,
+        /// What the tree was serialised to: the record's weight in the queue.
+        bytes: usize,
+    },
     /// Over `max_body_bytes`: the patients are not listed.
     TooLarge,
 }
@@ -197,6 +202,18 @@ impl W<'_> {
     }
 }
 
+impl Shown {
+    /// About how much memory a queued record holds for its answer: the bytes, or for a tree
+    /// a few times what it serialised to.
+    pub fn weight(&self) -> usize {
+        match self {
+            Shown::Body { chunks, .. } => chunks.iter().map(Bytes::len).sum(),
+            Shown::Tree { bytes, .. } => bytes.saturating_mul(4),
+            Shown::TooLarge | Shown::Nothing => 0,
+        }
+    }
+}
+
 impl Record {
     /// The AuditEvent as a tree (tests, tools); the writer uses `write_event`.
     pub fn to_event(&self, instance: &str) -> Value {
@@ -351,6 +368,7 @@ impl Record {
             Shown::Tree {
                 tree,
                 upstream_base,
+                ..
             } => {
                 let bases: Vec<&str> = self
                     .public_base

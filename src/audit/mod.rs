@@ -23,15 +23,22 @@ pub use event::{Record, Shown};
 use serde_json::Value;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// Bytes as KiB permits, rounded up.
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
 
 /// How long the writer lets records gather after a batch.
 const GATHER: Duration = Duration::from_millis(20);
 
 enum Msg {
-    Record(Box<Record>),
+    /// With its share of `max_queue_bytes`, given back once written.
+    Record(Box<Record>, Option<OwnedSemaphorePermit>),
     /// Wait until everything queued before is on disk.
     Flush(std::sync::mpsc::SyncSender<()>),
 }
@@ -45,6 +52,9 @@ pub struct Audit {
     every: u64,
     secs: u64,
     queue: usize,
+    /// `max_queue_bytes` in KiB permits: what queued records may hold of answers.
+    held: Arc<Semaphore>,
+    held_kib: u32,
     sink: Option<AuditSink>,
     /// Started at the first record, after Pingora's daemon fork (threads do not survive it).
     tx: OnceLock<Option<mpsc::Sender<Msg>>>,
@@ -72,6 +82,8 @@ impl Audit {
             queue: cfg.queue,
             sink: built.sink.clone(),
             tx: OnceLock::new(),
+            held: Arc::new(Semaphore::new(kib(cfg.max_queue_bytes) as usize)),
+            held_kib: kib(cfg.max_queue_bytes),
         }
     }
 
@@ -115,7 +127,13 @@ impl Audit {
     pub async fn record(&self, r: Record) {
         match self.sender() {
             Some(tx) => {
-                if tx.send(Msg::Record(Box::new(r))).await.is_err() {
+                // Held answers are bounded in bytes too: a burst of large ones waits here.
+                let need = kib(r.shown.weight()).min(self.held_kib);
+                let permit = match need {
+                    0 => None,
+                    n => self.held.clone().acquire_many_owned(n).await.ok(),
+                };
+                if tx.send(Msg::Record(Box::new(r), permit)).await.is_err() {
                     log::error!("audit: the writer is gone; a record was not written");
                 }
             }
@@ -173,10 +191,12 @@ impl Writer {
                 let mut next = first;
                 while let Some(m) = next {
                     match m {
-                        Msg::Record(r) => {
+                        Msg::Record(r, permit) => {
                             let instance = &self.instance;
                             self.chain
                                 .record_raw(|o| r.write_event(instance, o), &mut out);
+                            drop(r);
+                            drop(permit);
                             written += 1;
                             if self.chain.unsigned >= self.every {
                                 self.chain.checkpoint("count", &now(), &mut out);

@@ -279,3 +279,70 @@ fn a_topic_read_accepts_byte_identical_re_sends_and_nothing_else() {
     );
     assert_eq!(r.resends, 0);
 }
+
+fn record_showing(body: Bytes) -> Record {
+    Record {
+        at: "2026-12-07T10:00:00Z".parse().unwrap(),
+        method: "GET".into(),
+        path: "/fhir/Patient".into(),
+        rest: Some("/Patient".into()),
+        query: None,
+        status: 200,
+        identity: None,
+        source: None,
+        correlation_id: "req".into(),
+        public_base: None,
+        shown: Shown::Body {
+            chunks: vec![body],
+            ndjson: false,
+        },
+        error: None,
+        reason: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_answers_are_bounded_in_bytes_and_every_record_is_written() {
+    let dir = std::env::temp_dir().join(format!("fhirgw-audit-q-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let cfg: crate::config::AuditConfig = serde_yaml::from_str(&format!(
+        "file: {}\nkey_file: unused\ninstance: q\nmax_body_bytes: 1048576\nmax_queue_bytes: 1048576\n",
+        file.display()
+    ))
+    .unwrap();
+    let built = crate::config::BuiltAudit {
+        key: KEY.to_vec(),
+        sink: None,
+    };
+    let audit = super::Audit::new(&cfg, &built);
+    // 12 answers of 300 KB: three times what the queue may hold at once, so recording waits
+    // for the writer to give bytes back; it must neither deadlock nor lose a record.
+    let patient = format!(
+        "{{\"resourceType\":\"Patient\",\"id\":\"p1\",\"text\":{{\"div\":\"{}\"}}}}",
+        "x".repeat(300_000)
+    );
+    let body = Bytes::from(patient);
+    for _ in 0..12 {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            audit.record(record_showing(body.clone())),
+        )
+        .await
+        .expect("the writer gives the bytes back");
+    }
+    audit.flush().await;
+    assert_eq!(audit.held.available_permits(), audit.held_kib as usize);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("event").is_some())
+        .collect();
+    assert_eq!(events.len(), 12);
+    assert!(events
+        .iter()
+        .all(|v| named_patients(&v["event"]).eq(["Patient/p1"])));
+    assert!(check(&text.lines().map(str::to_string).collect::<Vec<_>>(), KEY).is_clean());
+    let _ = std::fs::remove_dir_all(dir);
+}

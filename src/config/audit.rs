@@ -30,6 +30,10 @@ pub struct AuditConfig {
     /// recorded with `patients incomplete`.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// The most answer bytes the queued records may hold (they keep what each answer showed
+    /// until the writer reads it); beyond it requests wait, as for a full queue.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: usize,
     /// Who may read the trail through `/manage/audit`, besides Administrators: `Patient`
     /// lets a patient read who saw their own record ("patient access log").
     #[serde(default)]
@@ -83,6 +87,9 @@ fn default_queue() -> usize {
 fn default_max_body() -> usize {
     64 << 20
 }
+fn default_max_queue_bytes() -> usize {
+    256 << 20
+}
 
 /// What validation read: the checkpoint key, and the resolved Kafka sink.
 #[derive(Debug, Default)]
@@ -129,6 +136,12 @@ pub(super) fn validate(
         errs.at(
             &["audit", "checkpoint_every"],
             "audit.checkpoint_every and checkpoint_secs: must be at least 1".into(),
+        );
+    }
+    if cfg.max_queue_bytes < 1 << 20 || cfg.max_queue_bytes < cfg.max_body_bytes {
+        errs.at(
+            &["audit", "max_queue_bytes"],
+            "audit.max_queue_bytes: at least 1 MiB and at least max_body_bytes".into(),
         );
     }
     if !(16..=1 << 24).contains(&cfg.queue) {

@@ -99,13 +99,14 @@ impl FhirProxy {
     }
 
     /// A buffered answer's tree, as serialised for the client.
-    pub(super) fn audit_tree(&self, ctx: &Ctx, status: u16, tree: serde_json::Value) {
+    pub(super) fn audit_tree(&self, ctx: &Ctx, status: u16, tree: serde_json::Value, bytes: usize) {
         if self.gw.trail.is_none() || !(200..300).contains(&status) {
             return;
         }
         let _ = ctx.answered.set(Shown::Tree {
             tree,
             upstream_base: self.gw.upstream.base.as_string(),
+            bytes,
         });
     }
 

@@ -561,7 +561,7 @@ impl FhirProxy {
                     }
                 }
                 // The tree just serialised is what the trail reads: no second parse.
-                self.audit_tree(ctx, resp.status, v);
+                self.audit_tree(ctx, resp.status, v, out.len());
                 out
             }
             ModBody::Raw(b) => b,
