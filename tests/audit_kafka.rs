@@ -15,10 +15,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
 struct Trail {
     dir: PathBuf,
     file: PathBuf,

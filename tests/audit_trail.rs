@@ -12,21 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-async fn put_direct(path: &str, body: Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
-}
-
 /// A directory with the trail's key (mode 600) and where its file goes.
 fn trail_dir() -> (PathBuf, PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("fgw-audit-{}", uniq()));

@@ -8,10 +8,6 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 /// Creates a Patient directly at SEKMET (setup, not under test) and returns its id.
 async fn seed_patient(family: &str) -> String {
     let r = client()

@@ -12,10 +12,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
     h.get(name)
         .unwrap_or_else(|| panic!("no {name} header"))

@@ -11,10 +11,6 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 /// Two patients with one Observation each, written straight into SEKMET (version 1 each).
 struct Seed {
     a: String,

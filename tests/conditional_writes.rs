@@ -13,27 +13,12 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
 const SYS: &str = "urn:test:conditional-writes";
 
 fn obs(subject: &str, ident: &str, status: &str) -> Value {
     json!({"resourceType": "Observation", "status": status, "code": {"text": "conditional writes"},
            "identifier": [{"system": SYS, "value": ident}],
            "subject": {"reference": subject}})
-}
-
-async fn put_direct(path: &str, body: Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
 }
 
 /// What SEKMET holds for an identifier: (id, version, status, subject) of every match.

@@ -11,10 +11,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
 async fn send(
     gw: &Gateway,
     token: &str,

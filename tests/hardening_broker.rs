@@ -35,10 +35,6 @@ const DROPPED: [&str; 5] = [
     "dropped_file",
 ];
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
 // ---------------------------------------------------------------------------------------------
 // A TCP proxy between the gateway and the broker that misbehaves on demand.
 

@@ -45,10 +45,6 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(20);
 /// After the expected answers arrived: how long to keep reading to see the close or extra bytes.
 const LINGER: Duration = Duration::from_millis(1500);
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw HTTP/1.1 exchanges (an HTTP client would normalise or refuse to send most of these)
 

@@ -43,10 +43,6 @@ const LOCAL_ISS: &str = "https://login.hospital-local.test/tenant-l/v2.0";
 const OPEN_ISS: &str = "https://open.hospital-local.test/";
 const TENANT_L: &str = "33333333-3333-3333-3333-333333333333";
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Local keys and raw JWS signing
 

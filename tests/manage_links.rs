@@ -8,23 +8,8 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
 /// Caches far longer than the test: only invalidation can explain a change seen at once.
 const CHAIN: &str = "identity_links:\n  cache_ttl_secs: 600\npolicy:\n  read: [Reader, Administrator, Practitioner]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n    settings: {cache_ttl_secs: 600}\n";
-
-async fn put_direct(path: &str, body: Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
-}
 
 /// A practitioner token with no fhirUser: who they are comes from a link.
 fn practitioner_token(oid: &str) -> String {

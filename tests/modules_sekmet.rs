@@ -7,10 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 async fn gateway_with(chains: &str) -> Gateway {
     require_peer(&format!("{}/metadata", sekmet_url())).await;
     Gateway::start(&format!(
@@ -246,17 +242,6 @@ async fn transactions_stay_atomic_and_creates_stay_creates() {
         1,
         "created anew"
     );
-}
-
-async fn put_direct(path: &str, body: &Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
 }
 
 /// Issue 14: a converted transaction (`always`) is still all or nothing. The server runs it as

@@ -18,10 +18,6 @@ fn two_roads_yaml(upstream: &str, dir: &std::path::Path) -> String {
     )
 }
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 /// (name, content type, content encoding, body, status, issue code)
 type Hostile = (
     &'static str,

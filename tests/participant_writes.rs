@@ -9,31 +9,6 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-async fn put_direct(path: &str, body: Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
-}
-
-async fn get_direct(path: &str) -> (u16, Value) {
-    let r = client()
-        .get(format!("{}/{path}", sekmet_url()))
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    (st, r.json().await.unwrap_or(Value::Null))
-}
-
 fn obs(id: &str, subject: &str) -> Value {
     json!({"resourceType": "Observation", "id": id, "status": "final",
            "code": {"text": "pitfall 21"}, "subject": {"reference": subject}})

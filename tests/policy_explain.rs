@@ -9,21 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
-
-async fn put_direct(path: &str, body: Value) {
-    let r = client()
-        .put(format!("{}/{path}", sekmet_url()))
-        .header("Content-Type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
-}
-
 /// Patients A (general practitioner: dr), B (nobody), C (general practitioner dr, an Encounter
 /// with dr, and an active opt-out Consent); one Observation each.
 struct World {

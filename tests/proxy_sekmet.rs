@@ -10,10 +10,6 @@ use std::collections::HashSet;
 
 const FHIR_JSON: &str = "application/fhir+json";
 
-fn uniq() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn crud_round_trip_with_rewritten_location() {
     let gw = Gateway::in_front_of_sekmet().await;

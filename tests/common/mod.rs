@@ -31,6 +31,35 @@ pub const SEKMET_AUTH: &str = "http://127.0.0.1:8091/fhir";
 pub const SEKMET_AUTH_TOKEN: &str = "upstream-static-token-123";
 pub const IDP: &str = "http://127.0.0.1:9400";
 
+/// A short random mark for ids and names that must not meet other runs' data in the shared
+/// server.
+pub fn uniq() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
+}
+
+/// Test setup: a PUT straight into SEKMET, answered 2xx.
+pub async fn put_direct(path: &str, body: impl std::borrow::Borrow<Value>) {
+    let r = client()
+        .put(format!("{}/{path}", sekmet_url()))
+        .header("Content-Type", "application/fhir+json")
+        .body(body.borrow().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "setup PUT {path}: {}", r.status());
+}
+
+/// What SEKMET itself answers to a GET: status and JSON body (`Null` when none).
+pub async fn get_direct(path: &str) -> (u16, Value) {
+    let r = client()
+        .get(format!("{}/{path}", sekmet_url()))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
 pub fn sekmet_url() -> String {
     std::env::var("SEKMET_URL").unwrap_or_else(|_| SEKMET.to_string())
 }
