@@ -25,13 +25,12 @@ pub enum Shown {
     Nothing,
     /// The bytes sent to the client (after rewriting and filtering).
     Body { chunks: Vec<Bytes>, ndjson: bool },
-    /// A buffered answer's tree as the modules left it (what was serialised for the client),
-    /// with the FHIR server's base its absolute references may still use: no second parse.
-    Tree {
-        tree: Value,
-        upstream_base: String,
-        /// What the tree was serialised to: the record's weight in the queue.
-        bytes: usize,
+    /// A buffered answer's patients, read on the worker from the tree the modules left (what
+    /// was serialised for the client): no second parse, and the tree is freed where it was
+    /// built (a tree freed by another thread costs the allocator more than reading it here).
+    Patients {
+        patients: BTreeSet<String>,
+        unknown: bool,
     },
     /// Over `max_body_bytes`: the patients are not listed.
     TooLarge,
@@ -96,7 +95,7 @@ pub fn patients_of(chunks: &[Bytes], ndjson: bool, base: Option<&str>) -> (BTree
 
 /// Adds the patients whose compartments hold the resources of `body`; `true` when some
 /// reference may name a patient that cannot be resolved.
-fn judge_tree(body: &Value, bases: &[&str], patients: &mut BTreeSet<String>) -> bool {
+pub fn judge_tree(body: &Value, bases: &[&str], patients: &mut BTreeSet<String>) -> bool {
     let mut resolver = Resolver::new(bases);
     resolver.learn(body);
     let mut all = Vec::new();
@@ -208,8 +207,7 @@ impl Shown {
     pub fn weight(&self) -> usize {
         match self {
             Shown::Body { chunks, .. } => chunks.iter().map(Bytes::len).sum(),
-            Shown::Tree { bytes, .. } => bytes.saturating_mul(4),
-            Shown::TooLarge | Shown::Nothing => 0,
+            Shown::Patients { .. } | Shown::TooLarge | Shown::Nothing => 0,
         }
     }
 }
@@ -365,21 +363,9 @@ impl Record {
                     w.other("patients incomplete: the answer held references that may name patients the gateway cannot resolve");
                 }
             }
-            Shown::Tree {
-                tree,
-                upstream_base,
-                ..
-            } => {
-                let bases: Vec<&str> = self
-                    .public_base
-                    .as_deref()
-                    .into_iter()
-                    .chain([upstream_base.as_str()])
-                    .collect();
-                let mut patients = BTreeSet::new();
-                let unknown = judge_tree(tree, &bases, &mut patients);
-                w.patients(patients);
-                if unknown {
+            Shown::Patients { patients, unknown } => {
+                w.patients(patients.clone());
+                if *unknown {
                     w.other("patients incomplete: the answer held references that may name patients the gateway cannot resolve");
                 }
             }

@@ -99,15 +99,15 @@ impl FhirProxy {
     }
 
     /// A buffered answer's tree, as serialised for the client.
-    pub(super) fn audit_tree(&self, ctx: &Ctx, status: u16, tree: serde_json::Value, bytes: usize) {
+    pub(super) fn audit_tree(&self, ctx: &Ctx, status: u16, tree: &serde_json::Value) {
         if self.gw.trail.is_none() || !(200..300).contains(&status) {
             return;
         }
-        let _ = ctx.answered.set(Shown::Tree {
-            tree,
-            upstream_base: self.gw.upstream.base.as_string(),
-            bytes,
-        });
+        let public = self.public_base_of(ctx);
+        let upstream = self.gw.upstream.base.as_string();
+        let mut patients = std::collections::BTreeSet::new();
+        let unknown = crate::audit::event::judge_tree(tree, &[&public, &upstream], &mut patients);
+        let _ = ctx.answered.set(Shown::Patients { patients, unknown });
     }
 
     /// Queues the request's audit record (after it was answered).

@@ -561,7 +561,7 @@ impl FhirProxy {
                     }
                 }
                 // The tree just serialised is what the trail reads: no second parse.
-                self.audit_tree(ctx, resp.status, v, out.len());
+                self.audit_tree(ctx, resp.status, &v);
                 out
             }
             ModBody::Raw(b) => b,
