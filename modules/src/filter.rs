@@ -370,6 +370,35 @@ pub enum Judged {
     Nothing,
 }
 
+/// A create answers with what the caller just wrote; everything else is judged.
+pub(crate) fn judged_status(req: &Request, status: u16) -> bool {
+    (200..300).contains(&status) && !(status == 201 && req.method == "POST")
+}
+
+/// What a data filter's `process` judges, or how it ends without judging: an answer that is
+/// not judged goes on as it is; a 2xx body filters cannot read is replaced by `judged_body`'s
+/// answer (a withheld write echo is still a success: later modules, events, run).
+pub async fn judged_or_done(
+    req: &Request,
+    resp: &mut Response,
+    cx: &Context,
+    module: &str,
+) -> Result<Judged, crate::processor::PostOutcome> {
+    use crate::processor::PostOutcome;
+    if !judged_status(req, resp.status) {
+        return Err(PostOutcome::Continue);
+    }
+    judged_body(req, resp, cx, module).await.map_err(|answer| {
+        let write = (200..300).contains(&answer.status);
+        *resp = answer;
+        if write {
+            PostOutcome::Continue
+        } else {
+            PostOutcome::Stop
+        }
+    })
+}
+
 /// Finds the body to judge. `Err` answers a 2xx body filters cannot read (fail closed).
 pub async fn judged_body(
     req: &Request,

@@ -348,21 +348,9 @@ impl PostProcess for ConsentOptOut {
         if cx.identity.as_ref().is_some_and(|id| self.bypasses(id)) {
             return Ok(PostOutcome::Continue);
         }
-        if !super::participant_filter::judged_status(req, resp.status) {
-            return Ok(PostOutcome::Continue);
-        }
-        let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
+        let judged = match filter::judged_or_done(req, resp, cx, Self::NAME).await {
             Ok(j) => j,
-            Err(answer) => {
-                // A withheld write echo is still a success: later modules (events) run.
-                let write = (200..300).contains(&answer.status);
-                *resp = answer;
-                return Ok(if write {
-                    PostOutcome::Continue
-                } else {
-                    PostOutcome::Stop
-                });
-            }
+            Err(end) => return Ok(end),
         };
         let body = match (&judged, &resp.body) {
             (filter::Judged::Fetched(v), _) => v,

@@ -327,10 +327,7 @@ pub(crate) fn allowed(o: &Owners, visible: &BTreeSet<String>) -> bool {
     !o.is_patient_data() || o.patients.iter().any(|p| visible.contains(p))
 }
 
-/// A create answers with what the caller just wrote; everything else is judged.
-pub(crate) fn judged_status(req: &Request, status: u16) -> bool {
-    (200..300).contains(&status) && !(status == 201 && req.method == "POST")
-}
+pub(crate) use crate::filter::judged_status;
 
 #[async_trait]
 impl PostProcess for ParticipantFilter {
@@ -359,21 +356,9 @@ impl PostProcess for ParticipantFilter {
             *resp = filter::denied_response(&self.style);
             return Ok(PostOutcome::Continue);
         }
-        if !judged_status(req, resp.status) {
-            return Ok(PostOutcome::Continue);
-        }
-        let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
+        let judged = match filter::judged_or_done(req, resp, cx, Self::NAME).await {
             Ok(j) => j,
-            Err(answer) => {
-                // A withheld write echo is still a success: later modules (events) run.
-                let write = (200..300).contains(&answer.status);
-                *resp = answer;
-                return Ok(if write {
-                    PostOutcome::Continue
-                } else {
-                    PostOutcome::Stop
-                });
-            }
+            Err(end) => return Ok(end),
         };
         let who = match &cx.identity {
             Some(id) => cx.links.resolve(id, cx.fhir.as_ref()).await?,

@@ -355,20 +355,9 @@ impl PostProcess for ScopeFilter {
             *resp = self.denied(cx);
             return Ok(PostOutcome::Stop);
         }
-        if !judged_status(req, resp.status) {
-            return Ok(PostOutcome::Continue);
-        }
-        let judged = match filter::judged_body(req, resp, cx, Self::NAME).await {
+        let judged = match filter::judged_or_done(req, resp, cx, Self::NAME).await {
             Ok(j) => j,
-            Err(answer) => {
-                let write = (200..300).contains(&answer.status);
-                *resp = answer;
-                return Ok(if write {
-                    PostOutcome::Continue
-                } else {
-                    PostOutcome::Stop
-                });
-            }
+            Err(end) => return Ok(end),
         };
         let ownership = match (&judged, &resp.body) {
             (filter::Judged::Fetched(v), _) => Ownership::prepare(v, &req.query, cx).await?,
