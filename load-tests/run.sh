@@ -24,7 +24,8 @@
 # (18098, the private tansu broker of p3), DRAIN_TIMEOUT (60 s), PERF (auto: profile each
 # scenario's gateway in a separate pass with perf when it works; 0: never), KEEP_PERF (a
 # directory: the perf data files are copied there before the temp folder goes, for
-# `perf report --comm audit` and the like).
+# `perf report --comm audit` and the like), PERF_RECORD_OPTS (extra `perf record` options, e.g.
+# `--call-graph dwarf` for callers).
 #
 # Writes load-tests/results/latest.md, load-tests/results/latency.png (p1) and
 # load-tests/results/latency-scenarios.png (p2-p4). Everything it starts is stopped by PID on
@@ -1206,7 +1207,7 @@ declare -A PROFILE PROFILE_DSO
 profile() { # profile <key> <seconds> <connections> -> PROFILE[key] (one "pct `symbol`" a line), PROFILE_DSO[key]
   ((PERF_OK)) || return 0
   local key=$1 data=$TMP/perf.${1//\//-}.data
-  perf record -q -F 499 -p "${PROC_PID[$key]}" -o "$data" >"$TMP/perf.log" 2>&1 &
+  perf record -q -F 499 ${PERF_RECORD_OPTS:-} -p "${PROC_PID[$key]}" -o "$data" >"$TMP/perf.log" 2>&1 &
   PERF_PID=$!
   sleep 0.5
   run_wrk "$key" "$2" "$TMP/profile.txt" "$3"
