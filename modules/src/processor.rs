@@ -275,6 +275,10 @@ pub enum BodyAccess {
     /// a Bundle's resources cut down to those elements and write every entry kept as the
     /// server's own bytes.
     Compartment,
+    /// Anything, and it changes nothing: neither the status, the headers nor the body. The
+    /// gateway then sends the server's bytes as they came and keeps no copy of the tree to
+    /// compare with (an observer, such as PublishFHIREvent).
+    Read,
 }
 
 #[async_trait]

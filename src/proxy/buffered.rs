@@ -19,22 +19,27 @@ pub(super) enum Parsed {
     Whole(Value),
     /// For filters only: resources cut down to what decides their owner.
     Cut(faithful::CutBundle),
+    /// Every module only reads (`BodyAccess::Read`): the answer is the server's bytes.
+    Untouched,
 }
 
 impl Parsed {
-    fn tree(&self) -> &Value {
+    /// Whether the post chain left the answer as the server sent it.
+    fn unchanged(&self, out: &Value) -> bool {
         match self {
-            Parsed::Whole(v) => v,
-            Parsed::Cut(c) => &c.tree,
+            Parsed::Whole(v) => v == out,
+            Parsed::Cut(c) => &c.tree == out,
+            Parsed::Untouched => true,
         }
     }
 
     /// `out`, the post chain's edit of this tree, as bytes: the server's wherever unchanged.
     fn to_vec(&self, out: &Value, raw: &[u8]) -> Vec<u8> {
         match self {
-            _ if self.tree() == out => raw.to_vec(),
+            _ if self.unchanged(out) => raw.to_vec(),
             Parsed::Whole(orig) => faithful::to_vec(out, orig, raw),
             Parsed::Cut(c) => c.to_vec(out, raw),
+            Parsed::Untouched => raw.to_vec(),
         }
     }
 }
@@ -126,7 +131,7 @@ fn not_modified(
         return None;
     }
     let unchanged =
-        matches!((origin, &resp.body), (Some(o), ModBody::Json(v)) if o.tree.tree() == v);
+        matches!((origin, &resp.body), (Some(o), ModBody::Json(v)) if o.tree.unchanged(v));
     let etag = resp.header("etag")?;
     let asked = req
         .headers
@@ -219,7 +224,7 @@ impl FhirProxy {
     /// What modules see of this request, on either road.
     pub(super) fn module_context(&self, ctx: &Ctx, client: Arc<GatewayFhirClient>) -> Context {
         Context {
-            identity: ctx.identity.clone(),
+            identity: ctx.identity.as_deref().cloned(),
             correlation_id: ctx.correlation_id.clone(),
             public_base: self.public_base_of(ctx).to_string(),
             upstream_base: self.gw.upstream.base.as_string(),
@@ -264,7 +269,7 @@ impl FhirProxy {
             Admit::Buffered(b) => Some(b),
             Admit::Proxy => None,
         };
-        let caller = ctx.identity.as_ref();
+        let caller = ctx.identity.as_deref();
         // A break-the-glass read skips the filters the session bypasses.
         let unglassed;
         let post_modules: &[Arc<dyn PostProcess>] = match (&ctx.glass, &gw.glass) {
@@ -314,6 +319,11 @@ impl FhirProxy {
                     .map(|m| m.reads()),
             )
             .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
+        // Observers only (and no shadow run on a copy): nothing is kept to compare.
+        let read_only = shadow.is_empty()
+            && post_reads
+                .iter()
+                .all(|r| matches!(r, BodyAccess::Read | BodyAccess::Headers));
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
         let checks_write = post_modules
@@ -439,7 +449,12 @@ impl FhirProxy {
                         }
                         _ => {
                             let r = fetched.into_response();
-                            let tree = r.json_body().cloned().map(Parsed::Whole);
+                            let tree = match r.json_body() {
+                                Some(_) if read_only && original.is_none() => {
+                                    Some(Parsed::Untouched)
+                                }
+                                t => t.cloned().map(Parsed::Whole),
+                            };
                             (r, tree)
                         }
                     };

@@ -230,6 +230,10 @@ impl PostProcess for PublishFhirEvent {
         is_write(req)
     }
 
+    fn reads(&self) -> crate::processor::BodyAccess {
+        crate::processor::BodyAccess::Read
+    }
+
     async fn process(
         &self,
         req: &Request,
@@ -334,10 +338,8 @@ pub fn extract(req: &Request, resp: &Response, bases: &[&str]) -> Vec<Write> {
     let Some(rtype) = r.resource_type.as_deref() else {
         return Vec::new();
     };
-    let sent = match r.interaction {
-        Interaction::Create | Interaction::Update => req.json().and_then(Result::ok),
-        _ => None,
-    };
+    // The sent resource is parsed only if the answer does not carry the written one.
+    let sent = matches!(r.interaction, Interaction::Create | Interaction::Update).then_some(req);
     let src = Sources {
         action,
         rtype: Some(rtype),
@@ -345,7 +347,7 @@ pub fn extract(req: &Request, resp: &Response, bases: &[&str]) -> Vec<Write> {
         criteria: (r.id.is_none() && !req.query.is_empty())
             .then(|| format!("{rtype}?{}", req.query)),
         resource: resp.json_body(),
-        sent: sent.as_ref(),
+        sent: Sent::Raw(sent),
         location: resp
             .header("location")
             .or_else(|| resp.header("content-location")),
@@ -365,11 +367,18 @@ struct Sources<'a> {
     /// The returned body / the entry's `resource`.
     resource: Option<&'a Value>,
     /// The resource the caller sent (create/update), for the compartment owner.
-    sent: Option<&'a Value>,
+    sent: Sent<'a>,
     location: Option<&'a str>,
     etag: Option<&'a str>,
     /// Already an instant.
     last_modified: Option<String>,
+}
+
+/// The resource a write sent: a Bundle entry's (parsed with the Bundle), or a request body,
+/// parsed only when needed.
+enum Sent<'a> {
+    Parsed(Option<&'a Value>),
+    Raw(Option<&'a Request>),
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -415,9 +424,16 @@ fn build(s: Sources, resolver: &Resolver) -> Option<Write> {
     let patient = if rtype == "Patient" {
         id.as_ref().map(|i| format!("Patient/{i}"))
     } else {
-        let sent = s
-            .sent
-            .filter(|v| str_at(v, &["resourceType"]) == Some(rtype.as_str()));
+        let parsed;
+        let sent = match (resource, s.sent) {
+            (Some(_), _) => None,
+            (None, Sent::Parsed(v)) => v,
+            (None, Sent::Raw(r)) => {
+                parsed = r.and_then(Request::json).and_then(Result::ok);
+                parsed.as_ref()
+            }
+        };
+        let sent = sent.filter(|v| str_at(v, &["resourceType"]) == Some(rtype.as_str()));
         resource
             .or(sent)
             .and_then(|r| compartment::owners(r, resolver).patients.into_iter().next())
@@ -520,7 +536,7 @@ fn from_bundle(req: &Request, resp: &Response, mut resolver: Resolver) -> Vec<Wr
             path_id,
             criteria,
             resource,
-            sent,
+            sent: Sent::Parsed(sent),
             location,
             etag: str_at(e, &["response", "etag"]),
             last_modified: str_at(e, &["response", "lastModified"]).map(str::to_string),
