@@ -38,9 +38,9 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// Budgets, allocations per request: what was measured when they were set (insecure_dev 28,
-/// jwt 55; Pingora's own parsing, pooling and writing are not counted) and a little room.
+/// jwt 48; Pingora's own parsing, pooling and writing are not counted) and a little room.
 const BUDGET_INSECURE_DEV: u64 = 30;
-const BUDGET_JWT: u64 = 58;
+const BUDGET_JWT: u64 = 50;
 
 const REQUESTS: u64 = 2000;
 

@@ -189,15 +189,18 @@ fn an_audit_event_names_who_what_the_patients_and_never_a_token() {
         rest: Some("/Observation".into()),
         query: Some("code=1234&access_token=SECRET&patient=p2".into()),
         status: 200,
-        identity: Some(Identity {
-            issuer: "entra".into(),
-            user_id: "oid-1".into(),
-            tenant: Some("tid-1".into()),
-            upn: Some("dr@example.org".into()),
-            roles: vec![Role::Practitioner],
-            client_id: Some("app-1".into()),
-            ..Default::default()
-        }),
+        identity: Some(
+            Identity {
+                issuer: "entra".into(),
+                user_id: "oid-1".into(),
+                tenant: Some("tid-1".into()),
+                upn: Some("dr@example.org".into()),
+                roles: vec![Role::Practitioner],
+                client_id: Some("app-1".into()),
+                ..Default::default()
+            }
+            .into(),
+        ),
         source: Some("10.1.2.3".into()),
         correlation_id: "req-1".into(),
         public_base: Some("https://gw.example/fhir".into()),

@@ -74,7 +74,10 @@ fn bearer(t: &str) -> HeaderMap {
 }
 
 async fn check(c: &Value) -> Result<Identity, AuthError> {
-    auth().authenticate(&bearer(&token(c)), None).await
+    auth()
+        .authenticate(&bearer(&token(c)), None)
+        .await
+        .map(|i| (*i).clone())
 }
 
 #[tokio::test]

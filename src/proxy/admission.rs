@@ -333,8 +333,10 @@ impl FhirProxy {
         &self,
         req: &RequestHeader,
         ctx: &Ctx,
-    ) -> std::result::Result<(Identity, fhir_gateway_modules::request::FhirRequest), GatewayError>
-    {
+    ) -> std::result::Result<
+        (Arc<Identity>, fhir_gateway_modules::request::FhirRequest),
+        GatewayError,
+    > {
         let identity = self
             .gw
             .auth

@@ -234,7 +234,7 @@ impl FhirProxy {
         ctx: &Ctx,
         query: &str,
     ) -> Result<ModResponse, GatewayError> {
-        let Some(identity) = ctx.identity.as_ref() else {
+        let Some(identity) = ctx.identity.as_deref() else {
             return Err(GatewayError::Unauthorized(None));
         };
         let Some(trail) = &self.gw.trail else {

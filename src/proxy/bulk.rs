@@ -169,7 +169,7 @@ impl FhirProxy {
         let target = gw
             .bulk
             .key
-            .verify(kind, &owner(prefix, identity.as_ref()), token, now_secs())
+            .verify(kind, &owner(prefix, identity.as_deref()), token, now_secs())
             .ok_or_else(not_found)?;
         let (path, query) = match target.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.as_bytes().to_vec())),
@@ -188,7 +188,7 @@ impl FhirProxy {
             // A file streams past the module chains; the route's headers-only modules
             // (e.g. `Cache-Control: no-store`) still run on its head.
             let req = module_request("GET", ctx, self.forwarded_headers(session.req_header()));
-            let caller = ctx.identity.as_ref();
+            let caller = ctx.identity.as_deref();
             if gw.routes[ctx.route].post.iter().any(|m| {
                 m.reads() == fhir_gateway_modules::processor::BodyAccess::Headers
                     && m.applies(&req, caller)
@@ -207,7 +207,7 @@ impl FhirProxy {
         let path = self.gw.upstream.base.path_below(server_url)?;
         let path = if path.is_empty() { "/".into() } else { path };
         let expires = now_secs() + self.gw.bulk.url_lifetime_secs;
-        let owner = owner(&self.gw.routes[ctx.route].prefix, ctx.identity.as_ref());
+        let owner = owner(&self.gw.routes[ctx.route].prefix, ctx.identity.as_deref());
         let token = self.gw.bulk.key.sign(kind, &owner, &path, expires)?;
         let base = self.public_base_of(ctx);
         Some(format!(

@@ -125,7 +125,7 @@ impl FhirProxy {
                 if (200..300).contains(&r.status) && gw.event_queue.has_broker() {
                     // Other instances drop their link caches when they see it.
                     if let Some((t, id)) = link.reference.split_once('/') {
-                        let who = ctx.identity.as_ref();
+                        let who = ctx.identity.as_deref();
                         gw.events
                             .publish(
                                 &link.reference,

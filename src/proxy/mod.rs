@@ -100,7 +100,7 @@ pub struct Ctx {
     /// The client as audited: the peer, or the first untrusted hop of `X-Forwarded-For`
     /// when the peer is a trusted proxy.
     source: Option<String>,
-    identity: Option<Identity>,
+    identity: Option<Arc<Identity>>,
     /// `/metadata`: the CapabilityStatement gets its `rest[].security` set.
     metadata: bool,
     /// Whole-body buffer for responses the gateway transforms (not plain rewriting).
