@@ -47,7 +47,7 @@ pub struct Record {
     pub rest: Option<String>,
     pub query: Option<String>,
     pub status: u16,
-    pub identity: Option<Identity>,
+    pub identity: Option<std::sync::Arc<Identity>>,
     pub source: Option<String>,
     pub correlation_id: String,
     pub public_base: Option<std::sync::Arc<str>>,
@@ -160,14 +160,20 @@ impl W<'_> {
         let _ = serde_json::to_writer(&mut *self.0, s);
     }
 
-    fn coding(&mut self, system: &str, code: &str, display: &str) {
-        self.raw("{\"system\":");
-        self.str(system);
-        self.raw(",\"code\":");
-        self.str(code);
-        self.raw(",\"display\":");
-        self.str(display);
-        self.raw("}");
+    /// Codings are the gateway's own constants, which need no escaping: written as they are.
+    fn coding(&mut self, system: &'static str, code: &'static str, display: &'static str) {
+        debug_assert!([system, code, display]
+            .iter()
+            .all(|s| !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)));
+        for (key, v) in [
+            ("{\"system\":\"", system),
+            ("\",\"code\":\"", code),
+            ("\",\"display\":\"", display),
+        ] {
+            self.raw(key);
+            self.raw(v);
+        }
+        self.raw("\"}");
     }
 
     fn network(&mut self, ip: &Option<String>) {
