@@ -44,7 +44,8 @@
 //! - `EveryMs(n)`: a background thread (`spool-fsync`) syncs the current segment at most every
 //!   `n` ms when something was written; a segment is synced when it is closed; `Drop` syncs. A
 //!   power loss may lose the last `n` ms; a process crash loses nothing (the data is in the page
-//!   cache).
+//!   cache). The cursor too is written (durably) by that thread, at most every `n` ms, and on
+//!   `Drop`: a crash may send up to `n` ms of delivered events again (duplicates, never a gap).
 //! - `Never`: the OS decides (no fsync at all, cursor included).
 //!
 //! # Limits
@@ -192,6 +193,9 @@ struct Inner {
     dirty: bool,
     /// Set when the files no longer match the index (appends refused until reopened).
     broken: Option<String>,
+    /// `Fsync::EveryMs`: an acknowledged position the flusher has yet to write (a crash before
+    /// it only replays delivered events: at least once, never a gap).
+    cursor_due: Option<u64>,
 }
 
 struct Shared {
@@ -227,6 +231,17 @@ impl Shared {
             let mut g = self.lock();
             g.dirty = true;
             g.broken = Some(format!("fsync failed ({e})"));
+        })
+    }
+
+    /// Writes (durably) the cursor `ack` left to the flusher, if any.
+    fn write_due_cursor(&self) -> io::Result<()> {
+        let Some(first_pending) = self.lock().cursor_due.take() else {
+            return Ok(());
+        };
+        cursor::write_cursor(&self.cfg.dir, first_pending, true).inspect_err(|_| {
+            // Tried again next round, unless a later ack already stands in for it.
+            self.lock().cursor_due.get_or_insert(first_pending);
         })
     }
 }
@@ -280,6 +295,12 @@ impl Drop for Spool {
             *self.shared.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
             self.shared.wake.notify_all();
             let _ = h.join();
+        }
+        if let Err(e) = self.shared.write_due_cursor() {
+            log::error!(
+                "event spool {}: final cursor write failed: {e}",
+                self.shared.cfg.dir.display()
+            );
         }
         if self.shared.cfg.fsync != Fsync::Never {
             if let Err(e) = self.shared.sync_dirty() {

@@ -190,6 +190,7 @@ impl Spool {
                 bytes,
                 dirty: false,
                 broken: None,
+                cursor_due: None,
             }),
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -218,6 +219,12 @@ impl Spool {
                             if let Err(e) = s.sync_dirty() {
                                 log::error!(
                                     "event spool {}: fsync failed: {e}",
+                                    s.cfg.dir.display()
+                                );
+                            }
+                            if let Err(e) = s.write_due_cursor() {
+                                log::error!(
+                                    "event spool {}: writing the cursor: {e}",
                                     s.cfg.dir.display()
                                 );
                             }

@@ -87,7 +87,15 @@ impl Spool {
             ));
         }
         let durable = cfg.fsync != Fsync::Never;
-        let persisted = write_cursor(&cfg.dir, upto_seq + 1, durable);
+        // Under `EveryMs` the flusher writes the cursor with its next sync: two fsyncs and a
+        // rename per delivered batch were the spool's largest cost under load.
+        let persisted = match cfg.fsync {
+            Fsync::EveryMs(_) => {
+                inner.cursor_due = Some(upto_seq + 1);
+                Ok(())
+            }
+            _ => write_cursor(&cfg.dir, upto_seq + 1, durable),
+        };
         // In memory regardless: what the broker confirmed is not sent again by this process.
         // If the cursor could not be written (a full disk), deleting the delivered segments
         // below frees the space it needs; a crash before it is written only means those

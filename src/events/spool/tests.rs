@@ -470,6 +470,31 @@ fn fsync_modes() {
 }
 
 #[test]
+fn every_ms_leaves_the_cursor_to_the_flusher_and_drop() {
+    let d = TempDir::new("cursor-due");
+    let c = SpoolConfig {
+        fsync: Fsync::EveryMs(20),
+        ..cfg(&d, 1 << 20, 1 << 30)
+    };
+    let s = Spool::open(c.clone()).unwrap();
+    for i in 1..=4 {
+        s.append(&rec(i)).unwrap();
+    }
+    s.ack(2).unwrap();
+    let t = std::time::Instant::now();
+    while cursor::read_cursor(&d.path()).unwrap() != Some(3) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the flusher never wrote the cursor");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Acknowledged, then dropped before the flusher's next round: `Drop` writes it.
+    s.ack(3).unwrap();
+    drop(s);
+    assert_eq!(cursor::read_cursor(&d.path()).unwrap(), Some(4));
+    let s = Spool::open(c).unwrap();
+    assert_eq!(payloads(&s.read_from(0, 10).unwrap()), [4]);
+}
+
+#[test]
 fn unreadable_cursor_replays_everything() {
     let d = TempDir::new("cursor");
     let s = Spool::open(cfg(&d, 1 << 20, 1 << 30)).unwrap();
