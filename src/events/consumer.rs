@@ -9,16 +9,32 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
+use serde::Deserialize;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The two places an event names its resource type; nothing else of it is built (every
+/// instance reads every event).
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(borrow, default)]
+    resourcetype: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<DataType<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DataType<'a> {
+    #[serde(borrow, default)]
+    resourcetype: Option<Cow<'a, str>>,
+}
+
 /// The resource type an event (plain or CloudEvents) is about.
-pub(super) fn event_type(v: &Value) -> Option<&str> {
-    v.get("resourcetype")
-        .or_else(|| v.pointer("/data/resourcetype"))
-        .and_then(Value::as_str)
+pub(super) fn event_type(payload: &[u8]) -> Option<Cow<'_, str>> {
+    let e: TypeOnly = serde_json::from_slice(payload).ok()?;
+    e.resourcetype.or(e.data.and_then(|d| d.resourcetype))
 }
 
 /// Topic → cache invalidation, on a thread of its own (librdkafka polls block).
@@ -59,11 +75,9 @@ pub(super) fn consume_loop(k: KafkaConfig, gw: Arc<Gateway>, stop: Arc<AtomicBoo
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     let Some(payload) = m.payload() else { continue };
-                    if let Ok(v) = serde_json::from_slice::<Value>(payload) {
-                        if let Some(t) = event_type(&v) {
-                            gw.invalidate(t);
-                            count("invalidations");
-                        }
+                    if let Some(t) = event_type(payload) {
+                        gw.invalidate(&t);
+                        count("invalidations");
                     }
                 }
                 Some(Err(e)) => {

@@ -68,10 +68,13 @@ fn spool_payload_round_trip_and_event_types() {
     let mut old = 7u64.to_be_bytes().to_vec();
     old.extend(br#"{"id":"y"}"#);
     assert_eq!(decode(&old), (7, &b""[..], &br#"{"id":"y"}"#[..]));
-    assert_eq!(event_type(&q.event), Some("Consent"));
+    let ty = |v: &Value| event_type(&serde_json::to_vec(v).unwrap()).map(|t| t.into_owned());
+    assert_eq!(ty(&q.event).as_deref(), Some("Consent"));
     let ce = json!({"specversion": "1.0", "data": {"resourcetype": "CareTeam"}});
-    assert_eq!(event_type(&ce), Some("CareTeam"));
-    assert_eq!(event_type(&json!({})), None);
+    assert_eq!(ty(&ce).as_deref(), Some("CareTeam"));
+    assert_eq!(ty(&json!({})), None);
+    assert_eq!(ty(&json!({"resourcetype": null, "id": "x"})), None);
+    assert_eq!(event_type(b"not json"), None);
 }
 
 #[tokio::test]

@@ -483,7 +483,10 @@ fn every_ms_leaves_the_cursor_to_the_flusher_and_drop() {
     s.ack(2).unwrap();
     let t = std::time::Instant::now();
     while cursor::read_cursor(&d.path()).unwrap() != Some(3) {
-        assert!(t.elapsed() < Duration::from_secs(5), "the flusher never wrote the cursor");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the flusher never wrote the cursor"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     // Acknowledged, then dropped before the flusher's next round: `Drop` writes it.
