@@ -834,6 +834,8 @@ if has p1; then
   target p1/nginx "http://127.0.0.1:$NGX_PORT$RES_PATH" "" "" nginx-proxy
   target p1/bare "http://127.0.0.1:$BARE_PORT$RES_PATH" "" "" bare-pingora
   target p1/bare-timeouts "http://127.0.0.1:$BARET_PORT$RES_PATH" "" "" bare-timeouts
+  # bare Pingora sent what gateway-jwt is sent (the client's bearer token, forwarded as is)
+  target p1/bare-token "http://127.0.0.1:$BARE_PORT$RES_PATH" reader-app "" bare-pingora
   target p1/gateway "http://127.0.0.1:$GW_PORT$RES_PATH" "" "" gateway
   target p1/gateway-jwt "http://127.0.0.1:$GWJ_PORT$RES_PATH" reader-app "" gateway-jwt
   target p1/gateway-audit "http://127.0.0.1:$GWA_PORT$RES_PATH" reader-app "" gateway-audit
@@ -936,7 +938,7 @@ expect_type() { # expect_type <key>
 }
 
 if has p1; then
-  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [bare-timeouts]=${URL[p1/bare-timeouts]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]} [gateway-audit]=${URL[p1/gateway-audit]})
+  declare -A P1URL=([direct]=${URL[p1/direct]} [nginx]=${URL[p1/nginx]} [bare]=${URL[p1/bare]} [bare-timeouts]=${URL[p1/bare-timeouts]} [bare-token]=${URL[p1/bare-token]} [gateway]=${URL[p1/gateway]} [gateway-jwt]=${URL[p1/gateway-jwt]} [gateway-audit]=${URL[p1/gateway-audit]})
   check_body() { # check_body <path> <must contain> <must not contain>
     local code
     code=$(fetch "p1/$1")
@@ -952,6 +954,7 @@ if has p1; then
   check_body nginx "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body bare "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body bare-timeouts "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
+  check_body bare-token "127.0.0.1:$UP_PORT/fhir/Patient/1" ""
   check_body gateway "http://127.0.0.1:$GW_PORT/fhir/Patient/1" "127.0.0.1:$UP_PORT"
   REWRITES=$(grep -o "http://127.0.0.1:$GW_PORT/fhir" "$TMP/body.gateway" | wc -l)
   log "gateway OK: 200, $REWRITES URLs rewritten to http://127.0.0.1:$GW_PORT/fhir, none left to :$UP_PORT"
@@ -1090,11 +1093,17 @@ measure_peak() { # measure_peak <scenario> <connections> <key>...: closed loop, 
   local scen=$1 conns=$2 key path r out rps p50 p99 non2xx sockerr total c0 c1 t0 t1 cpu busy dur=${PEAK_DUR:-$DUR_S}
   shift 2
   for key in "$@"; do
-    path=${key#*/}
-    ensure_key_token "$key" $((RUNS * (dur + 330) + 31))
+    ensure_key_token "$key" $((dur + 330 + 31))
     run_wrk "$key" 1 "$TMP/warmup.txt" "$conns" # warm pools and caches, not recorded
     wait_idle "$key"
-    for ((r = 1; r <= RUNS; r++)); do
+  done
+  # Round robin (run 1 of every path, then run 2, ...): the machine's drift over the phase
+  # spreads over all paths instead of landing on the last ones.
+  for ((r = 1; r <= RUNS; r++)); do
+    for key in "$@"; do
+      path=${key#*/}
+      # A fresh token between runs only costs one verification at the next run's start.
+      ensure_key_token "$key" $((dur + 330 + 31))
       out=$TMP/wrk.$scen.$path.$r.txt
       hook before peak "$key" "$r"
       c0=$(proc_ticks "${PROC_PID[$key]}")
@@ -1203,7 +1212,7 @@ if [[ $PERF == auto ]] && command -v perf >/dev/null 2>&1 &&
   perf record -q -o "$TMP/perf.test" -- true >/dev/null 2>&1; then
   PERF_OK=1
 fi
-declare -A PROFILE PROFILE_DSO
+declare -A PROFILE PROFILE_DSO PROFILE_COMM
 profile() { # profile <key> <seconds> <connections> -> PROFILE[key] (one "pct `symbol`" a line), PROFILE_DSO[key]
   ((PERF_OK)) || return 0
   local key=$1 data=$TMP/perf.${1//\//-}.data
@@ -1223,6 +1232,9 @@ profile() { # profile <key> <seconds> <connections> -> PROFILE[key] (one "pct `s
     }')
   PROFILE_DSO[$key]=$(perf report -i "$data" --no-children --sort dso --percent-limit 1 --stdio 2>/dev/null |
     awk '/^ +[0-9.]+%/ { printf "%s%s %s", (n++ ? ", " : ""), $2, $1 }')
+  # By thread: within one run, so free of the drift between runs.
+  PROFILE_COMM[$key]=$(perf report -i "$data" --no-children --sort comm --percent-limit 0.5 --stdio 2>/dev/null |
+    awk '/^ +[0-9.]+%/ { p = $1; $1 = ""; sub(/^ +/, ""); printf "%s%s %s", (n++ ? ", " : ""), $0, p }')
   log "  profile of $key: ${PROFILE_DSO[$key]}; $(top_profile "$key" 3)"
 }
 top_profile() { # top_profile <key> [n]: the first n (all) symbols, joined
@@ -1234,6 +1246,17 @@ memchr_note() { # memchr_note <key>: what memchr's share is, when memchr leads t
   pct=$(awk -F'%' '/memchr::/ { s += $1 } END { if (s > 0) printf "%.0f", s }' <<<"${PROFILE[$1]:-}")
   [[ -z $pct ]] || echo " — ${pct} % of the samples in memchr's \`memmem::Finder\`, the substring search src/rewrite.rs uses to find the upstream base in the body"
 }
+kernel_share() { # kernel_share <key>: the kernel's % of a profile's samples
+  awk -v s="${PROFILE_DSO[$1]:-}" 'BEGIN { if (match(s, /\[kernel\.kallsyms\] [0-9.]+%/)) { x = substr(s, RSTART, RLENGTH); sub(/.* /, "", x); sub(/%/, "", x); print x } }'
+}
+kernel_estimate() { # kernel_estimate <bare key> <gateway key>: the CPU ratio from the kernel's shares
+  local kb kg
+  kb=$(kernel_share "$1")
+  kg=$(kernel_share "$2")
+  [[ -n $kb && -n $kg ]] || return 0
+  echo "; from one profile of each, free of the drift between runs: the kernel takes $kb % of ${1#*/}'s CPU and $kg % of ${2#*/}'s; both make the same syscalls per request, so with the same kernel work per request ${2#*/} costs $(ratio "$kb" "$kg")× ${1#*/} (an estimate, a little in the gateway's favour: its access-log thread's file writes, about 1 % of its samples, count as request kernel work)"
+}
+
 profile_text() { # profile_text <key>: a sentence for the report
   if [[ -n ${PROFILE[$1]:-} ]]; then
     echo "perf (499 Hz, a separate unmeasured run): by object ${PROFILE_DSO[$1]}; symbols ≥ 2 % of the samples: $(top_profile "$1")"
@@ -1283,13 +1306,14 @@ audit_check() { # audit_check <dir> -> "<records> <verify result>": the trail of
 if has p1; then
   PHASE1="wrk -t1 -c$CONNS -d${DUR_S}s --latency (closed loop)"
   log "p1 phase 1: peak req/s, $PHASE1, $RUNS run(s) per path"
-  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt p1/gateway-audit
+  measure_peak p1 "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/bare-token p1/gateway p1/gateway-jwt p1/gateway-audit
   log "p1 phase 2: fixed rate"
-  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/gateway p1/gateway-jwt p1/gateway-audit
+  measure_rate p1 p1/gateway "$CONNS" p1/direct p1/nginx p1/bare p1/bare-timeouts p1/bare-token p1/gateway p1/gateway-jwt p1/gateway-audit
   TARGET=${RATE_TARGET[p1]}
   PHASE2=${RATE_DESC[p1]}
   log "p1 phase 3: syscalls per request (perf stat on the serving process)"
-  for k in direct nginx bare bare-timeouts gateway gateway-jwt gateway-audit; do syscall_pass "p1/$k"; done
+  for k in direct nginx bare bare-timeouts bare-token gateway gateway-jwt gateway-audit; do syscall_pass "p1/$k"; done
+  profile p1/bare 3 "$CONNS"
   profile p1/gateway-jwt 3 "$CONNS"
   profile p1/gateway-audit 3 "$CONNS"
   read -r AUDIT_P1_RECORDS AUDIT_P1_VERIFY < <(audit_check "$TMP/gwa")
@@ -1381,16 +1405,20 @@ if has p3; then
     local when=$1 phase=$2 key=$3 r=$4 pid
     [[ $key == p3/gateway || $key == p3/gateway-events ]] || return 0
     pid=${PROC_PID[$key]}
-    # per-thread CPU and context switches over the whole peak phase of each gateway
-    if [[ $phase == peak && $when == before && $r == 1 ]]; then
-      py threads "$pid" >"$THR_DIR/${key#*/}.before"
-      CTX0=$(py ctxsw "$pid")
+    # per-thread CPU over the peak phase of each gateway (the runs of other paths between its
+    # own, round robin, add only its idle threads' wake-ups), context switches over its runs
+    if [[ $phase == peak && $when == before ]]; then
+      ((r > 1)) || py threads "$pid" >"$THR_DIR/${key#*/}.before"
+      CTX0[${key#*/}]=$(py ctxsw "$pid")
+    fi
+    if [[ $phase == peak && $when == after ]]; then
+      CTX_SUM[${key#*/}]=$((${CTX_SUM[${key#*/}]:-0} + $(py ctxsw "$pid") - ${CTX0[${key#*/}]}))
     fi
     if [[ $phase == peak && $when == after && $r == "$RUNS" ]]; then
       py threads "$pid" >"$THR_DIR/${key#*/}.after"
       local writes
       writes=$(cat "$TMP"/wrk.p3."${key#*/}".*.txt | awk '/ requests in / { n += $1 } END { print n + 0 }')
-      CTX_PER_WRITE[${key#*/}]=$(awk -v a="$CTX0" -v b="$(py ctxsw "$pid")" -v n="$writes" 'BEGIN { printf "%.2f", (n > 0 ? (b - a) / n : 0) }')
+      CTX_PER_WRITE[${key#*/}]=$(awk -v c="${CTX_SUM[${key#*/}]}" -v n="$writes" 'BEGIN { printf "%.2f", (n > 0 ? c / n : 0) }')
     fi
     [[ $key == p3/gateway-events ]] || return 0
     if [[ $when == before ]]; then
@@ -1419,7 +1447,7 @@ if has p3; then
     [[ $dr != timeout ]] || die "p3: the events did not drain within $DRAIN_TIMEOUT s"
   }
   declare -A CTX_PER_WRITE
-  CTX0=0
+  declare -A CTX0 CTX_SUM
   HOOK=p3_hook
   log "p3: writes (POST $P3_PATH, $P3_REQ_BYTES-byte body), $RUNS run(s) per path"
   measure_peak p3 "$CONNS" p3/direct p3/nginx p3/gateway p3/gateway-events
@@ -1488,7 +1516,7 @@ fill_m() { # fill_m <scenario> <path>...: M[scen.phase.path.{rps,p50,p99,cpu,bus
     done
   done
 }
-PATHS=(direct nginx bare bare-timeouts gateway gateway-jwt gateway-audit)
+PATHS=(direct nginx bare bare-timeouts bare-token gateway gateway-jwt gateway-audit)
 has p1 && fill_m p1 "${PATHS[@]}"
 has p2 && fill_m p2 direct nginx gateway gateway-audit
 has p3 && fill_m p3 direct nginx gateway gateway-events
@@ -1556,7 +1584,7 @@ if has p1; then
   r_cpu=$(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare.cpu]}")
   goal P1 "gateway-jwt CPU per request ≤ 1.15× bare Pingora's (peak, same core)" \
     "**$r_cpu×** (${M[p1.peak.gateway-jwt.cpu]} vs ${M[p1.peak.bare.cpu]} µs/request); insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare.cpu]}")×; req/s gateway-jwt/bare $(ratio "${M[p1.peak.gateway-jwt.rps]}" "${M[p1.peak.bare.rps]}")" \
-    "$(met le "$r_cpu" 1.15); against bare Pingora with the same upstream timeouts (bare-timeouts, ${M[p1.peak.bare-timeouts.cpu]} µs): $(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×, insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×"
+    "$(met le "$r_cpu" 1.15); against bare Pingora with the same upstream timeouts (bare-timeouts, ${M[p1.peak.bare-timeouts.cpu]} µs): $(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×, insecure_dev gateway $(ratio "${M[p1.peak.gateway.cpu]}" "${M[p1.peak.bare-timeouts.cpu]}")×; against bare Pingora sent the same request (bare-token: the client's bearer token too, forwarded, ${M[p1.peak.bare-token.cpu]} µs): $(ratio "${M[p1.peak.gateway-jwt.cpu]}" "${M[p1.peak.bare-token.cpu]}")×$(kernel_estimate p1/bare p1/gateway-jwt)"
   goal P1 "as many writes per request as bare Pingora (a body that fits one chunk)" \
     "gateway-jwt **${SYS[gateway-jwt.writes]}**, gateway ${SYS[gateway.writes]}, bare ${SYS[bare.writes]} writes per request (to the client and the upstream; all syscalls: ${SYS[gateway-jwt.all]} vs ${SYS[bare.all]})" \
     "$([[ ${SYS[bare.writes]} == n/a ]] && echo "not measured (no perf)" || met le "${SYS[gateway-jwt.writes]}" "${SYS[bare.writes]}")"
@@ -1578,13 +1606,13 @@ fi
 if has p1; then
   r_aud=$(ratio "${M[p1.peak.gateway-audit.cpu]}" "${M[p1.peak.gateway-jwt.cpu]}")
   goal "P1 audit" "the audit trail on costs ≤ 5 % CPU per request (gateway-audit vs gateway-jwt, peak)" \
-    "**$r_aud×** (${M[p1.peak.gateway-audit.cpu]} vs ${M[p1.peak.gateway-jwt.cpu]} µs/request); req/s $(ratio "${M[p1.peak.gateway-audit.rps]}" "${M[p1.peak.gateway-jwt.rps]}")×; $AUDIT_P1_RECORDS records written, \`audit verify\`: $AUDIT_P1_VERIFY" \
+    "**$r_aud×** (${M[p1.peak.gateway-audit.cpu]} vs ${M[p1.peak.gateway-jwt.cpu]} µs/request); req/s $(ratio "${M[p1.peak.gateway-audit.rps]}" "${M[p1.peak.gateway-jwt.rps]}")×; $AUDIT_P1_RECORDS records written, \`audit verify\`: $AUDIT_P1_VERIFY$([[ -z ${PROFILE_COMM[p1/gateway-audit]:-} ]] || echo "; gateway-audit's CPU by thread in one profile (no drift between runs): ${PROFILE_COMM[p1/gateway-audit]}")" \
     "$(met le "$r_aud" 1.05)"
 fi
 if has p2; then
   r_aud2=$(ratio "${CPU_MB[gateway-audit]}" "${CPU_MB[gateway]}")
   goal "P2 audit" "the audit trail on costs ≤ 5 % CPU per MB (gateway-audit vs gateway)" \
-    "**$r_aud2×** (${CPU_MB[gateway-audit]} vs ${CPU_MB[gateway]} ms/MB); $AUDIT_P2_RECORDS records written, \`audit verify\`: $AUDIT_P2_VERIFY" \
+    "**$r_aud2×** (${CPU_MB[gateway-audit]} vs ${CPU_MB[gateway]} ms/MB); $AUDIT_P2_RECORDS records written, \`audit verify\`: $AUDIT_P2_VERIFY$([[ -z ${PROFILE_COMM[p2/gateway-audit]:-} ]] || echo "; gateway-audit's CPU by thread in one profile: ${PROFILE_COMM[p2/gateway-audit]}")" \
     "$(met le "$r_aud2" 1.05)"
 fi
 if has p3; then
@@ -1623,9 +1651,9 @@ mkdir -p "$RESULTS"
   echo "- Machine: nproc=$NCPU, CPU: $CPU_MODEL, kernel $(uname -r); load average at the start: $LOAD_START (before the build), at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- Git commit at build time: $COMMIT; binary built $BIN_DATE (release)"
   echo "- Command: \`$CMD\` (CONNS=$CONNS, RATE_PCT=$RATE_PCT$(has p4 && echo ", P4_CONNS=$P4_CONNS")$(has p2 && echo ", P2_CPU_REQS=$P2_CPU_REQS"))"
-  echo "- Mode: RUNS=$RUNS, DURATION=${DUR_S}s, QUICK=$QUICK; every figure is the median of $RUNS run(s)"
+  echo "- Mode: RUNS=$RUNS, DURATION=${DUR_S}s, QUICK=$QUICK; every figure is the median of $RUNS run(s); peak runs go round robin over the paths (run 1 of each, then run 2, ...)"
   echo "- Pinning: gateways / nginx proxy on CPU $PROXY_CPU; upstream nginx, load generator$( ((NEED_IDP)) && echo ", IdP")$(has p3 && echo ", tansu broker") on CPU $LOADGEN_CPU"
-  echo "- Gateway: release build, pingora threads=1, logging info with the access log on (one line per request, written by its own thread to stderr, a file here); bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, threads 1, no log), bare-timeouts the same with the gateway's default upstream timeouts (\`--timeouts\`: Pingora arms its timers on every upstream read and write); nginx: 1 worker, no access log"
+  echo "- Gateway: release build, pingora threads=1, logging info with the access log on (one line per request, written by its own thread to stderr, a file here); bare Pingora: examples/bare_pingora.rs (only \`upstream_peer\`, threads 1, no log), bare-timeouts the same with the gateway's default upstream timeouts (\`--timeouts\`: Pingora arms its timers on every upstream read and write), bare-token the bare proxy sent gateway-jwt's request (with the bearer token, which it forwards); nginx: 1 worker, no access log"
   if has p1; then
     echo "- Auth: gateway = \`insecure_dev\`; gateway-jwt = \`jwt\` (RS256, keys by OIDC discovery from the test IdP at $IDP), every request with \`Authorization: Bearer\` + one reader-app client-credentials token (${#TOK[reader-app]} bytes); the gateway caches verified tokens, so this is the cache-hit path, not one RS256 verification per request"
     echo "- Payload: $RES_PATH, $PAYLOAD_BYTES bytes application/fhir+json; the gateway rewrites $REWRITES URLs per response"
@@ -1663,6 +1691,8 @@ mkdir -p "$RESULTS"
     for path in "${PATHS[@]}"; do
       echo "| $path | $(fmt0 "${M[p1.peak.$path.rps]}") | $(ratio "${M[p1.peak.$path.rps]}" "${M[p1.peak.bare.rps]}") | ${M[p1.peak.$path.cpu]} | $(ratio "${M[p1.peak.$path.cpu]}" "${M[p1.peak.bare.cpu]}") | ${SYS[$path.all]} | ${SYS[$path.writes]} | ${SYS[$path.reads]} |"
     done
+    echo
+    echo "Where bare Pingora's CPU goes: $(profile_text p1/bare)."
     echo
     echo "Where gateway-jwt's CPU goes: $(profile_text p1/gateway-jwt)."
     echo
