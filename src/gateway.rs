@@ -58,8 +58,9 @@ pub struct Gateway {
     pub auth_mode: AuthMode,
     pub auth: Authenticator,
     pub smart: SmartConfig,
-    /// Audit header names: user id, UPN, tenant, source, proxy.
-    pub audit: [HeaderName; 5],
+    /// Audit header names: user id, UPN, tenant, source, proxy (valid, lower-case; as bytes,
+    /// which Pingora's header API takes without copying them).
+    pub audit: [bytes::Bytes; 5],
     pub access_log: bool,
     pub health: Health,
     /// Client for the service identity's token endpoint (client credentials, IMDS).
@@ -109,7 +110,11 @@ impl Gateway {
                 .map_err(|e| format!("HTTP client: {e}"))?,
         )?;
         let a = &auth_cfg.audit_headers;
-        let hn = |s: &str| HeaderName::from_bytes(s.as_bytes()).map_err(|e| format!("{s}: {e}"));
+        let hn = |s: &str| {
+            HeaderName::from_bytes(s.as_bytes())
+                .map(|n| bytes::Bytes::copy_from_slice(n.as_str().as_bytes()))
+                .map_err(|e| format!("{s}: {e}"))
+        };
         let audit = [
             hn(&a.user_id)?,
             hn(&a.upn)?,

@@ -82,6 +82,10 @@ pub const AUDIT_PREFIX: &str = "x-ms-azurefhir-audit-";
 
 pub const REQUEST_ID: &str = "x-request-id";
 pub const MS_REQUEST_ID: &str = "x-ms-service-request-id";
+/// The same names, built once: a `&str` name is parsed (and a custom one copied) on every
+/// lookup or insert.
+pub const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
+pub const MS_REQUEST_ID_NAME: HeaderName = HeaderName::from_static(MS_REQUEST_ID);
 
 /// Why a header may not be added to `upstream.forward_headers`, if it may not.
 pub fn forbidden_forward_header(name: &str) -> Option<&'static str> {

@@ -167,7 +167,7 @@ fn not_modified(
 
 impl FhirProxy {
     /// Audit headers for every upstream call made for this request.
-    pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(http::HeaderName, HeaderValue)> {
+    pub(super) fn audit_headers(&self, ctx: &Ctx) -> Vec<(Bytes, HeaderValue)> {
         let [user, upn, tenant, source, proxy] = &self.gw.audit;
         // Sanitised values are printable ASCII: always valid header values.
         let value = |s: &str| {

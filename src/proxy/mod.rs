@@ -46,7 +46,7 @@ use crate::chain::{self, PreResult};
 use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::gateway::{Gateway, CACHED_TYPES};
-use crate::headers::{self, DROPPED_RESPONSE_HEADERS, MS_REQUEST_ID, REQUEST_ID};
+use crate::headers::{self, DROPPED_RESPONSE_HEADERS, REQUEST_ID};
 use crate::rewrite::{Replacements, StreamRewrite};
 use crate::upstream::client::{CallIdentity, Fetched, GatewayFhirClient};
 use crate::upstream::head::request_head;
@@ -164,9 +164,9 @@ impl FhirProxy {
 /// The request's correlation id: the caller's (`X-Request-Id`, `X-MS-Request-Id`) when it
 /// looks like one, else a fresh one; as text and as a header value.
 fn correlation(req: &RequestHeader) -> (String, HeaderValue) {
-    let given = [REQUEST_ID, MS_REQUEST_ID]
-        .iter()
-        .filter_map(|h| req.headers.get(*h))
+    let given = [&headers::REQUEST_ID_NAME, &headers::MS_REQUEST_ID_NAME]
+        .into_iter()
+        .filter_map(|h| req.headers.get(h))
         .find(|v| headers::valid_correlation_id(v.as_bytes()));
     match given {
         // Valid ids are ASCII.

@@ -31,8 +31,15 @@ impl FhirProxy {
         resp: &mut ResponseHeader,
         head_request: bool,
     ) -> std::result::Result<bool, GatewayError> {
-        for h in DROPPED_RESPONSE_HEADERS {
-            resp.remove_header(*h);
+        // One pass over the names present (a few) rather than a lookup per dropped name.
+        let dropped: Vec<http::HeaderName> = resp
+            .headers
+            .keys()
+            .filter(|n| DROPPED_RESPONSE_HEADERS.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        for h in &dropped {
+            resp.remove_header(h);
         }
         // Before the rewrite below: the kick-off's status URL becomes one bound to its caller,
         // not merely the server's URL on the public base.

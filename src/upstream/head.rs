@@ -17,7 +17,7 @@ pub struct CallIdentity {
     /// The gateway's own credential for the FHIR server (`Authorization`), if it has one.
     pub service_auth: Option<HeaderValue>,
     /// The caller's audit headers, values already header-safe.
-    pub audit: Vec<(HeaderName, HeaderValue)>,
+    pub audit: Vec<(bytes::Bytes, HeaderValue)>,
     /// The request's correlation id (built once per request, shared by every head).
     pub correlation_header: HeaderValue,
     /// The public base the caller used, so links the gateway handed out map back.
@@ -102,7 +102,7 @@ mod tests {
         CallIdentity {
             service_auth: Some(HeaderValue::from_static("Bearer service")),
             audit: vec![(
-                HeaderName::from_static("x-ms-azurefhir-audit-userid"),
+                bytes::Bytes::from_static(b"x-ms-azurefhir-audit-userid"),
                 HeaderValue::from_static("alice"),
             )],
             correlation_header: HeaderValue::from_static("corr-1"),
