@@ -1,8 +1,8 @@
 //! Test doubles for module unit tests: a FHIR client that answers from a script and records
-//! what it was asked, and an event sink that keeps what it got.
+//! what it was asked, an event sink that keeps what it got, and requests as modules see them.
 
 use crate::processor::{
-    Body, ClientRequest, Context, EventSink, FhirClient, ModuleError, Response,
+    Body, ClientRequest, Context, EventSink, FhirClient, ModuleError, Request, Response,
 };
 use async_trait::async_trait;
 use serde_json::Value;
@@ -101,4 +101,15 @@ pub fn context_with(client: ScriptedClient) -> (Context, Arc<ScriptedClient>) {
 
 pub fn context() -> Context {
     context_with(ScriptedClient::new(vec![])).0
+}
+
+/// A request below the route's prefix, no headers, the body (if any) as compact JSON.
+pub fn req(method: &str, path: &str, query: &str, body: Option<Value>) -> Request {
+    Request {
+        method: method.into(),
+        path: path.into(),
+        query: query.into(),
+        headers: vec![],
+        body: body.map(|b| serde_json::to_vec(&b).unwrap()),
+    }
 }

@@ -4,7 +4,7 @@ use super::*;
 use crate::builtin::consent_opt_out::ConsentOptOut;
 use crate::builtin::participant_filter::ParticipantFilter;
 use crate::identity::Role;
-use crate::testing::{context_with, ScriptedClient};
+use crate::testing::{context_with, req, ScriptedClient};
 
 fn chain() -> Vec<Arc<dyn PostProcess>> {
     vec![
@@ -62,16 +62,6 @@ fn patient() -> Identity {
         roles: vec![Role::Patient, Role::Writer],
         fhir_user: Some("Patient/12".into()),
         ..Default::default()
-    }
-}
-
-fn req(method: &str, path: &str, query: &str, body: Option<Value>) -> Request {
-    Request {
-        method: method.into(),
-        path: path.into(),
-        query: query.into(),
-        headers: vec![],
-        body: body.map(|b| b.to_string().into_bytes()),
     }
 }
 

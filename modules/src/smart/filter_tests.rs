@@ -1,6 +1,6 @@
 use super::*;
 use crate::processor::Body;
-use crate::testing::{context_with, ScriptedClient};
+use crate::testing::{context_with, req, ScriptedClient};
 use serde_json::json;
 
 const LAB: &str = "laboratory";
@@ -16,16 +16,6 @@ fn caller(scopes: &[&str]) -> Identity {
 
 fn filter(scopes: &[&str]) -> ScopeFilter {
     ScopeFilter::for_identity(&caller(scopes)).expect("these scopes narrow")
-}
-
-fn req(method: &str, path: &str, query: &str, body: Option<Value>) -> Request {
-    Request {
-        method: method.into(),
-        path: path.into(),
-        query: query.into(),
-        headers: vec![],
-        body: body.map(|b| b.to_string().into_bytes()),
-    }
 }
 
 fn obs(id: &str, patient: &str, category: &str) -> Value {

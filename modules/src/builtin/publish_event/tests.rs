@@ -1,7 +1,7 @@
 use super::*;
 use crate::identity::Identity;
 use crate::processor::Body;
-use crate::testing::{context, MemorySink};
+use crate::testing::{context, req, MemorySink};
 use std::sync::Arc;
 
 fn module(cloudevents: bool) -> PublishFhirEvent {
@@ -11,16 +11,6 @@ fn module(cloudevents: bool) -> PublishFhirEvent {
         ce_type_prefix: default_prefix(),
     })
     .unwrap()
-}
-
-fn req(method: &str, path: &str, query: &str, body: Option<Value>) -> Request {
-    Request {
-        method: method.into(),
-        path: path.into(),
-        query: query.into(),
-        headers: vec![],
-        body: body.map(|b| serde_json::to_vec(&b).unwrap()),
-    }
 }
 
 fn resp(status: u16, headers: &[(&str, &str)], body: Option<Value>) -> Response {
