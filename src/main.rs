@@ -330,6 +330,13 @@ fn main() -> ExitCode {
         },
     );
     server.add_service(events);
+    let audit_fhir = background_service(
+        "audit-fhir",
+        fhir_gateway::audit::fhir::FhirSinkTask {
+            gateway: gateway.clone(),
+        },
+    );
+    server.add_service(audit_fhir);
     let drain_gateway = gateway.clone();
     let health = background_service(
         "health",

@@ -9,6 +9,8 @@
 
 pub mod chain;
 pub mod event;
+pub mod fhir;
+mod follow;
 pub mod glass;
 pub mod sink;
 pub mod topic;
@@ -17,7 +19,7 @@ pub mod verify;
 #[cfg(test)]
 mod tests;
 
-use crate::config::{AuditConfig, AuditSink, BuiltAudit};
+use crate::config::{AuditConfig, AuditFhirSink, AuditSink, BuiltAudit};
 use chain::Chain;
 pub use event::{Record, Shown};
 use serde_json::Value;
@@ -56,6 +58,8 @@ pub struct Audit {
     held: Arc<Semaphore>,
     held_kib: u32,
     sink: Option<AuditSink>,
+    /// `audit.fhir`, sent by its own background service (`fhir::FhirSinkTask`).
+    pub fhir: Option<AuditFhirSink>,
     /// Started at the first record, after Pingora's daemon fork (threads do not survive it).
     tx: OnceLock<Option<mpsc::Sender<Msg>>>,
 }
@@ -81,6 +85,7 @@ impl Audit {
             secs: cfg.checkpoint_secs,
             queue: cfg.queue,
             sink: built.sink.clone(),
+            fhir: built.fhir.clone(),
             tx: OnceLock::new(),
             held: Arc::new(Semaphore::new(kib(cfg.max_queue_bytes) as usize)),
             held_kib: kib(cfg.max_queue_bytes),

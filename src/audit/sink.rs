@@ -10,11 +10,12 @@
 //! and `fed` sends those lines again, byte-identical; so does a re-sent suffix after a failed
 //! delivery. `audit verify --topic` accepts such byte-identical re-sends and counts them.
 
+use super::follow::{open_at, read_lines, read_offset, write_offset};
 use crate::config::AuditSink;
 use crate::events::payload::encode_raw;
 use crate::events::producer::{produce_loop, Lane, Message};
 use crate::events::spool::{Fsync, Record, Spool, SpoolConfig, SpoolError};
-use log::{error, info, warn};
+use log::{error, info};
 use once_cell::sync::Lazy;
 use prometheus::{
     register_histogram, register_int_counter_vec, register_int_gauge, Histogram, IntCounterVec,
@@ -22,7 +23,6 @@ use prometheus::{
 };
 use rdkafka::message::OwnedHeaders;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,7 +61,6 @@ static DELIVERY: Lazy<Histogram> = Lazy::new(|| {
 });
 
 const FED: &str = "audit.fed";
-const FED_TMP: &str = "audit.fed.tmp";
 /// Read from the file at most this much per spool round (more when one line is longer).
 const CHUNK: usize = 4 << 20;
 /// At most this much per `feed`: catching up a long file must not hold the writer (and, through
@@ -163,7 +162,7 @@ impl Feeder {
                 return None;
             }
         };
-        let fed = read_fed(&dir);
+        let fed = read_offset(&dir.join(FED));
         info!(
             "audit: sink spool {} opened, {} line(s) to deliver, file taken up to byte {fed}; broker {}, topic {}",
             dir.display(),
@@ -212,40 +211,21 @@ impl Feeder {
             return;
         }
         let Some(o) = self.open.as_mut() else { return };
-        let mut f = match File::open(file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) => return error!("audit: sink reading {}: {e}", file.display()),
+        let Some((mut f, len)) = open_at(file, &mut o.fed, "sink") else {
+            return;
         };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < o.fed {
-            error!(
-                "audit: {} is shorter ({len} bytes) than what the sink took ({}): replaced or truncated? sending it from the start",
-                file.display(),
-                o.fed
-            );
-            o.fed = 0;
-        }
         let mut buf = Vec::new();
         let mut appended = 0u64;
         let mut stop = false;
         let start = o.fed;
         while !stop && o.fed < len && o.fed - start < BUDGET {
-            let want = ((len - o.fed) as usize).min(CHUNK.max(buf.capacity()));
-            buf.resize(want, 0);
-            if let Err(e) = f
-                .seek(SeekFrom::Start(o.fed))
-                .and_then(|_| f.read_exact(&mut buf))
-            {
-                error!("audit: sink reading {}: {e}", file.display());
-                break;
-            }
-            let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
-                if want as u64 == len - o.fed {
-                    break; // a torn last line: not a line yet
+            let end = match read_lines(&mut f, o.fed, len, CHUNK, &mut buf) {
+                Ok(Some(end)) => end,
+                Ok(None) => break,
+                Err(e) => {
+                    error!("audit: sink reading {}: {e}", file.display());
+                    break;
                 }
-                buf.reserve(want * 2); // one line longer than the chunk
-                continue;
             };
             for line in buf[..end].split(|&b| b == b'\n') {
                 if line.is_empty() {
@@ -288,7 +268,7 @@ impl Feeder {
             // The lines are on disk before `fed` says so: a crash re-sends, never skips.
             match o.spool.sync() {
                 Ok(()) => {
-                    if let Err(e) = write_fed(&o.spool.config().dir, o.fed) {
+                    if let Err(e) = write_offset(&o.spool.config().dir.join(FED), o.fed) {
                         error!("audit: sink {FED}: {e} (lines may be sent again)");
                     }
                 }
@@ -298,29 +278,8 @@ impl Feeder {
             BACKLOG.set(o.spool.depth() as i64);
             o.wake.notify_one();
         } else if o.fed != start {
-            let _ = write_fed(&o.spool.config().dir, o.fed);
+            let _ = write_offset(&o.spool.config().dir.join(FED), o.fed);
         }
         UNSPOOLED.set(len.saturating_sub(o.fed) as i64);
     }
-}
-
-/// How far into the file the sink got; an unreadable `fed` starts over (byte-identical
-/// re-sends, which verify accepts, rather than a gap).
-fn read_fed(dir: &Path) -> u64 {
-    match std::fs::read_to_string(dir.join(FED)) {
-        Ok(s) => s.trim().parse().unwrap_or_else(|_| {
-            warn!("audit: sink {FED} unreadable; the file is sent again from the start");
-            0
-        }),
-        Err(_) => 0,
-    }
-}
-
-fn write_fed(dir: &Path, fed: u64) -> std::io::Result<()> {
-    let tmp = dir.join(FED_TMP);
-    let mut f = File::create(&tmp)?;
-    writeln!(f, "{fed}")?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, dir.join(FED))?;
-    File::open(dir)?.sync_all()
 }

@@ -316,7 +316,7 @@ async fn queued_answers_are_bounded_in_bytes_and_every_record_is_written() {
     .unwrap();
     let built = crate::config::BuiltAudit {
         key: KEY.to_vec(),
-        sink: None,
+        ..Default::default()
     };
     let audit = super::Audit::new(&cfg, &built);
     // 12 answers of 300 KB: three times what the queue may hold at once, so recording waits

@@ -41,6 +41,25 @@ pub struct AuditConfig {
     /// Also send every line of the file, in order, to a Kafka topic (the production sink).
     #[serde(default)]
     pub kafka: Option<AuditKafka>,
+    /// Also send every AuditEvent of the file to the FHIR server, in `batch` Bundles.
+    #[serde(default)]
+    pub fhir: Option<AuditFhir>,
+}
+
+/// `audit.fhir`: the trail's AuditEvents as resources on the FHIR server the gateway fronts.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFhir {
+    /// AuditEvents per Bundle.
+    #[serde(default = "default_fhir_batch")]
+    pub batch: usize,
+    /// How often new lines are looked for (a full batch is followed by the next at once); a
+    /// failed batch waits twice as long each time, up to a minute.
+    #[serde(default = "default_fhir_interval")]
+    pub interval_ms: u64,
+    /// The byte offset of the file sent so far (default: `audit.file` + `.fhir-sent`).
+    #[serde(default)]
+    pub cursor: Option<String>,
 }
 
 /// `audit.kafka`: the topic, and the broker when it is not the events' one.
@@ -75,6 +94,12 @@ pub struct AuditSpool {
     pub segment_bytes: Option<u64>,
 }
 
+fn default_fhir_batch() -> usize {
+    100
+}
+fn default_fhir_interval() -> u64 {
+    1000
+}
 fn default_every() -> u64 {
     1000
 }
@@ -96,6 +121,15 @@ fn default_max_queue_bytes() -> usize {
 pub struct BuiltAudit {
     pub key: Vec<u8>,
     pub sink: Option<AuditSink>,
+    pub fhir: Option<AuditFhirSink>,
+}
+
+/// `audit.fhir` resolved.
+#[derive(Debug, Clone)]
+pub struct AuditFhirSink {
+    pub batch: usize,
+    pub interval: std::time::Duration,
+    pub cursor: std::path::PathBuf,
 }
 
 /// `audit.kafka` resolved: the broker settings in full, and the spool.
@@ -162,7 +196,43 @@ pub(super) fn validate(
     if let Some(k) = &cfg.kafka {
         built.sink = sink(cfg, k, events, errs);
     }
+    if let Some(f) = &cfg.fhir {
+        built.fhir = fhir_sink(cfg, f, errs);
+    }
     built
+}
+
+fn fhir_sink(cfg: &AuditConfig, f: &AuditFhir, errs: &mut Errors) -> Option<AuditFhirSink> {
+    if !(1..=1000).contains(&f.batch) {
+        errs.at(
+            &["audit", "fhir", "batch"],
+            "audit.fhir.batch: 1..=1000".into(),
+        );
+    }
+    if !(100..=3_600_000).contains(&f.interval_ms) {
+        errs.at(
+            &["audit", "fhir", "interval_ms"],
+            "audit.fhir.interval_ms: 100..=3600000".into(),
+        );
+    }
+    let cursor = match &f.cursor {
+        Some(c) => std::path::PathBuf::from(c),
+        None => std::path::PathBuf::from(format!("{}.fhir-sent", cfg.file)),
+    };
+    if !cursor.is_absolute() || !cursor.parent().is_some_and(|d| d.is_dir()) {
+        errs.at(
+            &["audit", "fhir", "cursor"],
+            format!(
+                "audit.fhir.cursor: {} must be an absolute path in a directory that exists",
+                cursor.display()
+            ),
+        );
+    }
+    Some(AuditFhirSink {
+        batch: f.batch,
+        interval: std::time::Duration::from_millis(f.interval_ms),
+        cursor,
+    })
 }
 
 fn sink(

@@ -25,7 +25,9 @@ use crate::net::IpNet;
 use fhir_gateway_modules::builtin::Registry;
 use serde::Deserialize;
 
-pub use audit::{AuditConfig, AuditKafka, AuditSink, AuditSpool, BuiltAudit};
+pub use audit::{
+    AuditConfig, AuditFhir, AuditFhirSink, AuditKafka, AuditSink, AuditSpool, BuiltAudit,
+};
 pub use auth::{
     AuditHeaderNames, AuthConfig, AuthMode, ClaimNames, IssuerConfig, JwksConfig, OffloadConfig,
     OneOrMany, RoleValues, SmartConfig,

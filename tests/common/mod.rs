@@ -360,17 +360,31 @@ fn read_traffic(correlation_id: &str, wait: Duration) -> Vec<Value> {
 /// What the SEKMET whose traffic log is `db` recorded for a correlation id (see
 /// `sekmet_received`), waiting up to `wait` for a first entry.
 pub fn read_traffic_in(db: &std::path::Path, correlation_id: &str, wait: Duration) -> Vec<Value> {
-    let script = "import sqlite3,sys,json\n\
+    traffic_where(db, "correlation_id=?", correlation_id, wait)
+}
+
+/// What the SEKMET whose traffic log is `db` recorded for every correlation id that starts
+/// with `prefix` (the gateway's own calls, e.g. `audit-fhir-`), with each record's
+/// `correlation_id`; waits up to `wait` for a first one.
+pub fn traffic_with_prefix(db: &std::path::Path, prefix: &str, wait: Duration) -> Vec<Value> {
+    traffic_where(db, "substr(correlation_id,1,length(?))=?", prefix, wait)
+}
+
+fn traffic_where(db: &std::path::Path, clause: &str, arg: &str, wait: Duration) -> Vec<Value> {
+    let script = format!(
+        "import sqlite3,sys,json\n\
 db=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\n\
-rows=db.execute('select method,url,req_headers,req_body from traffic where correlation_id=? order by id',(sys.argv[2],)).fetchall()\n\
-print(json.dumps([{'method':m,'url':u,'headers':json.loads(h or '{}'),'body':b} for m,u,h,b in rows]))\n";
+rows=db.execute('select method,url,req_headers,req_body,correlation_id from traffic where {clause} order by id',(sys.argv[2],)*{n}).fetchall()\n\
+print(json.dumps([{{'method':m,'url':u,'headers':json.loads(h or '{{}}'),'body':b,'correlation_id':c}} for m,u,h,b,c in rows]))\n",
+        n = clause.matches('?').count()
+    );
     let deadline = Instant::now() + wait;
     loop {
         let out = Command::new("python3")
             .arg("-c")
-            .arg(script)
+            .arg(&script)
             .arg(db)
-            .arg(correlation_id)
+            .arg(arg)
             .output()
             .expect("python3");
         assert!(

@@ -1,0 +1,423 @@
+//! Issue 16, the FHIR-server sink (`audit.fhir`): every AuditEvent of the trail becomes an
+//! `AuditEvent` resource on the FHIR server, in `batch` Bundles sent with the gateway's own
+//! identity. Against SEKMET's bearer-checking instance: each record is there, as written, and
+//! "who saw patient X" is a FHIR search. Against a scripted server: a failed batch and a
+//! half-taken one lose nothing and repeat only what must be repeated.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Trail {
+    dir: PathBuf,
+    file: PathBuf,
+    key: PathBuf,
+    instance: String,
+}
+
+impl Trail {
+    fn new() -> Trail {
+        let id = uniq();
+        let dir = std::env::temp_dir().join(format!("fgw-audit-fhir-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("audit.key");
+        std::fs::write(&key, "audit-test-key-0123456789abcdef-0123456789").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Trail {
+            file: dir.join("audit.jsonl"),
+            key,
+            dir,
+            // SEKMET keeps its data between tests: ids of this run's own.
+            instance: format!("gw-{id}"),
+        }
+    }
+
+    fn yaml(&self, metrics_port: u16) -> String {
+        format!(
+            "metrics:\n  listen: 127.0.0.1:{metrics_port}\naudit:\n  file: {}\n  key_file: {}\n  instance: {}\n  checkpoint_every: 4\n  fhir:\n    batch: 3\n    interval_ms: 200\n",
+            self.file.display(),
+            self.key.display(),
+            self.instance,
+        )
+    }
+
+    fn cursor(&self) -> u64 {
+        std::fs::read_to_string(format!("{}.fhir-sent", self.file.display()))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn len(&self) -> u64 {
+        std::fs::metadata(&self.file).map_or(0, |m| m.len())
+    }
+
+    /// The file's lines as trees.
+    fn lines(&self) -> Vec<Value> {
+        std::fs::read(&self.file)
+            .unwrap_or_default()
+            .split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until the sink has sent the whole file and the writer wrote nothing more.
+    async fn settle(&self, gw: &Gateway) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let len = self.len();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            if len > 0 && self.cursor() == len && self.len() == len {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the FHIR sink did not catch up: {} of {} bytes\n{}",
+                self.cursor(),
+                self.len(),
+                gw.log()
+            );
+        }
+    }
+}
+
+impl Drop for Trail {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn id_of(instance: &str, seq: u64) -> String {
+    format!("fgw-{instance}-{seq}")
+}
+
+async fn auth_get(url: &str) -> (u16, Value) {
+    let r = client()
+        .get(url)
+        .bearer_auth(SEKMET_AUTH_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_is_an_audit_event_on_the_server_as_written_sent_with_the_service_identity() {
+    require_peer(&format!("{SEKMET_AUTH}/metadata")).await;
+    let trail = Trail::new();
+    let mport = free_port();
+    let gw = Gateway::start_env(
+        &format!(
+            "upstream:\n  url: {SEKMET_AUTH}\n  identity:\n    type: static_bearer\n    token: \"${{GW_UPSTREAM_TOKEN}}\"\nauth:\n  mode: insecure_dev\n{}",
+            trail.yaml(mport)
+        ),
+        &[("GW_UPSTREAM_TOKEN", SEKMET_AUTH_TOKEN)],
+    )
+    .await;
+
+    // A mixed workload: a create, reads, a search, a miss, a refusal.
+    let r = client()
+        .post(format!("{}/Patient", gw.base()))
+        .header("Content-Type", "application/fhir+json")
+        .body(json!({"resourceType":"Patient","name":[{"family":"Sink"}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let pid = created["id"].as_str().unwrap().to_string();
+    for path in [
+        format!("Patient/{pid}"),
+        format!("Patient?_id={pid}"),
+        format!("Patient/{pid}"),
+        "Patient/no-such-patient-here".to_string(),
+        "Patient/../metadata".to_string(),
+        "metadata".to_string(),
+    ] {
+        let r = client()
+            .get(format!("{}/{path}", gw.base()))
+            .header("Authorization", "Bearer caller-token-must-not-cross")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().as_u16() < 500, "{path}: {}", r.status());
+    }
+    trail.settle(&gw).await;
+
+    let lines = trail.lines();
+    let records: Vec<&Value> = lines.iter().filter(|l| l.get("event").is_some()).collect();
+    let checkpoints: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("checkpoint").is_some())
+        .collect();
+    assert_eq!(records.len(), 7, "{lines:#?}");
+    assert!(checkpoints.len() >= 2, "{lines:#?}");
+    for rec in &records {
+        let seq = rec["seq"].as_u64().unwrap();
+        let id = id_of(&trail.instance, seq);
+        let (st, mut on_server) = auth_get(&format!("{SEKMET_AUTH}/AuditEvent/{id}")).await;
+        assert_eq!(st, 200, "record {seq} is not on the server");
+        assert_eq!(on_server["id"], id.as_str());
+        let o = on_server.as_object_mut().unwrap();
+        o.remove("id");
+        o.remove("meta");
+        assert_eq!(&on_server, &rec["event"], "record {seq} changed on its way");
+    }
+    // Checkpoints stay in the file: they are no AuditEvents.
+    for c in &checkpoints {
+        let id = id_of(&trail.instance, c["seq"].as_u64().unwrap());
+        let (st, _) = auth_get(&format!("{SEKMET_AUTH}/AuditEvent/{id}")).await;
+        assert_eq!(st, 404, "checkpoint {id} was sent");
+    }
+
+    // "Who saw patient X", asked of the FHIR server: the three answers that showed it.
+    let (st, found) = auth_get(&format!(
+        "{SEKMET_AUTH}/AuditEvent?entity=Patient/{pid}&_count=100"
+    ))
+    .await;
+    assert_eq!(st, 200);
+    let mut seen: Vec<String> = found["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect();
+    seen.sort();
+    let mut want: Vec<String> = records
+        .iter()
+        .filter(|r| {
+            r["event"]["entity"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["what"]["reference"] == format!("Patient/{pid}").as_str())
+        })
+        .map(|r| id_of(&trail.instance, r["seq"].as_u64().unwrap()))
+        .collect();
+    want.sort();
+    // The create (its answer showed the patient), two reads and the search.
+    assert_eq!(want.len(), 4, "{records:#?}");
+    assert_eq!(seen, want);
+
+    // What SEKMET received from the sink: batches, with the service token, the proxy's audit
+    // header, and nothing of any caller.
+    let db = peers_dir().join("sekmet-auth/data/sekmet.db");
+    // This run's: SEKMET's log keeps earlier runs' too.
+    let ours = format!("\"fgw-{}-", trail.instance);
+    let calls: Vec<Value> = traffic_with_prefix(&db, "audit-fhir-", Duration::from_secs(5))
+        .into_iter()
+        .filter(|c| c["body"].as_str().is_some_and(|b| b.contains(&ours)))
+        .collect();
+    assert!(!calls.is_empty());
+    let mut ids = Vec::new();
+    for c in &calls {
+        assert_eq!(c["method"], "POST");
+        let h = &c["headers"];
+        // SEKMET logs the token redacted; that it took the batches (it refuses any other
+        // token) is what proves it was the service's.
+        assert!(h["authorization"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("Bearer ")));
+        assert_eq!(h["x-ms-azurefhir-audit-proxy"], "fhir-gateway");
+        assert!(h.get("x-ms-azurefhir-audit-userid").is_none(), "{h}");
+        assert!(c.to_string().find("caller-token").is_none());
+        let body: Value = serde_json::from_str(c["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "batch");
+        let entries = body["entry"].as_array().unwrap();
+        assert!(entries.len() <= 3);
+        for e in entries {
+            assert_eq!(e["request"]["method"], "PUT");
+            ids.push(e["resource"]["id"].as_str().unwrap().to_string());
+        }
+    }
+    // Each record once: nothing failed, so nothing was sent twice.
+    let mut all: Vec<String> = records
+        .iter()
+        .map(|r| id_of(&trail.instance, r["seq"].as_u64().unwrap()))
+        .collect();
+    all.sort();
+    ids.sort();
+    assert_eq!(ids, all);
+    let text = metrics_text(mport, &gw).await;
+    assert_eq!(metric_value(&text, "fhirgw_audit_fhir_unsent_bytes"), 0.0);
+}
+
+/// Entry statuses for the second batch: taken, refused for good, to send again, taken.
+const HALF: [&str; 4] = [
+    "201 Created",
+    "400 Bad Request",
+    "500 Internal Server Error",
+    "201 Created",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_must() {
+    let batches = Arc::new(AtomicUsize::new(0));
+    let b = batches.clone();
+    let up = ScriptedUpstream::start(move |req, _| {
+        if req.method != "POST" {
+            return Reply::json(200, r#"{"resourceType":"Patient","id":"p1"}"#);
+        }
+        let n = b.fetch_add(1, Ordering::SeqCst);
+        let body: Value = serde_json::from_slice(&req.body).unwrap();
+        let k = body["entry"].as_array().map_or(0, Vec::len);
+        let status = |i: usize| match n {
+            1 => HALF.get(i).copied().unwrap_or("201 Created"),
+            _ => "201 Created",
+        };
+        match n {
+            0 => Reply::json(503, r#"{"resourceType":"OperationOutcome","issue":[]}"#),
+            _ => Reply::json(
+                200,
+                &json!({"resourceType":"Bundle","type":"batch-response",
+                    "entry": (0..k).map(|i| json!({"response":{"status": status(i)}})).collect::<Vec<_>>()})
+                .to_string(),
+            ),
+        }
+    })
+    .await;
+    let trail = Trail::new();
+    let mport = free_port();
+    // Batches of 4: the second one gets HALF.
+    let yaml = trail.yaml(mport).replace("batch: 3", "batch: 4");
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{yaml}",
+        up.base()
+    ))
+    .await;
+    for _ in 0..10 {
+        let r = client()
+            .get(format!("{}/Patient/p1", gw.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    trail.settle(&gw).await;
+
+    let sent: Vec<Vec<String>> = up
+        .received()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| {
+            assert_eq!(r.target, "/fhir");
+            assert_eq!(r.header("prefer"), Some("return=minimal"));
+            assert!(r
+                .header("content-type")
+                .is_some_and(|c| c.starts_with("application/fhir+json")));
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            body["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    assert!(sent.len() >= 3, "{sent:?}");
+    // The refused batch is sent again whole; the half-taken one continues at its first entry
+    // to send again: the refused entry is not repeated.
+    assert_eq!(sent[1], sent[0], "{sent:?}");
+    assert_eq!(sent[2][0], sent[1][2], "{sent:?}");
+    assert!(!sent[2..].iter().flatten().any(|id| *id == sent[1][1]));
+    // Every record arrived (taken or refused for good), none other.
+    let records: Vec<String> = trail
+        .lines()
+        .iter()
+        .filter(|l| l.get("event").is_some())
+        .map(|l| id_of(&trail.instance, l["seq"].as_u64().unwrap()))
+        .collect();
+    assert!(records.len() >= 10);
+    let mut arrived: Vec<String> = sent[1..].iter().flatten().cloned().collect();
+    arrived.sort();
+    arrived.dedup();
+    let mut want = records.clone();
+    want.sort();
+    assert_eq!(arrived, want);
+    let text = metrics_text(mport, &gw).await;
+    assert_eq!(
+        metric_value(&text, "fhirgw_audit_fhir_total{stage=\"rejected\"}"),
+        1.0
+    );
+    assert!(metric_value(&text, "fhirgw_audit_fhir_total{stage=\"failed\"}") >= 2.0);
+    assert_eq!(metric_value(&text, "fhirgw_audit_fhir_unsent_bytes"), 0.0);
+    let refused_seq = sent[1][1].rsplit('-').next().unwrap();
+    gw.log_line(
+        &format!("refused record {refused_seq} (400)"),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // Killed and started again: it continues from its cursor, nothing sent twice.
+    drop(gw);
+    let before = up.received().iter().filter(|r| r.method == "POST").count();
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{yaml}",
+        up.base()
+    ))
+    .await;
+    for _ in 0..2 {
+        let r = client()
+            .get(format!("{}/Patient/p1", gw.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    trail.settle(&gw).await;
+    let after: Vec<String> = up
+        .received()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .skip(before)
+        .flat_map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            body["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let new: Vec<String> = trail
+        .lines()
+        .iter()
+        .filter(|l| l.get("event").is_some())
+        .map(|l| id_of(&trail.instance, l["seq"].as_u64().unwrap()))
+        .filter(|id| !records.contains(id))
+        .collect();
+    assert_eq!(new.len(), 2);
+    assert_eq!(after, new);
+}
+
+#[test]
+fn config_check_refuses_a_bad_fhir_sink() {
+    let trail = Trail::new();
+    let base = format!(
+        "listen:\n  - addr: 127.0.0.1:18099\nupstream:\n  url: http://127.0.0.1:8090/fhir\nauth:\n  mode: insecure_dev\naudit:\n  file: {}\n  key_file: {}\n  fhir:\n",
+        trail.file.display(),
+        trail.key.display()
+    );
+    for (extra, says) in [
+        ("    batch: 0\n", "audit.fhir.batch"),
+        ("    interval_ms: 5\n", "audit.fhir.interval_ms"),
+        ("    cursor: relative/cursor\n", "audit.fhir.cursor"),
+        ("    cursor: /no/such/dir/cursor\n", "audit.fhir.cursor"),
+        ("    topic: x\n", "topic"),
+    ] {
+        let (code, out, err) = check_config(&format!("{base}{extra}"), &[]);
+        assert_ne!(code, 0, "{extra}: accepted\n{out}{err}");
+        assert!(format!("{out}{err}").contains(says), "{extra}: {out}{err}");
+    }
+    let (code, out, err) = check_config(&format!("{base}    batch: 50\n"), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
