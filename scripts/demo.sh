@@ -21,7 +21,7 @@ scripts/peers.sh install
 echo "== building the gateway"
 cargo build --quiet --bin fhir-gateway
 # The audit trail's checkpoint key (a secret: mode 600) and a fresh trail for this run.
-rm -f "$TRAIL" "$TRAIL_KEY"
+rm -f "$TRAIL" "$TRAIL_KEY" "$TRAIL.fhir-sent"
 (umask 077; head -c 48 /dev/urandom | base64 >"$TRAIL_KEY")
 target/debug/fhir-gateway -t -c conf/demo.yaml
 
@@ -237,6 +237,14 @@ printf '  Bob reads his own access log (patient_access_log: true): GET /manage/a
 curl -sS -o /dev/null -w '%{http_code}\n' -H "Authorization: Bearer $OPTOUT" 'http://127.0.0.1:8080/manage/audit?patient=Patient/demo-bob'
 printf '  ... and Ann'"'"'s: => '
 curl -sS -o /dev/null -w '%{http_code} (only their own)\n' -H "Authorization: Bearer $OPTOUT" 'http://127.0.0.1:8080/manage/audit?patient=Patient/demo-ann'
+printf '  the same question asked of SEKMET (audit.fhir sends every AuditEvent there): GET AuditEvent?entity=Patient/demo-bob => '
+# The sink sends every interval_ms (500 ms here): wait until it caught up with the file.
+for _ in $(seq 1 40); do
+  [ "$(cat "$TRAIL.fhir-sent" 2>/dev/null)" = "$(stat -c %s "$TRAIL")" ] && break
+  sleep 0.25
+done
+curl -sS 'http://127.0.0.1:8090/fhir/AuditEvent?entity=Patient/demo-bob&_summary=count' \
+  | python3 -c 'import sys, json; print("%s records: the ones above, and the /manage/audit answers since, which showed Bob'"'"'s records (reading the log is an access too)" % json.load(sys.stdin).get("total"))'
 
 # ---- Events: PublishFHIREvent → spool → Kafka topic fhir-events (docs/events.md) ------------------
 echo; echo "== PublishFHIREvent: writer-app creates, updates and deletes an Observation of Ann"
