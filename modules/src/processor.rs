@@ -205,6 +205,15 @@ pub trait FhirClient: Send + Sync {
 #[async_trait]
 pub trait EventSink: Send + Sync {
     async fn publish(&self, key: &str, event: Value);
+
+    /// An event its module wrote as JSON (an object) itself, with its correlation id: a sink
+    /// that stores bytes needs no tree. By default it is parsed and published as a tree.
+    async fn publish_json(&self, key: &str, json: Vec<u8>, _correlation_id: &str) {
+        match serde_json::from_slice(&json) {
+            Ok(v) => self.publish(key, v).await,
+            Err(e) => debug_assert!(false, "an event that is not JSON: {e}"),
+        }
+    }
 }
 
 /// Everything a module may use for one request.

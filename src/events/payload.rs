@@ -1,26 +1,16 @@
 //! A spool record's payload: the enqueue time, the correlation id, then the event JSON.
 
 use super::queue::Queued;
-use serde_json::Value;
 
 /// The spool payload: the enqueue time (for the delivery latency), the correlation id (a Kafka
 /// header, without parsing the event again), then the event.
 pub(super) fn encode(q: &Queued) -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let cid = q
-        .event
-        .get("correlationid")
-        .or_else(|| q.event.pointer("/data/correlationid"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let cid = &cid.as_bytes()[..cid.len().min(u16::MAX as usize)];
-    let mut out = now.to_be_bytes().to_vec();
+    let cid = &q.correlation_id.as_bytes()[..q.correlation_id.len().min(u16::MAX as usize)];
+    let mut out = Vec::with_capacity(10 + cid.len() + q.json.len());
+    out.extend(now_ms().to_be_bytes());
     out.extend((cid.len() as u16).to_be_bytes());
     out.extend(cid);
-    out.extend(serde_json::to_vec(&q.event).expect("JSON serialises"));
+    out.extend(&q.json);
     out
 }
 

@@ -12,10 +12,30 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One event between the module and the spool.
+/// One event between the module and the spool: its JSON as it will be sent, written on the
+/// request's side, so the writer thread only copies bytes.
 pub(super) struct Queued {
     pub(super) key: String,
-    pub(super) event: Value,
+    pub(super) json: Vec<u8>,
+    /// A Kafka header (the trace), kept beside the JSON so nothing parses it again.
+    pub(super) correlation_id: String,
+}
+
+impl Queued {
+    /// A tree's event: its correlation id is `correlationid`, or `data.correlationid` in a
+    /// CloudEvents envelope.
+    pub(super) fn of(key: &str, event: &Value) -> Queued {
+        let cid = event
+            .get("correlationid")
+            .or_else(|| event.pointer("/data/correlationid"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        Queued {
+            key: key.to_string(),
+            json: serde_json::to_vec(event).expect("JSON serialises"),
+            correlation_id: cid.to_string(),
+        }
+    }
 }
 
 /// The sink lent to modules: a bounded queue in front of the background writer.
@@ -46,11 +66,22 @@ impl Events {
 #[async_trait]
 impl EventSink for Events {
     async fn publish(&self, key: &str, event: Value) {
-        count("produced");
-        let mut q = Queued {
+        self.enqueue(Queued::of(key, &event)).await
+    }
+
+    async fn publish_json(&self, key: &str, json: Vec<u8>, correlation_id: &str) {
+        self.enqueue(Queued {
             key: key.to_string(),
-            event,
-        };
+            json,
+            correlation_id: correlation_id.to_string(),
+        })
+        .await
+    }
+}
+
+impl Events {
+    async fn enqueue(&self, mut q: Queued) {
+        count("produced");
         let deadline = Instant::now() + Duration::from_millis(self.cfg.queue_full_wait_ms);
         let mut waited = false;
         loop {

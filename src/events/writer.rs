@@ -57,8 +57,11 @@ pub(super) fn file_writer(path: PathBuf, rx: Receiver<Queued>, stop: Arc<AtomicB
                     }
                 }
                 let f = file.as_mut().expect("opened above");
-                let line = serde_json::to_string(&q.event).expect("JSON serialises");
-                if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                if let Err(e) = f
+                    .write_all(&q.json)
+                    .and_then(|_| f.write_all(b"\n"))
+                    .and_then(|_| f.flush())
+                {
                     count("dropped_file");
                     error!("event LOST: events file {}: {e}", path.display());
                     continue;

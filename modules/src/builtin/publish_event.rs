@@ -72,7 +72,7 @@ use crate::request::{classify, Interaction};
 use crate::Identity;
 use async_trait::async_trait;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,45 +179,65 @@ impl PublishFhirEvent {
         })
     }
 
-    /// The event JSON (the predecessor's fields plus ours), before any envelope.
-    pub fn event(&self, w: &Write, cx: &Context) -> Value {
+    /// The event's JSON (the predecessor's fields plus ours), in a CloudEvents envelope when
+    /// configured: written straight as bytes, no tree (the spool stores them as they are).
+    pub fn event_json(&self, w: &Write, cx: &Context) -> Vec<u8> {
         let source = self.source.as_deref().unwrap_or(&cx.public_base);
-        let mut e = json!({
-            "action": w.action.name(),
-            "resourcetype": w.rtype,
-            "id": w.id,
-            "version": w.version,
-            "lastupdated": w.last_updated,
-            "source": source,
-            "tenant": cx.identity.as_ref().and_then(|i| i.tenant.clone()),
-            "user": cx.identity.as_ref().map(|i| i.user_id.clone()),
-            "correlationid": cx.correlation_id,
-            "patient": w.patient,
-        });
-        if let (Some(c), Some(o)) = (&w.criteria, e.as_object_mut()) {
-            o.insert("criteria".into(), Value::String(c.clone()));
+        let mut out = Vec::with_capacity(512);
+        if self.cloudevents {
+            out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+            json_str(&mut out, &unique_id());
+            out.extend_from_slice(br#","source":"#);
+            json_str(&mut out, source);
+            out.extend_from_slice(br#","type":"#);
+            json_str(
+                &mut out,
+                &format!("{}.{}", self.ce_type_prefix, w.action.ce_suffix()),
+            );
+            out.extend_from_slice(br#","subject":"#);
+            json_str(&mut out, &w.subject());
+            if let Some(t) = &w.last_updated {
+                out.extend_from_slice(br#","time":"#);
+                json_str(&mut out, t);
+            }
+            out.extend_from_slice(br#","datacontenttype":"application/json","data":"#);
         }
-        e
+        let identity = cx.identity.as_ref();
+        out.extend_from_slice(br#"{"action":"#);
+        json_str(&mut out, w.action.name());
+        for (key, value) in [
+            (&br#","resourcetype":"#[..], Some(w.rtype.as_str())),
+            (br#","id":"#, w.id.as_deref()),
+            (br#","version":"#, w.version.as_deref()),
+            (br#","lastupdated":"#, w.last_updated.as_deref()),
+            (br#","source":"#, Some(source)),
+            (br#","tenant":"#, identity.and_then(|i| i.tenant.as_deref())),
+            (br#","user":"#, identity.map(|i| i.user_id.as_str())),
+            (br#","correlationid":"#, Some(cx.correlation_id.as_str())),
+            (br#","patient":"#, w.patient.as_deref()),
+        ] {
+            out.extend_from_slice(key);
+            match value {
+                Some(v) => json_str(&mut out, v),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        if let Some(c) = &w.criteria {
+            out.extend_from_slice(br#","criteria":"#);
+            json_str(&mut out, c);
+        }
+        out.push(b'}');
+        if self.cloudevents {
+            out.push(b'}');
+        }
+        out
     }
+}
 
-    fn envelope(&self, w: &Write, event: Value, cx: &Context) -> Value {
-        let source = self.source.as_deref().unwrap_or(&cx.public_base);
-        let mut o = Map::new();
-        o.insert("specversion".into(), json!("1.0"));
-        o.insert("id".into(), Value::String(unique_id()));
-        o.insert("source".into(), json!(source));
-        o.insert(
-            "type".into(),
-            Value::String(format!("{}.{}", self.ce_type_prefix, w.action.ce_suffix())),
-        );
-        o.insert("subject".into(), Value::String(w.subject()));
-        if let Some(t) = &w.last_updated {
-            o.insert("time".into(), json!(t));
-        }
-        o.insert("datacontenttype".into(), json!("application/json"));
-        o.insert("data".into(), event);
-        Value::Object(o)
-    }
+/// `s` as a JSON string, escaped.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[async_trait]
@@ -248,13 +268,10 @@ impl PostProcess for PublishFhirEvent {
                 // events stay in order on one partition).
                 w.patient = deleted_owner(&w, &bases, cx).await;
             }
-            let event = self.event(&w, cx);
-            let event = if self.cloudevents {
-                self.envelope(&w, event, cx)
-            } else {
-                event
-            };
-            cx.events.publish(&w.key(), event).await;
+            let json = self.event_json(&w, cx);
+            cx.events
+                .publish_json(&w.key(), json, &cx.correlation_id)
+                .await;
         }
         Ok(PostOutcome::Continue)
     }

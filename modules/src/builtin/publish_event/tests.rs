@@ -2,6 +2,7 @@ use super::*;
 use crate::identity::Identity;
 use crate::processor::Body;
 use crate::testing::{context, req, MemorySink};
+use serde_json::json;
 use std::sync::Arc;
 
 fn module(cloudevents: bool) -> PublishFhirEvent {
@@ -720,4 +721,46 @@ async fn a_delete_is_keyed_by_the_patient_of_its_last_version() {
     assert_eq!(got[0].1["patient"], "Patient/p7");
     assert_eq!(got[0].1["action"], "Deleted");
     assert_eq!(client.calls(), ["GET Observation/o9/_history?_count=5"]);
+}
+
+#[test]
+fn the_event_is_written_in_its_key_order_with_nulls_and_escapes() {
+    let mut cx = context();
+    cx.correlation_id = "corr \"1\"".into();
+    let w = Write {
+        action: Action::Updated,
+        rtype: "Observation".into(),
+        id: Some("o1".into()),
+        version: None,
+        last_updated: Some("2024-05-01T10:00:00Z".into()),
+        patient: None,
+        criteria: Some("Observation?code=a\\b".into()),
+    };
+    let plain = module(false).event_json(&w, &cx);
+    assert_eq!(
+        std::str::from_utf8(&plain).unwrap(),
+        r#"{"action":"Updated","resourcetype":"Observation","id":"o1","version":null,"lastupdated":"2024-05-01T10:00:00Z","source":"https://gw.example/fhir","tenant":null,"user":null,"correlationid":"corr \"1\"","patient":null,"criteria":"Observation?code=a\\b"}"#
+    );
+    let ce = module(true).event_json(&w, &cx);
+    let text = std::str::from_utf8(&ce).unwrap();
+    let v: Value = serde_json::from_slice(&ce).unwrap();
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "datacontenttype",
+            "data"
+        ]
+    );
+    assert!(text.ends_with(&format!(
+        ",\"data\":{}}}",
+        std::str::from_utf8(&plain).unwrap()
+    )));
+    assert_eq!(v["type"], "org.hl7.fhir.resource.updated");
 }
