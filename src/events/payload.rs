@@ -24,7 +24,7 @@ pub(crate) fn encode_raw(value: &[u8]) -> Vec<u8> {
     out
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -45,10 +45,7 @@ pub(crate) fn decode(payload: &[u8]) -> (u64, &[u8], &[u8]) {
     }
 }
 
-pub(super) fn since_ms(t: u64) -> f64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+/// Seconds from `t` (ms since the epoch) to `now` (the same).
+pub(super) fn seconds_between(t: u64, now: u64) -> f64 {
     now.saturating_sub(t) as f64 / 1000.0
 }
