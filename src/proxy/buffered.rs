@@ -2,47 +2,9 @@
 //! pre chain, calls the FHIR server through the one upstream client, runs the post chain on the
 //! parsed response and writes the result with a length.
 
+use super::exchange::{Exchanged, Origin};
+use super::plan::Plan;
 use super::*;
-use crate::faithful;
-use fhir_gateway_modules::compartment::decides_owner;
-use fhir_gateway_modules::conditional;
-use fhir_gateway_modules::processor::BodyAccess;
-
-/// The FHIR server's answer as it came: the tree the post chain starts from, and its bytes.
-pub(super) struct Origin {
-    pub tree: Parsed,
-    pub raw: Bytes,
-}
-
-/// How the server's JSON was parsed for the post chain.
-pub(super) enum Parsed {
-    Whole(Value),
-    /// For filters only: resources cut down to what decides their owner.
-    Cut(faithful::CutBundle),
-    /// Every module only reads (`BodyAccess::Read`): the answer is the server's bytes.
-    Untouched,
-}
-
-impl Parsed {
-    /// Whether the post chain left the answer as the server sent it.
-    fn unchanged(&self, out: &Value) -> bool {
-        match self {
-            Parsed::Whole(v) => v == out,
-            Parsed::Cut(c) => &c.tree == out,
-            Parsed::Untouched => true,
-        }
-    }
-
-    /// `out`, the post chain's edit of this tree, as bytes: the server's wherever unchanged.
-    fn to_vec(&self, out: &Value, raw: &[u8]) -> Vec<u8> {
-        match self {
-            _ if self.unchanged(out) => raw.to_vec(),
-            Parsed::Whole(orig) => faithful::to_vec(out, orig, raw),
-            Parsed::Cut(c) => c.to_vec(out, raw),
-            Parsed::Untouched => raw.to_vec(),
-        }
-    }
-}
 
 /// What the buffered road answers with.
 enum Answer {
@@ -269,89 +231,25 @@ impl FhirProxy {
             Admit::Buffered(b) => Some(b),
             Admit::Proxy => None,
         };
+        // Under break-the-glass: the filters its session bypasses.
+        let glass = ctx.glass.as_ref().map(|_| match &gw.glass {
+            Some(g) => g.bypass.as_slice(),
+            None => &[],
+        });
         let caller = ctx.identity.as_deref();
-        // A break-the-glass read skips the filters the session bypasses.
-        let unglassed;
-        let post_modules: &[Arc<dyn PostProcess>] = match (&ctx.glass, &gw.glass) {
-            (Some(_), Some(g)) => {
-                unglassed = route
-                    .post
-                    .iter()
-                    .filter(|m| !g.bypass.iter().any(|b| b == m.name()))
-                    .cloned()
-                    .collect::<Vec<_>>();
-                &unglassed
-            }
-            _ => &route.post,
-        };
-        // Each module is asked once (`applies` may classify the request).
-        let pre_needs: Vec<(bool, bool)> = route
-            .pre
-            .iter()
-            .filter(|m| m.applies(&req, caller))
-            .map(|m| (m.needs_body(), m.finishes()))
-            .collect();
-        let pre_applies = !pre_needs.is_empty();
-        let pre_needs_body = pre_needs.iter().any(|(body, _)| *body);
-        let pre_finishes = pre_needs.iter().any(|(_, finish)| *finish);
-        let post_reads: Vec<BodyAccess> = post_modules
-            .iter()
-            .chain(&scope)
-            .filter(|m| m.applies(&req, caller))
-            .map(|m| m.reads())
-            .collect();
-        let post_applies = !post_reads.is_empty();
-        let post_needs_body = post_reads.iter().any(|r| *r != BodyAccess::Headers);
-        // Shadow candidates judge a copy of the same tree (so it must hold what they read);
-        // not under break-the-glass, whose reads skip the filters on purpose.
-        let shadow: Vec<Arc<dyn PostProcess>> =
-            match post_applies && ctx.glass.is_none() && !route.shadow.is_empty() {
-                true => route.shadow.iter().chain(&scope).cloned().collect(),
-                false => Vec::new(),
-            };
-        let filters_only = post_reads
-            .iter()
-            .copied()
-            .chain(
-                shadow
-                    .iter()
-                    .filter(|m| m.applies(&req, caller))
-                    .map(|m| m.reads()),
-            )
-            .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
-        // Observers only (and no shadow run on a copy): nothing is kept to compare.
-        let read_only = shadow.is_empty()
-            && post_reads
-                .iter()
-                .all(|r| matches!(r, BodyAccess::Read | BodyAccess::Headers));
-        // A write a filter judges before it is sent needs its body (and a DELETE, which has
-        // none, must not stream past the check).
-        let checks_write = post_modules
-            .iter()
-            .chain(&scope)
-            .any(|m| m.checks_write(&req, caller));
-        // A filtered caller's conditional write: its search is resolved here first, over what
-        // the caller may see (`conditional.rs`), so it needs the buffered road.
-        let conditional =
-            conditional::may_be_conditional(&req) && conditional::filtered(post_modules, caller);
-        let buffered = body.is_some()
-            || pre_needs_body
-            || pre_finishes
-            || post_needs_body
-            || checks_write
-            || conditional;
-        if !buffered && !pre_applies {
+        let plan = Plan::new(route, &scope, glass, &req, caller, body.is_some());
+        if !plan.buffered && !plan.pre_applies {
             // Headers-only post modules run on the streamed answer's head.
-            ctx.head_chain = post_applies.then_some(req);
+            ctx.head_chain = plan.post_applies.then_some(req);
             return Ok(false);
         }
-        if buffered && body.is_none() {
+        if plan.buffered && body.is_none() {
             body = Some(self.read_body(session, &mut ctx.body).await?);
         }
         req.body = body.map(|b| b.to_vec());
         // A module that finishes on the answer compares it with what the caller sent.
-        let original = pre_finishes.then(|| req.clone());
-        if post_applies {
+        let original = plan.pre_finishes.then(|| req.clone());
+        if plan.post_applies {
             // The post chain decides what this caller sees, so the server must not answer a
             // conditional read with a 304 the chain cannot judge (see `CallIdentity::filtered`).
             if ctx.call.is_none() {
@@ -368,9 +266,9 @@ impl FhirProxy {
         // left to answer. Only when the request body was read (or there is none), so the
         // watch cannot swallow body bytes.
         let work = async {
-            if conditional {
+            if plan.conditional {
                 if let Some(mut r) =
-                    chain::resolve_conditionals(&route.prefix, post_modules, &mut req, &cx).await?
+                    chain::resolve_conditionals(&route.prefix, &plan.post, &mut req, &cx).await?
                 {
                     tag_outcome(&mut r, &ctx.correlation_id);
                     return Ok(Some(Answer::Module(r, None)));
@@ -389,7 +287,7 @@ impl FhirProxy {
                     tag_outcome(&mut r, &ctx.correlation_id);
                     (r, None)
                 }
-                PreResult::Continue if !buffered => {
+                PreResult::Continue if !plan.buffered => {
                     // Only the path or query changed: the exchange can still stream.
                     check_path(req.path.as_bytes()).map_err(|why| {
                         GatewayError::Internal(format!("a module produced a bad path: {why}"))
@@ -397,69 +295,24 @@ impl FhirProxy {
                     self.authorize_final(ctx, &req)?;
                     ctx.rest = req.path.clone();
                     ctx.query = (!req.query.is_empty()).then(|| req.query.clone().into_bytes());
-                    ctx.head_chain = post_applies.then(|| req.clone());
+                    ctx.head_chain = plan.post_applies.then(|| req.clone());
                     return Ok(None);
                 }
                 PreResult::Continue => {
                     self.authorize_final(ctx, &req)?;
                     // What goes upstream is judged, after the pre chain: a refusal is the
                     // answer and the server never sees the write.
-                    let judges: Vec<_> = scope.iter().chain(post_modules).cloned().collect();
+                    let judges: Vec<_> = scope.iter().chain(plan.post.iter()).cloned().collect();
                     if let Some(mut refused) =
                         chain::check_writes(&route.prefix, &judges, &req, &cx).await?
                     {
                         tag_outcome(&mut refused, &ctx.correlation_id);
                         return Ok(Some(Answer::Module(refused, None)));
                     }
-                    let mut target = req.path.clone();
-                    if !req.query.is_empty() {
-                        target.push('?');
-                        target.push_str(&req.query);
-                    }
-                    ctx.attempts += 1;
-                    ctx.road = "buffered";
-                    let sent = Instant::now();
-                    let fetched = client
-                        .call(ClientRequest {
-                            method: req.method.clone(),
-                            path_and_query: target,
-                            headers: req.headers.clone(),
-                            body: req.body.clone(),
-                        })
-                        .await?;
-                    ctx.upstream_status = Some(fetched.status);
-                    ctx.attempts += fetched.attempts - 1;
-                    ctx.upstream_length = fetched.length;
-                    ctx.upstream_ms = Some(sent.elapsed().as_millis());
-                    if (200..300).contains(&fetched.status) {
-                        ctx.written.iter().for_each(|t| gw.invalidate(t));
-                    }
-                    if !post_applies && original.is_none() {
-                        return Ok(Some(Answer::Server(fetched)));
-                    }
-                    // Modules edit the parsed tree; the faithful writer reuses the server's bytes
-                    // for whatever they left unchanged. Filters that judge only whose data a
-                    // resource is get a Bundle's resources cut down to what decides that.
-                    let raw = fetched.body.clone();
-                    let cut = filters_only && original.is_none() && fetched.is_json();
-                    let (r, origin) = match cut.then(|| faithful::parse_cut(&raw, decides_owner)) {
-                        Some(Some(c)) => {
-                            let r = fetched.into_parsed(c.tree.clone());
-                            (r, Some(Parsed::Cut(c)))
-                        }
-                        _ => {
-                            let r = fetched.into_response();
-                            let tree = match r.json_body() {
-                                Some(_) if read_only && original.is_none() => {
-                                    Some(Parsed::Untouched)
-                                }
-                                t => t.cloned().map(Parsed::Whole),
-                            };
-                            (r, tree)
-                        }
+                    let (mut r, origin) = match self.exchange(ctx, &client, &req, &plan).await? {
+                        Exchanged::AsIs(fetched) => return Ok(Some(Answer::Server(fetched))),
+                        Exchanged::Parsed(r, origin) => (r, origin),
                     };
-                    let origin = origin.map(|tree| Origin { tree, raw });
-                    let mut r = r;
                     if let Some(original) = &original {
                         chain::run_finish(&route.prefix, &route.pre, original, &req, &mut r, &cx)
                             .await?;
@@ -467,19 +320,19 @@ impl FhirProxy {
                     (r, origin)
                 }
             };
-            let copy = (!shadow.is_empty()).then(|| resp.clone());
-            chain::run_post(&route.prefix, post_modules, &req, &mut resp, &cx).await?;
+            let copy = (!plan.shadow.is_empty()).then(|| resp.clone());
+            chain::run_post(&route.prefix, &plan.post, &req, &mut resp, &cx).await?;
             // Also when a route module stopped the chain: what it answered is judged too.
             chain::run_post(&route.prefix, &scope, &req, &mut resp, &cx).await?;
             if let Some(copy) = copy {
-                chain::shadow::spawn(&route.prefix, shadow.clone(), &req, copy, &resp, &cx);
+                chain::shadow::spawn(&route.prefix, plan.shadow.clone(), &req, copy, &resp, &cx);
             }
             if let Some(not_modified) = not_modified(&req, &resp, origin.as_ref()) {
                 return Ok(Some(Answer::Module(not_modified, None)));
             }
             Ok::<_, GatewayError>(Some(Answer::Module(resp, origin)))
         };
-        let outcome = if buffered {
+        let outcome = if plan.buffered {
             tokio::select! {
                 r = work => r,
                 _ = client_gone(session) => Err(GatewayError::ClientGone),
@@ -487,6 +340,17 @@ impl FhirProxy {
         } else {
             work.await
         };
+        self.send_answer(session, ctx, outcome).await
+    }
+
+    /// Writes what the chains answered. `Ok(false)`: the exchange streams after all (only the
+    /// path or query changed); a client that left is logged, not answered.
+    async fn send_answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        outcome: std::result::Result<Option<Answer>, GatewayError>,
+    ) -> std::result::Result<bool, GatewayError> {
         match outcome {
             Ok(Some(Answer::Module(resp, origin))) => {
                 self.write_module_response(session, ctx, resp, origin.as_ref())

@@ -20,6 +20,7 @@ mod audit;
 mod body_guard;
 mod buffered;
 mod bulk;
+mod exchange;
 mod explain;
 #[doc(hidden)]
 pub mod fixed;
@@ -28,6 +29,7 @@ mod links_guard;
 mod local;
 mod manage;
 mod one_write;
+mod plan;
 mod public_base;
 mod respond;
 mod response;
