@@ -94,6 +94,33 @@ async fn every_write_shape_publishes_exactly_its_events() {
     .await;
     assert_eq!(s, 201);
     let oid = o["id"].as_str().unwrap().to_string();
+    // The answer to a write goes out as the server's bytes (the event reads a cut-down parse
+    // of it): SEKMET's escape stays an escape, its key order stays, as its own read shows.
+    let raw = format!(
+        r#"{{"resourceType":"Observation","status":"final","code":{{"text":"t\u00e9 {m}"}},"subject":{{"reference":"Patient/{pid}"}}}}"#
+    );
+    let r = client()
+        .post(format!("{}/Observation", gw.base()))
+        .bearer_auth(&w)
+        .header("Content-Type", "application/fhir+json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let answer = r.text().await.unwrap();
+    assert!(answer.contains(r"t\u00e9"), "{answer}");
+    let escaped: Value = serde_json::from_str(&answer).unwrap();
+    let esc_id = escaped["id"].as_str().unwrap().to_string();
+    let direct = client()
+        .get(format!("{}/Observation/{esc_id}", sekmet_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(answer, direct);
     // update, patch
     let mut upd = obs("final");
     upd["id"] = json!(oid);
@@ -221,6 +248,7 @@ async fn every_write_shape_publishes_exactly_its_events() {
     let expected = vec![
         ("Created", "Patient", pid.clone(), pk.clone()),
         ("Created", "Observation", oid.clone(), pk.clone()),
+        ("Created", "Observation", esc_id, pk.clone()),
         ("Updated", "Observation", oid.clone(), pk.clone()),
         ("Updated", "Observation", oid.clone(), pk.clone()),
         ("Created", "Observation", minimal_id, pk.clone()),

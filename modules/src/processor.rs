@@ -286,8 +286,12 @@ pub enum BodyAccess {
     Compartment,
     /// Anything, and it changes nothing: neither the status, the headers nor the body. The
     /// gateway then sends the server's bytes as they came and keeps no copy of the tree to
-    /// compare with (an observer, such as PublishFHIREvent).
+    /// compare with (an observer).
     Read,
+    /// Only what decides whose data each resource is (as `Compartment`), and it changes
+    /// nothing (as `Read`): the gateway may parse the answer cut down to those elements, a
+    /// single resource too, and sends the server's bytes (PublishFHIREvent).
+    ReadOwners,
 }
 
 #[async_trait]

@@ -18,7 +18,8 @@ pub(super) enum Parsed {
     Whole(Value),
     /// For filters only: resources cut down to what decides their owner.
     Cut(faithful::CutBundle),
-    /// Every module only reads (`BodyAccess::Read`): the answer is the server's bytes.
+    /// Every module only reads (`BodyAccess::Read`, `ReadOwners`): the answer is the server's
+    /// bytes.
     Untouched,
 }
 
@@ -96,21 +97,42 @@ impl FhirProxy {
         // resource is get a Bundle's resources cut down to what decides that.
         let raw = fetched.body.clone();
         let cut = plan.filters_only && !finishes && fetched.is_json();
-        let (r, origin) = match cut.then(|| faithful::parse_cut(&raw, decides_owner)) {
-            Some(Some(c)) => {
-                let r = fetched.into_parsed(c.tree.clone());
-                (r, Some(Parsed::Cut(c)))
+        let read_only = plan.read_only && !finishes;
+        let (r, origin) = if cut && read_only {
+            // Observers of owners only (PublishFHIREvent): one resource is cut down too, and
+            // nothing is kept to compare with (the answer goes out as the server's bytes).
+            let tree = match faithful::cut_document(&raw, decides_owner) {
+                Some(t) if t.get("resourceType").and_then(Value::as_str) != Some("Bundle") => {
+                    Some(t)
+                }
+                // A Bundle keeps its own members: cut as the filters get it.
+                Some(_) => faithful::parse_cut(&raw, decides_owner).map(|c| c.tree),
+                None => None,
+            };
+            match tree {
+                Some(t) => (fetched.into_parsed(t), Some(Parsed::Untouched)),
+                None => parse_whole(fetched, read_only),
             }
-            _ => {
-                let r = fetched.into_response();
-                let tree = match r.json_body() {
-                    Some(_) if plan.read_only && !finishes => Some(Parsed::Untouched),
-                    t => t.cloned().map(Parsed::Whole),
-                };
-                (r, tree)
+        } else {
+            match cut.then(|| faithful::parse_cut(&raw, decides_owner)) {
+                Some(Some(c)) => {
+                    let r = fetched.into_parsed(c.tree.clone());
+                    (r, Some(Parsed::Cut(c)))
+                }
+                _ => parse_whole(fetched, read_only),
             }
         };
         let origin = origin.map(|tree| Origin { tree, raw });
         Ok(Exchanged::Parsed(r, origin))
     }
+}
+
+/// The answer parsed whole; a copy kept to compare with unless every module only reads.
+fn parse_whole(fetched: Fetched, read_only: bool) -> (ModResponse, Option<Parsed>) {
+    let r = fetched.into_response();
+    let tree = match r.json_body() {
+        Some(_) if read_only => Some(Parsed::Untouched),
+        t => t.cloned().map(Parsed::Whole),
+    };
+    (r, tree)
 }

@@ -27,7 +27,8 @@ pub(super) struct Plan<'r> {
     /// gateway's client calls the FHIR server. Otherwise the answer streams through Pingora.
     pub buffered: bool,
     /// What applies (shadow candidates too) reads only what decides whose data a resource is,
-    /// or headers: a Bundle may be parsed cut down to that.
+    /// or headers: a Bundle may be parsed cut down to that (and, with `read_only`, a single
+    /// resource too).
     pub filters_only: bool,
     /// Observers only (and no shadow run on a copy): nothing is kept to compare.
     pub read_only: bool,
@@ -93,12 +94,20 @@ impl<'r> Plan<'r> {
                     .filter(|m| m.applies(req, caller))
                     .map(|m| m.reads()),
             )
-            .all(|r| matches!(r, BodyAccess::Compartment | BodyAccess::Headers));
+            .all(|r| {
+                matches!(
+                    r,
+                    BodyAccess::Compartment | BodyAccess::ReadOwners | BodyAccess::Headers
+                )
+            });
         // Observers only (and no shadow run on a copy): nothing is kept to compare.
         let read_only = shadow.is_empty()
-            && post_reads
-                .iter()
-                .all(|r| matches!(r, BodyAccess::Read | BodyAccess::Headers));
+            && post_reads.iter().all(|r| {
+                matches!(
+                    r,
+                    BodyAccess::Read | BodyAccess::ReadOwners | BodyAccess::Headers
+                )
+            });
         // A write a filter judges before it is sent needs its body (and a DELETE, which has
         // none, must not stream past the check).
         let checks_write = post
@@ -261,7 +270,23 @@ mod tests {
         assert_eq!(plan_of(BodyAccess::Headers), (false, true, true));
         assert_eq!(plan_of(BodyAccess::Compartment), (true, true, false));
         assert_eq!(plan_of(BodyAccess::Read), (true, false, true));
+        assert_eq!(plan_of(BodyAccess::ReadOwners), (true, true, true));
         assert_eq!(plan_of(BodyAccess::Whole), (true, false, false));
+        // Together, each narrows what the other allows.
+        let two = |a: BodyAccess, b: BodyAccess| {
+            let r = route(vec![], vec![post("A", a), post("B", b)], vec![]);
+            let p = plan(&r, &get, Role::Reader);
+            (p.filters_only, p.read_only)
+        };
+        let (owners, filter, read) = (
+            BodyAccess::ReadOwners,
+            BodyAccess::Compartment,
+            BodyAccess::Read,
+        );
+        assert_eq!(two(owners, filter), (true, false));
+        assert_eq!(two(owners, read), (false, true));
+        assert_eq!(two(owners, BodyAccess::Headers), (true, true));
+        assert_eq!(two(owners, BodyAccess::Whole), (false, false));
     }
 
     #[test]

@@ -251,7 +251,8 @@ impl PostProcess for PublishFhirEvent {
     }
 
     fn reads(&self) -> crate::processor::BodyAccess {
-        crate::processor::BodyAccess::Read
+        // Type, id, meta and the compartment references: all an event holds.
+        crate::processor::BodyAccess::ReadOwners
     }
 
     async fn process(
