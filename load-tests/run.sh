@@ -530,18 +530,22 @@ def check(path, n_match, n_notice, prefix, forbidden, subject, tag):
     print(len(match), len(notice), len(raw))
 
 def threads(pid):
-    """CPU ticks (utime + stime) of the live threads of <pid>, summed by thread name."""
-    out = {}
+    """CPU ticks (utime + stime) and context switches of the live threads of <pid>, summed by
+    thread name."""
+    out, sw = {}, {}
     for t in os.listdir(f"/proc/{pid}/task"):
         try:
             s = open(f"/proc/{pid}/task/{t}/stat").read()
+            status = open(f"/proc/{pid}/task/{t}/status").read().splitlines()
         except OSError:
             continue
         name = s[s.index("(") + 1:s.rindex(")")].replace(" ", "_") or "?"
         f = s[s.rindex(")") + 2:].split()
         out[name] = out.get(name, 0) + int(f[11]) + int(f[12])
+        sw[name] = sw.get(name, 0) + sum(int(l.split()[1]) for l in status
+                                         if l.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
     for k, v in sorted(out.items()):
-        print(f"{k}\t{v}")
+        print(f"{k}\t{v}\t{sw[k]}")
 
 def ctxsw(pid):
     """Context switches (voluntary + involuntary) of the live threads of <pid>."""
@@ -1419,6 +1423,7 @@ if has p3; then
       local writes
       writes=$(cat "$TMP"/wrk.p3."${key#*/}".*.txt | awk '/ requests in / { n += $1 } END { print n + 0 }')
       CTX_PER_WRITE[${key#*/}]=$(awk -v c="${CTX_SUM[${key#*/}]}" -v n="$writes" 'BEGIN { printf "%.2f", (n > 0 ? c / n : 0) }')
+      P3_WRITES[${key#*/}]=$writes
     fi
     [[ $key == p3/gateway-events ]] || return 0
     if [[ $when == before ]]; then
@@ -1446,7 +1451,7 @@ if has p3; then
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$r" "$produced" "$deliv" "$evs" "$depth" "$dr" "$dropped" "$failed" >>"$EV_TSV"
     [[ $dr != timeout ]] || die "p3: the events did not drain within $DRAIN_TIMEOUT s"
   }
-  declare -A CTX_PER_WRITE
+  declare -A CTX_PER_WRITE P3_WRITES
   declare -A CTX0 CTX_SUM
   HOOK=p3_hook
   log "p3: writes (POST $P3_PATH, $P3_REQ_BYTES-byte body), $RUNS run(s) per path"
@@ -1467,10 +1472,10 @@ if has p3; then
     P3_TOT_DROPPED=$((P3_TOT_DROPPED + $(metric "$TMP/ev.end" "$st")))
   done
   # where the CPU went: per thread name, ticks over the peak phase -> % of the process's CPU
-  thread_table() { # thread_table <path> -> "name ticks pct" lines, biggest first
+  thread_table() { # thread_table <path> -> "name ticks pct ctx-switches" lines, biggest first
     [[ -s $THR_DIR/$1.before && -s $THR_DIR/$1.after ]] || return 0
-    awk -F'\t' 'NR == FNR { b[$1] = $2; next } { d[$1] = $2 - b[$1]; tot += $2 - b[$1] }
-      END { for (k in d) if (d[k] > 0) printf "%s\t%d\t%.1f\n", k, d[k], d[k] * 100 / tot }' \
+    awk -F'\t' 'NR == FNR { b[$1] = $2; bc[$1] = $3; next } { d[$1] = $2 - b[$1]; c[$1] = $3 - bc[$1]; tot += $2 - b[$1] }
+      END { for (k in d) if (d[k] > 0) printf "%s\t%d\t%.1f\t%d\n", k, d[k], d[k] * 100 / tot, c[k] }' \
       "$THR_DIR/$1.before" "$THR_DIR/$1.after" | sort -t$'\t' -k2,2nr
   }
 fi
@@ -1746,12 +1751,12 @@ mkdir -p "$RESULTS"
       echo "- **Events were lost at peak**: $P3_PEAK_DROPPED of the $P3_PEAK_PRODUCED events of the peak runs were dropped (${P3_DROP_STAGES:-?}: \`fhirgw_events_total{stage=\"dropped_*\"}\`; the writes themselves were answered 201). With every thread on one core, the spool writer does not keep up with the request thread at full load and the bounded queue (\`events.queue_capacity\`, 10,000) overflows (docs/events.md, *What happens at each limit*)."
     fi
     echo
-    echo "CPU by thread over the peak runs (ticks of the live threads, by name; % of the process's CPU):"
+    echo "CPU by thread over the peak runs (ticks of the live threads, by name; % of the process's CPU; context switches of those threads per write, from the first peak run's start to the last one's end):"
     echo
-    echo "| gateway | thread | CPU s | % |"
-    echo "|---|---|---:|---:|"
+    echo "| gateway | thread | CPU s | % | ctx switches / write |"
+    echo "|---|---|---:|---:|---:|"
     for g in gateway gateway-events; do
-      thread_table "$g" | awk -F'\t' -v g="$g" -v hz="$CLK_TCK" '{ printf "| %s | %s | %.2f | %s |\n", g, $1, $2 / hz, $3 }'
+      thread_table "$g" | awk -F'\t' -v g="$g" -v hz="$CLK_TCK" -v n="${P3_WRITES[$g]:-0}" '{ printf "| %s | %s | %.2f | %s | %.3f |\n", g, $1, $2 / hz, $3, (n > 0 ? $4 / n : 0) }'
     done
     echo
     echo "- Context switches (voluntary + involuntary, all threads, \`/proc/<pid>/task/*/status\`) per write over the peak runs: gateway **${CTX_PER_WRITE[gateway]:-?}**, gateway-events **${CTX_PER_WRITE[gateway-events]:-?}**."
