@@ -240,7 +240,7 @@ curl -sS -o /dev/null -w '%{http_code} (only their own)\n' -H "Authorization: Be
 printf '  the same question asked of SEKMET (audit.fhir sends every AuditEvent there): GET AuditEvent?entity=Patient/demo-bob => '
 # The sink sends every interval_ms (500 ms here): wait until it caught up with the file.
 for _ in $(seq 1 40); do
-  [ "$(cat "$TRAIL.fhir-sent" 2>/dev/null)" = "$(stat -c %s "$TRAIL")" ] && break
+  [ "$(cut -d' ' -f1 "$TRAIL.fhir-sent" 2>/dev/null)" = "$(stat -c %s "$TRAIL")" ] && break
   sleep 0.25
 done
 curl -sS 'http://127.0.0.1:8090/fhir/AuditEvent?entity=Patient/demo-bob&_summary=count' \

@@ -47,11 +47,21 @@ impl Trail {
         )
     }
 
+    /// The sink's position: `<offset> <inode>`.
     fn cursor(&self) -> u64 {
         std::fs::read_to_string(format!("{}.fhir-sent", self.file.display()))
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
+    }
+
+    fn cursor_inode(&self) -> Option<u64> {
+        std::fs::read_to_string(format!("{}.fhir-sent", self.file.display()))
+            .ok()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     fn len(&self) -> u64 {
@@ -60,12 +70,7 @@ impl Trail {
 
     /// The file's lines as trees.
     fn lines(&self) -> Vec<Value> {
-        std::fs::read(&self.file)
-            .unwrap_or_default()
-            .split(|&c| c == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect()
+        lines_of(&self.file)
     }
 
     /// Waits until the sink has sent the whole file and the writer wrote nothing more.
@@ -92,6 +97,16 @@ impl Drop for Trail {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A trail file's lines as trees.
+fn lines_of(file: &std::path::Path) -> Vec<Value> {
+    std::fs::read(file)
+        .unwrap_or_default()
+        .split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
 }
 
 fn id_of(instance: &str, seq: u64) -> String {
@@ -397,6 +412,95 @@ async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_m
         .collect();
     assert_eq!(new.len(), 2);
     assert_eq!(after, new);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trail_rotated_mid_stream_reaches_the_server_whole() {
+    require_peer(&format!("{SEKMET_AUTH}/metadata")).await;
+    let trail = Trail::new();
+    let gw = Gateway::start_env(
+        &format!(
+            "upstream:\n  url: {SEKMET_AUTH}\n  identity:\n    type: static_bearer\n    token: \"${{GW_UPSTREAM_TOKEN}}\"\nauth:\n  mode: insecure_dev\n{}",
+            // Slow enough that the sink is behind when the file is moved.
+            trail.yaml(free_port()).replace("interval_ms: 200", "interval_ms: 3000")
+        ),
+        &[("GW_UPSTREAM_TOKEN", SEKMET_AUTH_TOKEN)],
+    )
+    .await;
+    let get = |n: usize| {
+        let url = format!("{}/metadata?n={n}", gw.base());
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // The sink has taken the file once (it holds it open from then on)...
+    get(0).await;
+    trail.settle(&gw).await;
+    // ...and is behind when it is moved.
+    for n in 1..3 {
+        get(n).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trail
+        .lines()
+        .iter()
+        .filter(|l| l.get("event").is_some())
+        .count()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "records not written\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        trail.cursor() < trail.len(),
+        "the sink is not behind: the test shows nothing"
+    );
+    // Moved aside as logrotate does (no copytruncate) while the sink is behind; more records
+    // then go to a new file.
+    let old = trail.dir.join("audit.jsonl.1");
+    std::fs::rename(&trail.file, &old).unwrap();
+    for n in 3..8 {
+        get(n).await;
+    }
+    let new_inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&trail.file).ok().map(|m| m.ino())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(trail.cursor_inode() == new_inode() && trail.cursor() == trail.len()) {
+        assert!(
+            Instant::now() < deadline,
+            "the sink did not take the new file: cursor {:?} {}, file {:?} {}\n{}",
+            trail.cursor_inode(),
+            trail.cursor(),
+            new_inode(),
+            trail.len(),
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut records: Vec<Value> = lines_of(&old);
+    records.extend(trail.lines());
+    let records: Vec<&Value> = records
+        .iter()
+        .filter(|l| l.get("event").is_some())
+        .collect();
+    assert_eq!(records.len(), 8, "{records:#?}");
+    for rec in records {
+        let id = id_of(&trail.instance, rec["seq"].as_u64().unwrap());
+        let (st, _) = auth_get(&format!("{SEKMET_AUTH}/AuditEvent/{id}")).await;
+        assert_eq!(st, 200, "{id} is not on the server\n{}", gw.log());
+    }
+    gw.log_line(
+        "was moved aside (rotated) and read to its end",
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[test]

@@ -13,7 +13,7 @@
 //! correlation id of their own.
 
 use super::chain::hex;
-use super::follow::{open_at, read_lines, read_offset, write_offset};
+use super::follow::{read_position, write_position, Follow};
 use crate::config::AuditFhirSink;
 use crate::gateway::Gateway;
 use crate::upstream::client::{CallIdentity, GatewayFhirClient};
@@ -27,7 +27,7 @@ use prometheus::{register_int_counter_vec, register_int_gauge, IntCounterVec, In
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,8 +205,8 @@ pub struct FhirSinkTask {
 struct Sink {
     gw: Arc<Gateway>,
     cfg: AuditFhirSink,
-    file: PathBuf,
-    sent: u64,
+    /// How far into the trail the server took it.
+    follow: Follow,
 }
 
 /// One round's result.
@@ -251,18 +251,17 @@ impl BackgroundService for FhirSinkTask {
                 _ = shutdown.changed() => return,
             }
         };
-        let sent = read_offset(&cfg.cursor);
+        let sent = read_position(&cfg.cursor);
         info!(
-            "audit: FHIR sink: sending AuditEvents of {} from byte {sent} to {}",
+            "audit: FHIR sink: sending AuditEvents of {} from byte {} to {}",
             file.display(),
+            sent.offset,
             gw.upstream.base.as_string()
         );
-        let mut sink = Sink {
-            gw,
-            cfg,
-            file,
-            sent,
-        };
+        // Its own task: a batch the writer began before a rotation may still be landing in
+        // the old file when the new one appears, so the switch waits one more look.
+        let follow = Follow::new(&file, "FHIR sink", sent, true);
+        let mut sink = Sink { gw, cfg, follow };
         let mut wait = sink.cfg.interval;
         loop {
             let pause = match sink.round().await {
@@ -286,24 +285,25 @@ impl BackgroundService for FhirSinkTask {
 
 impl Sink {
     async fn round(&mut self) -> Round {
-        let Some((mut f, len)) = open_at(&self.file, &mut self.sent, "FHIR sink") else {
+        let Some(len) = self.follow.look() else {
             return Round::Idle;
         };
-        UNSENT.set(len.saturating_sub(self.sent) as i64);
-        if self.sent >= len {
+        let from = self.follow.pos.offset;
+        UNSENT.set(len.saturating_sub(from) as i64);
+        if from >= len {
             return Round::Idle;
         }
         let mut buf = Vec::new();
         let want = CHUNK.max(self.cfg.batch * 8192);
-        let end = match read_lines(&mut f, self.sent, len, want, &mut buf) {
+        let end = match self.follow.read(len, want, &mut buf) {
             Ok(Some(end)) => end,
             Ok(None) => return Round::Idle,
             Err(e) => {
-                error!("audit: FHIR sink reading {}: {e}", self.file.display());
+                error!("audit: FHIR sink reading the trail: {e}");
                 return Round::Failed;
             }
         };
-        let mut batch = build(&buf[..end], self.sent, self.cfg.batch);
+        let mut batch = build(&buf[..end], from, self.cfg.batch);
         let fates = if batch.entries.is_empty() {
             Vec::new()
         } else {
@@ -337,16 +337,16 @@ impl Sink {
             STAGE.with_label_values(&["failed"]).inc();
         }
         let to = advance(&batch, &fates);
-        if to != self.sent {
-            self.sent = to;
-            if let Err(e) = write_offset(&self.cfg.cursor, to) {
+        if to != from {
+            self.follow.pos.offset = to;
+            if let Err(e) = write_position(&self.cfg.cursor, self.follow.pos) {
                 error!(
                     "audit: FHIR sink: {}: {e} (records may be sent again)",
                     self.cfg.cursor.display()
                 );
             }
         }
-        UNSENT.set(len.saturating_sub(self.sent) as i64);
+        UNSENT.set(len.saturating_sub(to) as i64);
         if again {
             Round::Failed
         } else if to < len {

@@ -10,7 +10,7 @@
 //! and `fed` sends those lines again, byte-identical; so does a re-sent suffix after a failed
 //! delivery. `audit verify --topic` accepts such byte-identical re-sends and counts them.
 
-use super::follow::{open_at, read_lines, read_offset, write_offset};
+use super::follow::{read_position, write_position, Follow};
 use crate::config::AuditSink;
 use crate::events::payload::encode_raw;
 use crate::events::producer::{produce_loop, Lane, Message};
@@ -95,7 +95,8 @@ struct Open {
     spool: Arc<Spool>,
     /// Held for the process's life: one process per spool.
     _lock: File,
-    fed: u64,
+    /// How far into the trail the spool took it (`audit.fed`).
+    follow: Follow,
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -122,7 +123,7 @@ impl Feeder {
     }
 
     /// Takes the spool (unless another process holds it: an upgrade), and starts the producer.
-    fn try_open(&mut self) -> Option<()> {
+    fn try_open(&mut self, file: &Path) -> Option<()> {
         let dir = PathBuf::from(&self.cfg.spool_dir);
         let lock = match std::fs::create_dir_all(&dir)
             .and_then(|_| crate::events::try_lock(&dir.join("lock")))
@@ -162,11 +163,12 @@ impl Feeder {
                 return None;
             }
         };
-        let fed = read_offset(&dir.join(FED));
+        let fed = read_position(&dir.join(FED));
         info!(
-            "audit: sink spool {} opened, {} line(s) to deliver, file taken up to byte {fed}; broker {}, topic {}",
+            "audit: sink spool {} opened, {} line(s) to deliver, file taken up to byte {}; broker {}, topic {}",
             dir.display(),
             spool.depth(),
+            fed.offset,
             self.cfg.kafka.bootstrap_servers,
             self.cfg.kafka.topic
         );
@@ -199,7 +201,9 @@ impl Feeder {
         self.open = Some(Open {
             spool,
             _lock: lock,
-            fed,
+            // The writer and the feeder take turns on one thread: no batch can be in flight
+            // to a file moved aside.
+            follow: Follow::new(file, "sink", fed, false),
             wake,
         });
         Some(())
@@ -207,19 +211,19 @@ impl Feeder {
 
     /// Moves the lines of `file` after `fed` into the spool, as many as fit.
     pub(super) fn feed(&mut self, file: &Path) {
-        if self.open.is_none() && self.try_open().is_none() {
+        if self.open.is_none() && self.try_open(file).is_none() {
             return;
         }
         let Some(o) = self.open.as_mut() else { return };
-        let Some((mut f, len)) = open_at(file, &mut o.fed, "sink") else {
+        let Some(len) = o.follow.look() else {
             return;
         };
         let mut buf = Vec::new();
         let mut appended = 0u64;
         let mut stop = false;
-        let start = o.fed;
-        while !stop && o.fed < len && o.fed - start < BUDGET {
-            let end = match read_lines(&mut f, o.fed, len, CHUNK, &mut buf) {
+        let start = o.follow.pos;
+        while !stop && o.follow.pos.offset < len && o.follow.pos.offset - start.offset < BUDGET {
+            let end = match o.follow.read(len, CHUNK, &mut buf) {
                 Ok(Some(end)) => end,
                 Ok(None) => break,
                 Err(e) => {
@@ -229,7 +233,7 @@ impl Feeder {
             };
             for line in buf[..end].split(|&b| b == b'\n') {
                 if line.is_empty() {
-                    o.fed += 1;
+                    o.follow.pos.offset += 1;
                     continue;
                 }
                 let rec = Record {
@@ -260,7 +264,7 @@ impl Feeder {
                         break;
                     }
                 }
-                o.fed += line.len() as u64 + 1;
+                o.follow.pos.offset += line.len() as u64 + 1;
             }
         }
         if appended > 0 {
@@ -268,7 +272,7 @@ impl Feeder {
             // The lines are on disk before `fed` says so: a crash re-sends, never skips.
             match o.spool.sync() {
                 Ok(()) => {
-                    if let Err(e) = write_offset(&o.spool.config().dir.join(FED), o.fed) {
+                    if let Err(e) = write_position(&o.spool.config().dir.join(FED), o.follow.pos) {
                         error!("audit: sink {FED}: {e} (lines may be sent again)");
                     }
                 }
@@ -277,9 +281,9 @@ impl Feeder {
             SINK.with_label_values(&["spooled"]).inc_by(appended);
             BACKLOG.set(o.spool.depth() as i64);
             o.wake.notify_one();
-        } else if o.fed != start {
-            let _ = write_offset(&o.spool.config().dir.join(FED), o.fed);
+        } else if o.follow.pos != start {
+            let _ = write_position(&o.spool.config().dir.join(FED), o.follow.pos);
         }
-        UNSPOOLED.set(len.saturating_sub(o.fed) as i64);
+        UNSPOOLED.set(len.saturating_sub(o.follow.pos.offset) as i64);
     }
 }
