@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,18 +22,13 @@ struct Trail {
 
 impl Trail {
     fn new() -> Trail {
-        let id = uniq();
-        let dir = std::env::temp_dir().join(format!("fgw-audit-fhir-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = dir.join("audit.key");
-        std::fs::write(&key, "audit-test-key-0123456789abcdef-0123456789").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (dir, file, key) = audit_trail_dir("audit-fhir");
         Trail {
-            file: dir.join("audit.jsonl"),
+            file,
             key,
             dir,
             // SEKMET keeps its data between tests: ids of this run's own.
-            instance: format!("gw-{id}"),
+            instance: format!("gw-{}", uniq()),
         }
     }
 
@@ -107,6 +101,46 @@ fn lines_of(file: &std::path::Path) -> Vec<Value> {
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_slice(l).unwrap())
         .collect()
+}
+
+/// The resource ids a Bundle the sink sent PUTs, in order.
+fn bundle_ids(body: &[u8]) -> Vec<String> {
+    let body: Value = serde_json::from_slice(body).unwrap();
+    body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A gateway in front of the scripted server, with `yaml` (the trail), and `n` reads through it.
+async fn scripted_gateway_with_reads(up: &ScriptedUpstream, yaml: &str, n: usize) -> Gateway {
+    let gw = Gateway::start(&format!(
+        "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{yaml}",
+        up.base()
+    ))
+    .await;
+    for _ in 0..n {
+        let r = client()
+            .get(format!("{}/Patient/p1", gw.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw
+}
+
+impl Trail {
+    /// The ids of the records in the file, oldest first.
+    fn record_ids(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter(|l| l.get("event").is_some())
+            .map(|l| id_of(&self.instance, l["seq"].as_u64().unwrap()))
+            .collect()
+    }
 }
 
 fn id_of(instance: &str, seq: u64) -> String {
@@ -303,19 +337,7 @@ async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_m
     let mport = free_port();
     // Batches of 4: the second one gets HALF.
     let yaml = trail.yaml(mport).replace("batch: 3", "batch: 4");
-    let gw = Gateway::start(&format!(
-        "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{yaml}",
-        up.base()
-    ))
-    .await;
-    for _ in 0..10 {
-        let r = client()
-            .get(format!("{}/Patient/p1", gw.base()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    let gw = scripted_gateway_with_reads(&up, &yaml, 10).await;
     trail.settle(&gw).await;
 
     let sent: Vec<Vec<String>> = up
@@ -328,13 +350,7 @@ async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_m
             assert!(r
                 .header("content-type")
                 .is_some_and(|c| c.starts_with("application/fhir+json")));
-            let body: Value = serde_json::from_slice(&r.body).unwrap();
-            body["entry"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-                .collect()
+            bundle_ids(&r.body)
         })
         .collect();
     assert!(sent.len() >= 3, "{sent:?}");
@@ -344,12 +360,7 @@ async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_m
     assert_eq!(sent[2][0], sent[1][2], "{sent:?}");
     assert!(!sent[2..].iter().flatten().any(|id| *id == sent[1][1]));
     // Every record arrived (taken or refused for good), none other.
-    let records: Vec<String> = trail
-        .lines()
-        .iter()
-        .filter(|l| l.get("event").is_some())
-        .map(|l| id_of(&trail.instance, l["seq"].as_u64().unwrap()))
-        .collect();
+    let records = trail.record_ids();
     assert!(records.len() >= 10);
     let mut arrived: Vec<String> = sent[1..].iter().flatten().cloned().collect();
     arrived.sort();
@@ -374,40 +385,18 @@ async fn a_failed_batch_and_a_half_taken_one_lose_nothing_and_repeat_only_what_m
     // Killed and started again: it continues from its cursor, nothing sent twice.
     drop(gw);
     let before = up.received().iter().filter(|r| r.method == "POST").count();
-    let gw = Gateway::start(&format!(
-        "upstream:\n  url: {}\nauth:\n  mode: insecure_dev\n{yaml}",
-        up.base()
-    ))
-    .await;
-    for _ in 0..2 {
-        let r = client()
-            .get(format!("{}/Patient/p1", gw.base()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    let gw = scripted_gateway_with_reads(&up, &yaml, 2).await;
     trail.settle(&gw).await;
     let after: Vec<String> = up
         .received()
         .iter()
         .filter(|r| r.method == "POST")
         .skip(before)
-        .flat_map(|r| {
-            let body: Value = serde_json::from_slice(&r.body).unwrap();
-            body["entry"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|r| bundle_ids(&r.body))
         .collect();
     let new: Vec<String> = trail
-        .lines()
-        .iter()
-        .filter(|l| l.get("event").is_some())
-        .map(|l| id_of(&trail.instance, l["seq"].as_u64().unwrap()))
+        .record_ids()
+        .into_iter()
         .filter(|id| !records.contains(id))
         .collect();
     assert_eq!(new.len(), 2);

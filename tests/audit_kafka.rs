@@ -11,7 +11,6 @@ use common::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,16 +22,8 @@ struct Trail {
 
 impl Trail {
     fn new() -> Trail {
-        let dir = std::env::temp_dir().join(format!("fgw-audit-kafka-{}", uniq()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = dir.join("audit.key");
-        std::fs::write(&key, "audit-test-key-0123456789abcdef-0123456789").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Trail {
-            file: dir.join("audit.jsonl"),
-            key,
-            dir,
-        }
+        let (dir, file, key) = audit_trail_dir("audit-kafka");
+        Trail { file, key, dir }
     }
 
     fn yaml(&self, bootstrap: &str, topic: &str, metrics_port: u16) -> String {

@@ -9,18 +9,7 @@ use common::idp::*;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-
-/// A directory with the trail's key (mode 600) and where its file goes.
-fn trail_dir() -> (PathBuf, PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("fgw-audit-{}", uniq()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("audit.key");
-    std::fs::write(&key, "audit-test-key-0123456789abcdef-0123456789").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (dir.clone(), dir.join("audit.jsonl"), key)
-}
+use std::path::Path;
 
 fn audit_yaml(file: &Path, key: &Path) -> String {
     format!(
@@ -94,7 +83,7 @@ fn verify(file: &Path, key: &Path) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_trail_names_exactly_who_was_shown_each_patient_and_verify_catches_tampering() {
-    let (dir, file, key) = trail_dir();
+    let (dir, file, key) = audit_trail_dir("audit");
     let gw = jwt_gateway(&format!(
         "policy:\n  read: [Reader, Administrator, Patient, Practitioner]\n  write: [Writer, Administrator]\npost:\n  - name: ParticipantFilter\n    settings: {{cache_ttl_secs: 30}}\n{}break_the_glass:\n  roles: [Practitioner]\n  minutes: 5\n",
         audit_yaml(&file, &key)

@@ -37,6 +37,18 @@ pub fn uniq() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
 }
 
+/// A fresh directory `fgw-<prefix>-<uniq>` for an audit trail: its checkpoint key (mode 600,
+/// as the gateway demands) and where the trail file goes. Returns (dir, file, key).
+pub fn audit_trail_dir(prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fgw-{prefix}-{}", uniq()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("audit.key");
+    std::fs::write(&key, "audit-test-key-0123456789abcdef-0123456789").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (dir.clone(), dir.join("audit.jsonl"), key)
+}
+
 /// Test setup: a PUT straight into SEKMET, answered 2xx.
 pub async fn put_direct(path: &str, body: impl std::borrow::Borrow<Value>) {
     let r = client()
