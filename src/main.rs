@@ -330,13 +330,17 @@ fn main() -> ExitCode {
         },
     );
     server.add_service(events);
-    let audit_fhir = background_service(
-        "audit-fhir",
-        fhir_gateway::audit::fhir::FhirSinkTask {
-            gateway: gateway.clone(),
-        },
-    );
-    server.add_service(audit_fhir);
+    // Only when configured: every background service is a thread with a runtime of its own
+    // (idle memory).
+    if gateway.trail.as_ref().is_some_and(|t| t.fhir.is_some()) {
+        let audit_fhir = background_service(
+            "audit-fhir",
+            fhir_gateway::audit::fhir::FhirSinkTask {
+                gateway: gateway.clone(),
+            },
+        );
+        server.add_service(audit_fhir);
+    }
     let drain_gateway = gateway.clone();
     let health = background_service(
         "health",
