@@ -213,7 +213,7 @@ struct Sink {
 enum Round {
     /// Nothing more to send now.
     Idle,
-    /// A full batch went: there may be more at once.
+    /// The file holds more after what this round sent: go on at once.
     More,
     Failed,
 }
