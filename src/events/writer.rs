@@ -92,12 +92,17 @@ pub(super) fn spool_writer(
         // Linger a moment so a busy gateway spools (and wakes the producer) once per batch,
         // not once per event: the wake-ups, not the work, were the cost under load.
         std::thread::sleep(Duration::from_millis(2));
-        let mut appended = 0;
-        for q in std::iter::once(first).chain(rx.try_iter().take(4095)) {
-            match spool.append(&Record {
-                key: q.key.clone(),
+        // One write for the batch: a syscall per event was the spool's largest cost.
+        let records: Vec<Record> = std::iter::once(first)
+            .chain(rx.try_iter().take(4095))
+            .map(|q| Record {
                 payload: encode(&q),
-            }) {
+                key: q.key,
+            })
+            .collect();
+        let mut appended = 0;
+        for (r, q) in spool.append_all(&records).into_iter().zip(&records) {
+            match r {
                 Ok(_) => appended += 1,
                 Err(SpoolError::Full { bytes, max_bytes }) => {
                     count("dropped_spool_full");

@@ -346,6 +346,49 @@ fn a_gap_between_segments_stops_the_replay() {
 }
 
 #[test]
+fn a_batch_is_one_write_per_segment_and_each_record_is_judged_alone() {
+    let d = TempDir::new("batch");
+    // Three records per segment, room for seven in all.
+    let s = Spool::open(cfg(&d, 3 * REC, 7 * REC)).unwrap();
+    let huge = Record {
+        key: "k".into(),
+        payload: vec![1; 1000],
+    };
+    let mut batch: Vec<Record> = (1..=4).map(rec).collect();
+    batch.insert(2, huge.clone());
+    let got = s.append_all(&batch);
+    let summary: Vec<String> = got
+        .iter()
+        .map(|r| match r {
+            Ok(seq) => seq.to_string(),
+            Err(SpoolError::TooLarge { .. }) => "too large".into(),
+            Err(e) => e.to_string(),
+        })
+        .collect();
+    assert_eq!(summary, ["1", "2", "too large", "3", "4"]);
+    assert_eq!(segment_files(&d), [segment_name(1), segment_name(4)]);
+    assert_eq!(fs::metadata(seg_path(&d, 1)).unwrap().len(), 3 * REC);
+    // The spool fills within a batch: what fits is taken, in order, the rest refused.
+    let got = s.append_all(&(5..=9).map(rec).collect::<Vec<_>>());
+    assert!(matches!(got[..3], [Ok(5), Ok(6), Ok(7)]), "{got:?}");
+    assert!(got[3..]
+        .iter()
+        .all(|r| matches!(r, Err(SpoolError::Full { .. }))));
+    assert_eq!((s.depth(), s.bytes(), s.next_seq()), (7, 7 * REC, 8));
+    let all = s.read_from(0, 100).unwrap();
+    assert_eq!(seqs(&all), (1..=7).collect::<Vec<_>>());
+    assert_eq!(payloads(&all), [1, 2, 3, 4, 5, 6, 7]);
+    drop(s);
+    // What a batch wrote is replayed like single appends.
+    let s = Spool::open(cfg(&d, 3 * REC, 7 * REC)).unwrap();
+    assert_eq!(
+        payloads(&s.read_from(0, 100).unwrap()),
+        [1, 2, 3, 4, 5, 6, 7]
+    );
+    assert_eq!(s.append_all(&[]).len(), 0);
+}
+
+#[test]
 fn full_at_max_bytes() {
     let d = TempDir::new("full");
     let s = Spool::open(cfg(&d, 2 * REC, 5 * REC)).unwrap();

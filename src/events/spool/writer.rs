@@ -1,71 +1,136 @@
-//! Appending: a record framed onto the current segment, a new segment when it would grow past
-//! `segment_bytes`, the fsync policy.
+//! Appending: records framed onto the current segment (a batch in one write), a new segment
+//! when the next record would grow it past `segment_bytes`, the fsync policy.
 
-use super::frame::{encode, frame_len};
+use super::frame::{encode_into, frame_len};
 use super::segment::{segment_name, sync_dir, Segment};
 use super::{Fsync, Inner, Record, Spool, SpoolError, HEADER, MAX_RECORD_BYTES};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 
+/// Frames waiting for one write to the current segment.
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    /// Each frame's start in `buf`, and its record's index in the results.
+    frames: Vec<(u64, usize)>,
+}
+
 impl Spool {
     /// Appends a record; returns its sequence number. Durable on return with `Fsync::Always`.
     pub fn append(&self, r: &Record) -> Result<u64, SpoolError> {
+        self.append_all(std::slice::from_ref(r))
+            .pop()
+            .unwrap_or_else(|| Err(SpoolError::Io(io::Error::other("no result"))))
+    }
+
+    /// Appends records in order, each admitted on its own (one may be refused and the next
+    /// taken), with one write per segment they land in: a batch from the queue costs one
+    /// syscall, not one per record. One result per record, in order. Durable on return with
+    /// `Fsync::Always`.
+    pub fn append_all(&self, records: &[Record]) -> Vec<Result<u64, SpoolError>> {
         let cfg = &self.shared.cfg;
-        let len = frame_len(r);
-        if len - HEADER > MAX_RECORD_BYTES as u64 || len > cfg.max_bytes {
-            return Err(SpoolError::TooLarge {
-                len,
-                max: cfg.max_bytes.min(HEADER + MAX_RECORD_BYTES as u64),
-            });
-        }
+        let mut out = Vec::with_capacity(records.len());
         let mut g = self.shared.lock();
         let inner = &mut *g;
-        if let Some(why) = &inner.broken {
-            return Err(SpoolError::Io(io::Error::other(format!(
-                "spool unusable until reopened: {why}"
-            ))));
+        let mut p = Pending::default();
+        for r in records {
+            let len = frame_len(r);
+            if len - HEADER > MAX_RECORD_BYTES as u64 || len > cfg.max_bytes {
+                out.push(Err(SpoolError::TooLarge {
+                    len,
+                    max: cfg.max_bytes.min(HEADER + MAX_RECORD_BYTES as u64),
+                }));
+                continue;
+            }
+            if let Some(why) = &inner.broken {
+                out.push(Err(SpoolError::Io(io::Error::other(format!(
+                    "spool unusable until reopened: {why}"
+                )))));
+                continue;
+            }
+            let held = inner.bytes + p.buf.len() as u64;
+            if held + len > cfg.max_bytes {
+                out.push(Err(SpoolError::Full {
+                    bytes: held,
+                    max_bytes: cfg.max_bytes,
+                }));
+                continue;
+            }
+            let roll = match (&inner.active, inner.segments.back()) {
+                (Some(_), Some(s)) => {
+                    let size = s.size + p.buf.len() as u64;
+                    size > 0 && size + len > cfg.segment_bytes
+                }
+                _ => true,
+            };
+            if roll {
+                self.write_pending(inner, &mut p, &mut out);
+                if let Err(e) = self.roll(inner) {
+                    out.push(Err(SpoolError::Io(e)));
+                    continue;
+                }
+            }
+            let seq = inner.next_seq + p.frames.len() as u64;
+            p.frames.push((p.buf.len() as u64, out.len()));
+            encode_into(&mut p.buf, seq, r);
+            // Provisional: `write_pending` replaces it if the write fails.
+            out.push(Ok(seq));
         }
-        if inner.bytes + len > cfg.max_bytes {
-            return Err(SpoolError::Full {
-                bytes: inner.bytes,
-                max_bytes: cfg.max_bytes,
-            });
+        self.write_pending(inner, &mut p, &mut out);
+        out
+    }
+
+    /// Writes the pending frames to the current segment and indexes them; a failed write is
+    /// undone (its records get the error), a failed fsync leaves the spool refusing appends.
+    fn write_pending(
+        &self,
+        inner: &mut Inner,
+        p: &mut Pending,
+        out: &mut [Result<u64, SpoolError>],
+    ) {
+        if p.frames.is_empty() {
+            return;
         }
-        let roll = match (&inner.active, inner.segments.back()) {
-            (Some(_), Some(s)) => s.size > 0 && s.size + len > cfg.segment_bytes,
-            _ => true,
+        let failed = |out: &mut [Result<u64, SpoolError>], p: &Pending, e: &io::Error| {
+            for &(_, i) in &p.frames {
+                out[i] = Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string())));
+            }
         };
-        if roll {
-            self.roll(inner)?;
-        }
-        let seq = inner.next_seq;
-        let frame = encode(seq, r);
         let (Some(file), Some(seg)) = (inner.active.as_mut(), inner.segments.back_mut()) else {
-            return Err(SpoolError::Io(io::Error::other("no active segment")));
+            failed(out, p, &io::Error::other("no active segment"));
+            p.buf.clear();
+            p.frames.clear();
+            return;
         };
         let at = seg.size;
-        if let Err(e) = file.write_all(&frame) {
-            // Undo a partial frame so the index and the file agree.
+        if let Err(e) = file.write_all(&p.buf) {
+            // Undo a partial write so the index and the file agree.
             if let Err(e2) = file.set_len(at) {
                 inner.broken = Some(format!("write failed ({e}) and could not be undone ({e2})"));
             }
-            return Err(SpoolError::Io(e));
+            failed(out, p, &e);
+            p.buf.clear();
+            p.frames.clear();
+            return;
         }
-        seg.offsets.push(at);
+        seg.offsets
+            .extend(p.frames.iter().map(|&(start, _)| at + start));
+        let len = p.buf.len() as u64;
         seg.size += len;
         inner.bytes += len;
-        inner.next_seq += 1;
+        inner.next_seq += p.frames.len() as u64;
         inner.dirty = true;
-        if cfg.fsync == Fsync::Always {
+        if self.shared.cfg.fsync == Fsync::Always {
             if let Err(e) = file.sync_data() {
                 inner.broken = Some(format!("fsync failed ({e})"));
-                return Err(SpoolError::Io(e));
+                failed(out, p, &e);
+            } else {
+                inner.dirty = false;
             }
-            inner.dirty = false;
         }
-        Ok(seq)
+        p.buf.clear();
+        p.frames.clear();
     }
-
     /// Closes the current segment (synced unless `Never`) and starts one named `next_seq`.
     fn roll(&self, inner: &mut Inner) -> io::Result<()> {
         let cfg = &self.shared.cfg;
