@@ -4,6 +4,7 @@
 //! serialised. With serde_json's `preserve_order` and `arbitrary_precision`, even an edited
 //! part keeps its key order and its numbers' text.
 
+use fhir_gateway_modules::json::At;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -21,6 +22,24 @@ pub fn to_vec(out: &Value, orig: &Value, raw: &[u8]) -> Vec<u8> {
     w
 }
 
+/// Whether `a` and `b` are the same JSON with their keys in the same order: what "left
+/// unchanged" means before the server's bytes are written for a part. Walking both objects in
+/// order needs no key lookup, which `Value`'s own `==` makes (a hash) for every key.
+pub fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((kx, vx), (ky, vy))| kx == ky && same(vx, vy))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q))
+        }
+        _ => a == b,
+    }
+}
+
 /// Parses `raw` and hands the tree to `edit`; the answer is `raw` itself when nothing changed,
 /// else the faithful serialisation. `None` when `raw` is not JSON or `edit` declines.
 pub fn edit(raw: &[u8], edit: impl FnOnce(&mut Value) -> bool) -> Option<Vec<u8>> {
@@ -29,7 +48,7 @@ pub fn edit(raw: &[u8], edit: impl FnOnce(&mut Value) -> bool) -> Option<Vec<u8>
     if !edit(&mut out) {
         return None;
     }
-    Some(if out == orig {
+    Some(if same(&out, &orig) {
         raw.to_vec()
     } else {
         to_vec(&out, &orig, raw)
@@ -90,7 +109,7 @@ pub fn parse_cut(raw: &[u8], keep: fn(&str) -> bool) -> Option<CutBundle> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .any(|e| e.pointer("/resource/resourceType").and_then(Value::as_str) == Some("Bundle"));
+        .any(|e| e.at("/resource/resourceType").and_then(Value::as_str) == Some("Bundle"));
     (bundle && !nested).then_some(CutBundle {
         tree,
         members,
@@ -120,7 +139,7 @@ impl CutBundle {
                     let items: Vec<&[u8]> = self.entries.iter().map(|r| &raw[r.clone()]).collect();
                     write_items(&mut w, a, oa, &items);
                 }
-                (_, v, Some(ov)) if ov == v => match self.members.get(k) {
+                (_, v, Some(ov)) if same(ov, v) => match self.members.get(k) {
                     Some(r) => w.extend_from_slice(&raw[r.clone()]),
                     None => serialise(&mut w, v),
                 },
@@ -309,7 +328,7 @@ fn write(w: &mut Vec<u8>, out: &Value, orig: Option<(&Value, &RawValue)>) {
         serialise(w, out);
         return;
     };
-    if o == out {
+    if same(o, out) {
         w.extend_from_slice(raw.get().as_bytes());
         return;
     }
@@ -357,7 +376,7 @@ fn write_items(w: &mut Vec<u8>, a: &[Value], oa: &[Value], items: &[&[u8]]) {
         if i > 0 {
             w.push(b',');
         }
-        let found = (next..oa.len()).chain(0..next).find(|&j| oa[j] == *v);
+        let found = (next..oa.len()).chain(0..next).find(|&j| same(&oa[j], v));
         match found {
             Some(j) => {
                 w.extend_from_slice(items[j]);
@@ -397,6 +416,23 @@ mod tests {
         let v: HashMap<String, &RawValue> = serde_json::from_str(body).unwrap();
         let e: Vec<&RawValue> = serde_json::from_str(v["entry"].get()).unwrap();
         e.iter().map(|r| r.get().to_string()).collect()
+    }
+
+    #[test]
+    fn same_is_equality_with_key_order_and_number_text() {
+        let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        assert!(same(&v(SERVER), &v(SERVER)));
+        assert!(same(
+            &v(r#"{"a":[1,{"b":null}]}"#),
+            &v(r#"{"a":[1,{"b":null}]}"#)
+        ));
+        // Reordered keys are not "left unchanged": their bytes are written anew.
+        assert!(!same(&v(r#"{"a":1,"b":2}"#), &v(r#"{"b":2,"a":1}"#)));
+        assert!(!same(&v(r#"{"a":37.20}"#), &v(r#"{"a":37.2}"#)));
+        assert!(!same(&v(r#"[1,2]"#), &v(r#"[1,2,3]"#)));
+        assert!(!same(&v(r#"{"a":1}"#), &v(r#"{"a":1,"b":1}"#)));
+        assert!(!same(&v(r#"{"a":"x"}"#), &v(r#"{"b":"x"}"#)));
+        assert!(!same(&v(r#"{"a":[]}"#), &v(r#"{"a":{}}"#)));
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! resource the caller may not see.
 
 use crate::identity::{valid_id, Identity};
+use crate::json::At;
 use crate::processor::{
     next_link, query_pairs, BodyAccess, Context, ModuleError, PostProcess, Request, Response,
 };
@@ -148,8 +149,8 @@ async fn judge(
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|e| e.pointer("/resource/resourceType").and_then(Value::as_str) == Some(rtype))
-        .filter_map(|e| e.pointer("/resource/id").and_then(Value::as_str))
+        .filter(|e| e.at("/resource/resourceType").and_then(Value::as_str) == Some(rtype))
+        .filter_map(|e| e.at("/resource/id").and_then(Value::as_str))
         .map(str::to_string)
         .collect())
 }
@@ -181,7 +182,7 @@ async fn visible(
             .flatten()
         {
             if matches!(
-                e.pointer("/search/mode").and_then(Value::as_str),
+                e.at("/search/mode").and_then(Value::as_str),
                 Some("include") | Some("outcome")
             ) {
                 continue;
@@ -375,8 +376,8 @@ async fn bundle(
     let n = b.get("entry").and_then(Value::as_array).map_or(0, Vec::len);
     for i in 0..n {
         let e = &b["entry"][i];
-        let method = e.pointer("/request/method").and_then(Value::as_str);
-        let Some(url) = e.pointer("/request/url").and_then(Value::as_str) else {
+        let method = e.at("/request/method").and_then(Value::as_str);
+        let Some(url) = e.at("/request/url").and_then(Value::as_str) else {
             continue;
         };
         let url = bases
@@ -389,7 +390,7 @@ async fn bundle(
         let p = p.trim_end_matches('/').to_string();
         let q = q.to_string();
         let none_exist = e
-            .pointer("/request/ifNoneExist")
+            .at("/request/ifNoneExist")
             .and_then(Value::as_str)
             .map(str::to_string);
         let out = match method {

@@ -5,6 +5,7 @@
 
 use crate::compartment::{owners, patient_paths, Owners};
 use crate::identity::valid_id;
+use crate::json::At;
 use crate::processor::{Body, Context, ModuleError, Request, Response};
 use crate::reference::{valid_type, Ref, Resolver};
 use serde_json::{json, Value};
@@ -46,7 +47,7 @@ pub fn resources<'a>(body: &'a Value, out: &mut Vec<&'a Value>) {
 
 /// The type of a Bundle entry that has no resource (a deleted version in a history Bundle).
 fn entry_type(e: &Value) -> Option<&str> {
-    let url = e.pointer("/request/url").and_then(Value::as_str)?;
+    let url = e.at("/request/url").and_then(Value::as_str)?;
     let path = url.split('?').next()?;
     path.split('/')
         .filter(|s| !s.is_empty())
@@ -57,7 +58,7 @@ fn entry_type(e: &Value) -> Option<&str> {
 /// A search match (not an `_include`d resource, not an OperationOutcome notice).
 fn is_match(e: &Value) -> bool {
     !matches!(
-        e.pointer("/search/mode").and_then(Value::as_str),
+        e.at("/search/mode").and_then(Value::as_str),
         Some("include") | Some("outcome")
     )
 }
@@ -258,7 +259,7 @@ pub fn denied_response(style: &Style) -> Response {
 /// was this resource cut, by its tag or by the request?
 pub fn is_subsetted(resource: &Value, query: &str) -> bool {
     let tagged = resource
-        .pointer("/meta/tag")
+        .at("/meta/tag")
         .and_then(Value::as_array)
         .is_some_and(|tags| {
             tags.iter()
@@ -497,7 +498,7 @@ pub async fn lookup_all(
             .into_iter()
             .flatten()
         {
-            if e.pointer("/search/mode").and_then(Value::as_str) == Some("outcome") {
+            if e.at("/search/mode").and_then(Value::as_str) == Some("outcome") {
                 continue;
             }
             if let Some(r) = e.get("resource") {

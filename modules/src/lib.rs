@@ -11,6 +11,7 @@ pub mod conditional;
 pub mod explain;
 pub mod filter;
 pub mod identity;
+pub mod json;
 pub mod links;
 pub mod outcome;
 pub mod processor;

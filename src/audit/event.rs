@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use fhir_gateway_modules::compartment::{decides_owner, owners};
 use fhir_gateway_modules::filter::resources;
+use fhir_gateway_modules::json::At;
 use fhir_gateway_modules::reference::Resolver;
 use fhir_gateway_modules::request::{classify, Interaction};
 use fhir_gateway_modules::Identity;
@@ -400,6 +401,6 @@ pub fn named_patients(ev: &Value) -> impl Iterator<Item = &str> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|e| e.pointer("/role/code").and_then(Value::as_str) == Some("1"))
-        .filter_map(|e| e.pointer("/what/reference").and_then(Value::as_str))
+        .filter(|e| e.at("/role/code").and_then(Value::as_str) == Some("1"))
+        .filter_map(|e| e.at("/what/reference").and_then(Value::as_str))
 }

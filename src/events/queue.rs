@@ -5,6 +5,7 @@
 use super::count;
 use crate::config::EventsConfig;
 use async_trait::async_trait;
+use fhir_gateway_modules::json::At;
 use fhir_gateway_modules::processor::EventSink;
 use log::error;
 use serde_json::Value;
@@ -27,7 +28,7 @@ impl Queued {
     pub(super) fn of(key: &str, event: &Value) -> Queued {
         let cid = event
             .get("correlationid")
-            .or_else(|| event.pointer("/data/correlationid"))
+            .or_else(|| event.at("/data/correlationid"))
             .and_then(Value::as_str)
             .unwrap_or("");
         Queued {

@@ -27,8 +27,8 @@ impl Parsed {
     /// Whether the post chain left the answer as the server sent it.
     pub(super) fn unchanged(&self, out: &Value) -> bool {
         match self {
-            Parsed::Whole(v) => v == out,
-            Parsed::Cut(c) => &c.tree == out,
+            Parsed::Whole(v) => faithful::same(v, out),
+            Parsed::Cut(c) => faithful::same(&c.tree, out),
             Parsed::Untouched => true,
         }
     }

@@ -15,6 +15,7 @@ pub use provision::{Provision, Subject, Tri};
 
 use crate::filter::{self, Judge, Style};
 use crate::identity::{Identity, Role};
+use crate::json::At;
 use crate::links::{pct, Participant};
 use crate::processor::{Body, Context, ModuleError, PostOutcome, PostProcess, Request, Response};
 use crate::reference::{Ref, Resolver, Target};
@@ -140,7 +141,7 @@ impl ConsentOptOut {
         // Only roles that really are this practitioner's (a server may ignore the parameter).
         let mine = |r: &&Value| {
             matches!(
-                r.pointer("/practitioner/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
+                r.at("/practitioner/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
                 Some(Target::Local(x)) if x == me
             )
         };
@@ -149,7 +150,7 @@ impl ConsentOptOut {
                 set.insert(Ref::new("PractitionerRole", id));
             }
             if let Some(Target::Local(org)) = r
-                .pointer("/organization/reference")
+                .at("/organization/reference")
                 .and_then(Value::as_str)
                 .map(|s| resolver.parse(s))
             {
@@ -217,7 +218,7 @@ pub fn rule(c: &Value, patient: &str, category: &str, resolver: &Resolver) -> Op
                 && cd.get("code").and_then(Value::as_str) == Some(code)
         });
     let for_patient = matches!(
-        c.pointer("/patient/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
+        c.at("/patient/reference").and_then(Value::as_str).map(|s| resolver.parse(s)),
         Some(Target::Local(r)) if r.is("Patient") && r.id == patient
     );
     let p = c.get("provision")?;

@@ -13,6 +13,7 @@ pub(crate) mod writes;
 use crate::compartment::{values_at, Owners};
 use crate::filter::{self, Judge, Ownership, Style};
 use crate::identity::{valid_id, Identity, Role};
+use crate::json::At;
 use crate::links::{pct, Participant};
 use crate::processor::{Context, ModuleError, PostOutcome, PostProcess, Request, Response};
 use crate::reference::{Ref, Resolver, Target};
@@ -283,7 +284,7 @@ impl ParticipantFilter {
             200 => {
                 let resolver = Resolver::new(&[cx.public_base.as_str(), cx.upstream_base.as_str()]);
                 if let Some(Target::Local(p)) = r
-                    .pointer("/patient/reference")
+                    .at("/patient/reference")
                     .and_then(Value::as_str)
                     .map(|s| resolver.parse(s))
                 {

@@ -16,6 +16,7 @@
 //! criterion is taken to apply, a permit provision with one is not. Concretely the resource is
 //! withheld when *some* reading of the unknowns makes the Consent deny (`may_deny`).
 
+use crate::json::At;
 use crate::reference::{Ref, Resolver, Target};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -143,7 +144,7 @@ fn read_at(p: &Value, resolver: &Resolver, root: bool, depth: usize) -> Provisio
     // An unreadable bound is treated as open: a deny then applies more widely. A permit's
     // unreadable bound is unknown instead (it must not widen a permit).
     let bound = |key: &str, end: bool| -> (Option<i64>, bool) {
-        match p.pointer(&format!("/period/{key}")).and_then(Value::as_str) {
+        match p.at(&format!("/period/{key}")).and_then(Value::as_str) {
             None => (None, false),
             Some(s) => match super::fhir_time(s, end) {
                 Some(t) => (Some(t), false),
@@ -154,12 +155,10 @@ fn read_at(p: &Value, resolver: &Resolver, root: bool, depth: usize) -> Provisio
     let (start, bad_start) = bound("start", false);
     let (end, bad_end) = bound("end", true);
     let actors = list(p, "actor")
-        .map(
-            |a| match local(a.pointer("/reference/reference"), resolver) {
-                Some(r) if ACTOR_TYPES.contains(&r.rtype.as_str()) => Actor::Is(r),
-                _ => Actor::Unknown,
-            },
-        )
+        .map(|a| match local(a.at("/reference/reference"), resolver) {
+            Some(r) if ACTOR_TYPES.contains(&r.rtype.as_str()) => Actor::Is(r),
+            _ => Actor::Unknown,
+        })
         .collect();
     let data = list(p, "data")
         .map(|d| Data {
@@ -169,7 +168,7 @@ fn read_at(p: &Value, resolver: &Resolver, root: bool, depth: usize) -> Provisio
                 Some("dependents") => Meaning::Dependents,
                 _ => Meaning::Other,
             },
-            target: local(d.pointer("/reference/reference"), resolver),
+            target: local(d.at("/reference/reference"), resolver),
         })
         .collect();
     let classes = list(p, "class")

@@ -29,6 +29,7 @@ use super::ParticipantFilter;
 use crate::compartment::{decides_owner, in_compartment, owners, Owners};
 use crate::filter::{self, Style};
 use crate::identity::{valid_id, Role};
+use crate::json::At;
 use crate::links::Participant;
 use crate::processor::{Context, ModuleError, Request, Response};
 use crate::reference::{valid_type, Resolver};
@@ -261,8 +262,8 @@ impl Judge<'_> {
             .unwrap_or_default();
         let bases = [self.cx.public_base.clone(), self.cx.upstream_base.clone()];
         for (i, e) in entries.iter().enumerate() {
-            let method = e.pointer("/request/method").and_then(Value::as_str);
-            let url = e.pointer("/request/url").and_then(Value::as_str);
+            let method = e.at("/request/method").and_then(Value::as_str);
+            let url = e.at("/request/url").and_then(Value::as_str);
             let (Some(method), Some(url)) = (method, url) else {
                 return Ok(Some(self.refuse(format!(
                     "Bundle entry {i} has no request method and url"

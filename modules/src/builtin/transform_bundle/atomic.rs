@@ -9,6 +9,7 @@
 //! OperationOutcome naming it (500 listing what could not be undone, if anything).
 
 use super::Caps;
+use crate::json::At;
 use crate::processor::{Body, ClientRequest, Context, ModuleError, Request, Response};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -86,7 +87,7 @@ pub(super) async fn pin(
         }
         let version = current
             .json_body()
-            .and_then(|r| r.pointer("/meta/versionId"))
+            .and_then(|r| r.at("/meta/versionId"))
             .and_then(Value::as_str)
             .ok_or_else(|| {
                 ModuleError::Failed(format!(
@@ -126,7 +127,7 @@ fn bundle_type(r: &Request) -> Option<String> {
 /// `201` of `201 Created`.
 fn status_of(entry: &Value) -> u16 {
     entry
-        .pointer("/response/status")
+        .at("/response/status")
         .and_then(Value::as_str)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
@@ -210,7 +211,7 @@ pub(super) async fn finish(
         .unwrap_or_default();
     let status = status_of(&answers[failed]);
     let line = answers[failed]
-        .pointer("/response/status")
+        .at("/response/status")
         .and_then(Value::as_str)
         .unwrap_or("");
     let why = server_diagnostics(&answers[failed]);
@@ -247,9 +248,9 @@ pub(super) async fn finish(
 
 fn server_diagnostics(answer: &Value) -> String {
     let oo = answer
-        .pointer("/response/outcome")
+        .at("/response/outcome")
         .or_else(|| answer.get("resource"));
-    oo.and_then(|o| o.pointer("/issue/0/diagnostics"))
+    oo.and_then(|o| o.at("/issue/0/diagnostics"))
         .and_then(Value::as_str)
         .map(|d| format!(" ({d})"))
         .unwrap_or_default()
@@ -258,7 +259,7 @@ fn server_diagnostics(answer: &Value) -> String {
 /// The resource an entry wrote, and the version it made: from the URL sent, else from the
 /// answer's `location` (`[base/]Type/id/_history/n`).
 fn written(sent: &Value, answer: &Value, cx: &Context) -> Option<(String, Option<String>)> {
-    let location = answer.pointer("/response/location").and_then(Value::as_str);
+    let location = answer.at("/response/location").and_then(Value::as_str);
     let from_location = location.map(|l| {
         let l = l
             .strip_prefix(cx.upstream_base.as_str())
@@ -271,7 +272,7 @@ fn written(sent: &Value, answer: &Value, cx: &Context) -> Option<(String, Option
         (res.to_string(), version)
     });
     let version = answer
-        .pointer("/response/etag")
+        .at("/response/etag")
         .and_then(Value::as_str)
         .map(|e| version_of(e).to_string())
         .or_else(|| from_location.as_ref().and_then(|(_, v)| v.clone()));
