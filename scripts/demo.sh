@@ -27,7 +27,8 @@ target/debug/fhir-gateway -t -c conf/demo.yaml
 
 cleanup() {
   [ -n "${GW_PID:-}" ] && kill "$GW_PID" 2>/dev/null && wait "$GW_PID" 2>/dev/null
-  scripts/peers.sh stop sekmet oidc kafka
+  # Only the peers this run started: a test run or a second terminal may be using the others.
+  [ -n "${STARTED:-}" ] && scripts/peers.sh stop $STARTED
   rm -rf "$SPOOL"
   rm -f "$TRAIL_KEY"
 }
@@ -47,6 +48,10 @@ done
 # The broker starts empty (in memory); events a previous run left in the spool would be replayed
 # into it as if they were this run's.
 rm -rf "$SPOOL"
+STARTED=""
+for name in sekmet oidc kafka; do
+  { [ -f "$PEERS/$name.pid" ] && kill -0 "$(cat "$PEERS/$name.pid")" 2>/dev/null; } || STARTED="$STARTED $name"
+done
 SEKMET_LOG_INBOUND=false scripts/peers.sh start sekmet oidc kafka
 
 target/debug/fhir-gateway -c conf/demo.yaml >"$PEERS/gateway-demo.log" 2>&1 &

@@ -5,14 +5,33 @@ use super::idp::*;
 use super::*;
 
 /// A fresh binding key file (32 random bytes as hex, mode 600) and the `bulk:` section naming it.
+/// The key files live as long as the gateways reading them, which the test process does not
+/// outlive by much: each process clears what processes that have ended left behind.
 pub fn bulk_yaml(extra: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_ended_key_dirs);
     let dir = std::env::temp_dir().join(format!("fgw-bulk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("key-{}", uuid::Uuid::new_v4().simple()));
     std::fs::write(&path, uuid::Uuid::new_v4().simple().to_string()).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!("bulk:\n  binding_key_file: {}\n{extra}", path.display())
+}
+
+fn sweep_ended_key_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("fgw-bulk-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Claims of an Administrator other than `admin-app` (same issuer, `tid`, own `oid`), signed
