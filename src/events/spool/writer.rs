@@ -91,16 +91,18 @@ impl Spool {
         if p.frames.is_empty() {
             return;
         }
-        let failed = |out: &mut [Result<u64, SpoolError>], p: &Pending, e: &io::Error| {
+        if let Err(e) = self.write_frames(inner, p) {
             for &(_, i) in &p.frames {
                 out[i] = Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string())));
             }
-        };
+        }
+        p.buf.clear();
+        p.frames.clear();
+    }
+
+    fn write_frames(&self, inner: &mut Inner, p: &Pending) -> io::Result<()> {
         let (Some(file), Some(seg)) = (inner.active.as_mut(), inner.segments.back_mut()) else {
-            failed(out, p, &io::Error::other("no active segment"));
-            p.buf.clear();
-            p.frames.clear();
-            return;
+            return Err(io::Error::other("no active segment"));
         };
         let at = seg.size;
         if let Err(e) = file.write_all(&p.buf) {
@@ -108,10 +110,7 @@ impl Spool {
             if let Err(e2) = file.set_len(at) {
                 inner.broken = Some(format!("write failed ({e}) and could not be undone ({e2})"));
             }
-            failed(out, p, &e);
-            p.buf.clear();
-            p.frames.clear();
-            return;
+            return Err(e);
         }
         seg.offsets
             .extend(p.frames.iter().map(|&(start, _)| at + start));
@@ -123,14 +122,13 @@ impl Spool {
         if self.shared.cfg.fsync == Fsync::Always {
             if let Err(e) = file.sync_data() {
                 inner.broken = Some(format!("fsync failed ({e})"));
-                failed(out, p, &e);
-            } else {
-                inner.dirty = false;
+                return Err(e);
             }
+            inner.dirty = false;
         }
-        p.buf.clear();
-        p.frames.clear();
+        Ok(())
     }
+
     /// Closes the current segment (synced unless `Never`) and starts one named `next_seq`.
     fn roll(&self, inner: &mut Inner) -> io::Result<()> {
         let cfg = &self.shared.cfg;
